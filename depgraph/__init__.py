@@ -1,0 +1,13 @@
+"""depgraph: trace any causal LM, derive its coupled channels, heads and experts.
+
+>>> from depgraph import build_graph            # doctest: +SKIP
+>>> graph = build_graph(model)                  # doctest: +SKIP
+>>> [g.id for g in graph.groups()][:3]          # doctest: +SKIP
+"""
+
+from .errors import DepGraphError, LayoutError, PlanError, TraceError, UnsupportedOpError
+from .graph import DependencyGraph, build_graph
+from .groups import Group
+
+__all__ = ["build_graph", "DependencyGraph", "Group", "DepGraphError", "UnsupportedOpError",
+           "LayoutError", "TraceError", "PlanError"]

@@ -1,0 +1,293 @@
+"""``build_graph``: trace a model, run the rules, and hold the result.
+
+The networkx graph (``DependencyGraph.nx``, a ``MultiDiGraph``) has one node per dimension
+of every traced value ("channel space"), keyed ``"<value>:<dim>"``. Node attributes:
+
+``value``   name of the fx value;      ``dim``    the dim index;
+``size``    channels along the dim;    ``op``     the aten op that produced the value;
+``module``  module path of the op;     ``param``  canonical parameter name, for parameters;
+``layout``  the resolved layout (a string once exported; see :mod:`depgraph.layout`);
+``groups``  ids of the coupled groups whose atoms the layout holds.
+
+Edges go from input dims to the output dims they map to, with ``kind`` naming the rule's
+mapping (``view``, ``linear``, ``slice``, ``cat`` ...); ``kind="same"`` joins two input dims
+that an op makes identical (the operands of ``add``, the contracted dims of ``linear``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import networkx as nx
+import torch
+from torch import nn
+
+from .groups import ZERO_UNSAFE_TAGS, Group, Member, classify
+from .layout import AxisStore
+from .propagate import Propagator, Value
+from .trace import Trace, trace_model
+
+__all__ = ["DependencyGraph", "build_graph"]
+
+REPEAT_REASON = "query heads that share one KV head: prune whole KV groups instead"
+
+
+class DependencyGraph:
+    """The dependency graph of one model and its coupled groups."""
+
+    def __init__(self, trace: Trace, store: AxisStore, graph: nx.MultiDiGraph,
+                 param_layouts: dict[tuple[str, int], object], model_name: str):
+        self.trace = trace
+        self.store = store
+        self.nx = graph
+        self.model_name = model_name
+        self._param_layouts = param_layouts
+        self._groups, self._fixed = self._find_groups()
+        self._by_id = {g.id: g for g in self._groups}
+        self._annotate()
+
+    # ---------------------------------------------------------------- groups
+    def groups(self) -> list[Group]:
+        """Coupled groups, in a deterministic order (first member's parameter order)."""
+        return list(self._groups)
+
+    def group(self, group_id: str) -> Group:
+        """The group with this id; ``KeyError`` naming the valid ids' count if unknown."""
+        if group_id not in self._by_id:
+            raise KeyError(f"no group {group_id!r} (the graph has {len(self._by_id)} groups)")
+        return self._by_id[group_id]
+
+    def fixed(self) -> list[dict]:
+        """Parameter dims that no group may shrink, each with the reasons."""
+        return list(self._fixed)
+
+    def _find_groups(self) -> tuple[list[Group], list[dict]]:
+        store = self.store
+        order = {name: i for i, name in enumerate(self.trace.param_shapes)}
+        members: dict[int, list[Member]] = defaultdict(list)
+        fixed = []
+        for (param, dim), layout in sorted(self._param_layouts.items(),
+                                           key=lambda item: (order[item[0][0]], item[0][1])):
+            atoms = [a for a in store.atoms(layout) if store.sizes[a] > 1]
+            for root in atoms:
+                members[root].append(Member(param, dim, layout.size, layout))
+            reasons = sorted({r for a in atoms for r in store.pins.get(a, [])})
+            free = [a for a in atoms if a not in store.pins]
+            if not free:
+                fixed.append({"param": param, "dim": dim, "size": layout.size,
+                              "reasons": reasons or ["a single channel"]})
+        for root, group_members in members.items():
+            if root not in store.pins and _is_repeat(store, root, group_members):
+                store.pins[root] = [REPEAT_REASON]
+        raw = []
+        for root, group_members in members.items():
+            if root in store.pins:
+                continue
+            kind, layer = classify(store, root, group_members)
+            tags = store.tags.get(root, set())
+            raw.append((root, kind, layer, not (tags & ZERO_UNSAFE_TAGS), group_members))
+        raw.sort(key=lambda item: (order[item[4][0].param], item[4][0].dim, item[0]))
+        return self._name_groups(raw), fixed
+
+    def _name_groups(self, raw: list) -> list[Group]:
+        prefixes = [_common_prefix([m.param for m in item[4]]) for item in raw]
+        counts = defaultdict(int)
+        for prefix in prefixes:
+            counts[prefix] += 1
+        groups, seen = [], defaultdict(int)
+        for (root, kind, layer, zero_eq, members), prefix in zip(raw, prefixes, strict=True):
+            base = prefix if counts[prefix] == 1 and prefix else f"{prefix}.{kind}" if prefix else kind
+            seen[base] += 1
+            group_id = base if seen[base] == 1 else f"{base}#{seen[base]}"
+            groups.append(Group(id=group_id, kind=kind, layer=layer, num_units=store_size(self.store, root),
+                                zero_equivalent=zero_eq, members=members, store=self.store,
+                                root=root, param_shapes=self.trace.param_shapes))
+        return groups
+
+    def _annotate(self) -> None:
+        by_root = {g.root: g.id for g in self._groups}
+        for key, data in self.nx.nodes(data=True):
+            layout = data.get("layout")
+            if layout is not None:
+                data["groups"] = [by_root[a] for a in self.store.atoms(layout) if a in by_root]
+                data["layout"] = str(self.store.resolve(layout))
+
+    # ------------------------------------------------------------- inspection
+    def coverage(self) -> dict[str, dict[int, list[str]]]:
+        """For every parameter dim: ids of the groups that can shrink it (may be empty)."""
+        out: dict[str, dict[int, list[str]]] = defaultdict(dict)
+        for (param, dim), layout in self._param_layouts.items():
+            out[param][dim] = []
+        for group in self._groups:
+            for member in group.members:
+                out[member.param][member.dim].append(group.id)
+        return dict(out)
+
+    def summary(self) -> list[dict]:
+        """One row per (layer, kind): groups, units and parameters covered."""
+        rows: dict[tuple, dict] = {}
+        for group in self._groups:
+            key = (-1 if group.layer is None else group.layer, group.kind)
+            row = rows.setdefault(key, {"layer": group.layer, "kind": group.kind, "groups": 0,
+                                        "units": 0, "params": set()})
+            row["groups"] += 1
+            row["units"] += group.num_units
+            row["params"].update(m.param for m in group.members)
+        return [{**row, "params": len(row["params"])} for _, row in sorted(rows.items())]
+
+    def neuron_graph(self, group_id: str, max_units: int | None = None) -> nx.Graph:
+        """Neuron-level view of one group: a node per (param, dim, index), edges per unit."""
+        group = self.group(group_id)
+        view = nx.Graph()
+        units = range(group.num_units if max_units is None else min(max_units, group.num_units))
+        for unit in units:
+            nodes = [(param, dim, int(i)) for param, dim, idx in group.slices([unit]) for i in idx]
+            view.add_nodes_from(nodes, unit=unit)
+            view.add_edges_from((nodes[0], other) for other in nodes[1:])
+        return view
+
+    def to_dict(self) -> dict:
+        return {"model": self.model_name, "groups": [g.to_dict() for g in self._groups],
+                "fixed": self._fixed, "summary": self.summary()}
+
+    def write_json(self, path: str | Path) -> None:
+        data = self.to_dict()
+        data["graph"] = nx.node_link_data(self._plain_graph(), edges="edges")
+        _atomic_write(Path(path), json.dumps(data, indent=1))
+
+    def write_graphml(self, path: str | Path) -> None:
+        plain = self._plain_graph()
+        for _, data in plain.nodes(data=True):
+            data["groups"] = ",".join(data.get("groups", []))
+        tmp = Path(path).with_suffix(".tmp")
+        nx.write_graphml(plain, tmp)
+        tmp.replace(path)
+
+    def write_dot(self, path: str | Path) -> None:
+        lines = ["digraph depgraph {", "  node [shape=box, fontsize=9];"]
+        for key, data in self._plain_graph().nodes(data=True):
+            label = f"{key}\\n{data.get('op', '')} [{data.get('size')}]\\n{data.get('layout', '')}"
+            lines.append(f'  "{key}" [label="{label}"];')
+        for src, dst, data in self.nx.edges(data=True):
+            lines.append(f'  "{src}" -> "{dst}" [label="{data.get("kind", "")}"];')
+        lines.append("}")
+        _atomic_write(Path(path), "\n".join(lines) + "\n")
+
+    def _plain_graph(self) -> nx.MultiDiGraph:
+        plain = nx.MultiDiGraph()
+        for key, data in self.nx.nodes(data=True):
+            plain.add_node(key, **{k: (v if isinstance(v, (int, float, str, list)) else str(v))
+                                   for k, v in data.items() if v is not None})
+        plain.add_edges_from(self.nx.edges(data=True))
+        return plain
+
+
+def store_size(store: AxisStore, root: int) -> int:
+    return store.sizes[root]
+
+
+def _is_repeat(store: AxisStore, root: int, members: list[Member]) -> bool:
+    """An attention-head atom that directly follows another head atom (the GQA repeat)."""
+    if "attention_heads" not in store.tags.get(root, ()):
+        return False
+    for member in members:
+        atoms = [a for a in store.atoms(member.layout) if store.sizes[a] > 1]
+        position = atoms.index(root) if root in atoms else -1
+        if position > 0 and "attention_heads" in store.tags.get(atoms[position - 1], ()):
+            return True
+    return False
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [name.split(".")[:-1] for name in names]
+    prefix = []
+    for column in zip(*parts, strict=False):
+        if all(c == column[0] for c in column):
+            prefix.append(column[0])
+        else:
+            break
+    return ".".join(prefix)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def build_graph(model: nn.Module, seq_len: int = 7) -> DependencyGraph:
+    """Trace ``model`` (weights untouched) and derive its coupled groups.
+
+    Parameters
+    ----------
+    model : a transformers ``PreTrainedModel`` or any module that ``torch.export`` can trace
+        when called with ``input_ids``; it is never modified.
+    seq_len : tokens in the (meta) example input.
+
+    Returns
+    -------
+    DependencyGraph
+
+    Raises
+    ------
+    TraceError
+        When ``torch.export`` cannot trace the model.
+    UnsupportedOpError
+        When the graph holds an op without a coupling rule (names op, node, module, source).
+    """
+    trace = trace_model(model, seq_len=seq_len)
+    store, graph = AxisStore(), nx.MultiDiGraph()
+    inputs, param_layouts = _placeholder_layouts(trace, store)
+    module = trace.program.graph_module
+    env = Propagator(store, graph).run(module, inputs)
+    output = next(n for n in module.graph.nodes if n.op == "output")
+    for value in _values(env[output]):
+        for layout in value.dims:
+            store.pin(layout, "model output")
+    for key, data in graph.nodes(data=True):
+        param = _placeholder_param(trace, data["value"])
+        if param is not None:
+            data["param"] = param
+    return DependencyGraph(trace, store, graph, param_layouts, type(model).__name__)
+
+
+def _placeholder_layouts(trace: Trace, store: AxisStore):
+    inputs: dict[str, Value] = {}
+    by_param: dict[str, Value] = {}
+    param_layouts = {}
+    for node in trace.program.graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        if node.name in trace.params:
+            name = trace.params[node.name]
+            node.meta["depgraph_kind"] = "parameter"
+            if name not in by_param:  # tied weights: one parameter, one set of layouts
+                by_param[name] = Value([store.new(s) for s in val.shape])
+                for dim, layout in enumerate(by_param[name].dims):
+                    param_layouts[(name, dim)] = layout
+            inputs[node.name] = by_param[name]
+            continue
+        value = Value([store.new(s) for s in val.shape])
+        if node.name in trace.buffers:
+            for layout in value.dims:
+                store.pin(layout, f"buffer {trace.buffers[node.name]} (recomputed from the config)")
+        inputs[node.name] = value
+    return inputs, param_layouts
+
+
+def _placeholder_param(trace: Trace, value_name: str) -> str | None:
+    return trace.params.get(value_name)
+
+
+def _values(item) -> list[Value]:
+    if isinstance(item, Value):
+        return [item]
+    if isinstance(item, (list, tuple)):
+        return [v for sub in item for v in _values(sub)]
+    return []
+

@@ -1,0 +1,134 @@
+"""Coupled groups: what a pruner consumes.
+
+After propagation, every atom that appears in a parameter and is not pinned is one coupled
+group: removing unit ``u`` of the atom removes, in every member ``(param, dim)``, the
+positions whose coordinate on that atom is ``u``. That is exactly LLM-Pruner's trigger
+traversal (start at any channel, follow the couplings), computed for all channels at once.
+
+Kinds come from what the graph shows, never from module names:
+
+* ``attention_head``: the head axis of an attention op; ``kv_group`` when the query heads are
+  ``kv_heads × repeat`` (grouped-query attention: one unit = one KV head and its query heads);
+* ``expert``: an axis whose rows are looked up by routing indices (``topk`` over a router);
+* ``hidden``: an axis whose members span several blocks (the residual stream);
+* ``mlp``: any other block-local axis (the inner channels of a depth-2 module).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from .errors import PlanError
+from .layout import AxisStore, Layout
+
+__all__ = ["Group", "Member", "ZERO_UNSAFE_TAGS", "block_index"]
+
+ZERO_UNSAFE_TAGS = frozenset({"normalizing", "activation_contraction", "attention_logits"})
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """The first integer path component of a parameter name (``model.layers.3.x`` -> 3)."""
+    match = _BLOCK.search(f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Member:
+    """One parameter dim of a group."""
+
+    param: str
+    dim: int
+    size: int
+    layout: Layout
+
+
+@dataclass
+class Group:
+    """A set of channels that must be removed together (see :mod:`depgraph.groups`)."""
+
+    id: str
+    kind: str
+    layer: int | None
+    num_units: int
+    zero_equivalent: bool
+    members: list[Member]
+    store: AxisStore = field(repr=False)
+    root: int = field(repr=False)
+    param_shapes: dict[str, tuple[int, ...]] = field(repr=False, default_factory=dict)
+
+    @cached_property
+    def _coords(self) -> list[np.ndarray]:
+        return [self.store.coords(m.layout, self.root) for m in self.members]
+
+    def _check_units(self, units) -> np.ndarray:
+        array = np.asarray(sorted({int(u) for u in units}), dtype=np.int64)
+        if array.size and (array[0] < 0 or array[-1] >= self.num_units):
+            bad = int(array[0] if array[0] < 0 else array[-1])
+            raise PlanError(f"unit {bad} is out of range for group {self.id!r} "
+                            f"(expected 0 <= unit < {self.num_units})")
+        return array
+
+    def slices(self, units) -> list[tuple[str, int, torch.Tensor]]:
+        """``(param_name, dim, indices)`` of everything that goes when ``units`` go."""
+        array = self._check_units(units)
+        out = []
+        for member, coords in zip(self.members, self._coords, strict=True):
+            indices = np.nonzero(np.isin(coords, array))[0]
+            out.append((member.param, member.dim, torch.from_numpy(indices)))
+        return out
+
+    @cached_property
+    def channels_per_unit(self) -> list[int]:
+        """For each member, how many positions along its dim one unit covers."""
+        return [int((coords == 0).sum()) for coords in self._coords]
+
+    @cached_property
+    def params_per_unit(self) -> int:
+        """Parameters removed per unit (members counted independently)."""
+        total = 0
+        for member, per_unit in zip(self.members, self.channels_per_unit, strict=True):
+            shape = self.param_shapes.get(member.param, ())
+            others = int(np.prod([s for d, s in enumerate(shape) if d != member.dim], dtype=np.int64))
+            total += per_unit * others
+        return total
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable description."""
+        return {
+            "id": self.id, "kind": self.kind, "layer": self.layer, "num_units": self.num_units,
+            "zero_equivalent": self.zero_equivalent, "params_per_unit": self.params_per_unit,
+            "members": [{"param": m.param, "dim": m.dim, "size": m.size,
+                         "channels_per_unit": c, "layout": str(self.store.resolve(m.layout))}
+                        for m, c in zip(self.members, self.channels_per_unit, strict=True)],
+        }
+
+
+def classify(store: AxisStore, root: int, members: list[Member]) -> tuple[str, int | None]:
+    """The kind and block index of the group of atom ``root``."""
+    tags = store.tags.get(root, set())
+    layers = {block_index(m.param) for m in members}
+    layer = layers.pop() if len(layers) == 1 else None
+    if "attention_heads" in tags:
+        return ("kv_group" if _has_repeat(store, root, members) else "attention_head"), layer
+    if "looked_up" in tags:
+        return "expert", layer
+    if layer is None:
+        return "hidden", None
+    return "mlp", layer
+
+
+def _has_repeat(store: AxisStore, root: int, members: list[Member]) -> bool:
+    """Whether some member's layout holds another head axis right after ``root``."""
+    for member in members:
+        atoms = store.atoms(member.layout)
+        if root in atoms:
+            after = atoms[atoms.index(root) + 1:]
+            if any("attention_heads" in store.tags.get(a, ()) for a in after):
+                return True
+    return False

@@ -1,0 +1,214 @@
+"""Rules for ops that move, merge, split, cut or join dims without computing anything."""
+
+from __future__ import annotations
+
+import torch.fx
+
+from ..dimmap import (
+    Broadcast, Concat, Coupling, DimSpec, Flatten, InputDim, Slice, Split, normalize_dim,
+    view_groups,
+)
+from .common import arg, dim_arg, dims_of, ndim, shape
+from .registry import register
+
+
+def _reshape(source: torch.fx.Node, out_shape: list[int]) -> list[DimSpec]:
+    in_shape = shape(source)
+    outputs: list[DimSpec] = [Broadcast(1)] * len(out_shape)
+    for src, dst in view_groups(in_shape, out_shape):
+        merged = InputDim(source, src[0]) if len(src) == 1 else Flatten(
+            tuple(InputDim(source, d) for d in src))
+        sizes = tuple(out_shape[d] for d in dst)
+        for k, d in enumerate(dst):
+            outputs[d] = merged if len(dst) == 1 else Split(merged, sizes, k)
+    return outputs
+
+
+@register("aten::view", "aten::_unsafe_view", "aten::reshape", "aten::view_copy",
+          "aten::flatten", "aten::unflatten", "aten::squeeze", "aten::unsqueeze",
+          "aten::_reshape_alias", "aten::view_as", "aten::reshape_as")
+def reshape_like(node: torch.fx.Node) -> Coupling:
+    """Any op whose output is its input's elements in the same order under a new shape."""
+    return Coupling(outputs=[_reshape(node.args[0], shape(node))], edge_kind="view")
+
+
+@register("aten::alias", "aten::clone", "aten::contiguous", "aten::detach", "aten::_to_copy",
+          "aten::to", "aten::type_as", "aten::lift_fresh_copy", "aten::dropout",
+          "aten::native_dropout", "aten::feature_dropout", "aten::alpha_dropout",
+          "aten::_assert_tensor_metadata_passthrough", "aten::zeros_like", "aten::ones_like",
+          "aten::empty_like", "aten::full_like", "aten::rand_like", "aten::randn_like",
+          "aten::tril", "aten::triu", "aten::fill", "aten::zero", "aten::copy",
+          "aten::bernoulli", "aten::uniform", "aten::normal")
+def identity(node: torch.fx.Node) -> Coupling:
+    """Same shape, same channels (copies, casts, dropout, ``*_like`` factories, masks)."""
+    source = node.args[0]
+    outputs = [dims_of(source)]
+    if isinstance(node.meta.get("val"), (tuple, list)):  # native_dropout: (out, mask)
+        outputs = [dims_of(source), dims_of(source)]
+    same = []
+    if len(node.args) > 1 and _is_node(node.args[1]) and shape(node.args[1]) == shape(source):
+        same = list(zip(dims_of(source), dims_of(node.args[1]), strict=True))  # copy(self, src)
+    return Coupling(outputs=outputs, same=same, edge_kind="identity")
+
+
+def _is_node(value: object) -> bool:
+    return isinstance(value, torch.fx.Node)
+
+
+@register("aten::permute", "aten::transpose", "aten::t", "aten::swapaxes", "aten::movedim",
+          "aten::numpy_T", "aten::adjoint")
+def permute(node: torch.fx.Node) -> Coupling:
+    source = node.args[0]
+    rank = ndim(source)
+    order = list(range(rank))
+    name = str(node.target)
+    if "permute" in name:
+        order = [normalize_dim(d, rank) for d in node.args[1]]
+    elif "movedim" in name:
+        src, dst = normalize_dim(node.args[1], rank), normalize_dim(node.args[2], rank)
+        order.remove(src)
+        order.insert(dst, src)
+    elif rank >= 2:
+        first = normalize_dim(arg(node, 1, "dim0", 0), rank) if len(node.args) > 1 else 0
+        second = normalize_dim(arg(node, 2, "dim1", 1), rank) if len(node.args) > 2 else 1
+        order[first], order[second] = order[second], order[first]
+    return Coupling(outputs=[[InputDim(source, d) for d in order]], edge_kind="permute")
+
+
+@register("aten::expand", "aten::expand_as", "aten::broadcast_to")
+def expand(node: torch.fx.Node) -> Coupling:
+    source = node.args[0]
+    in_shape, out_shape = shape(source), shape(node)
+    offset = len(out_shape) - len(in_shape)
+    outputs: list[DimSpec] = []
+    for d, size in enumerate(out_shape):
+        keep = d >= offset and in_shape[d - offset] == size
+        outputs.append(InputDim(source, d - offset) if keep else Broadcast(size))
+    return Coupling(outputs=[outputs], edge_kind="expand")
+
+
+@register("aten::repeat")
+def repeat(node: torch.fx.Node) -> Coupling:
+    """``x.repeat(r)``: output index ``t * n + i`` holds input index ``i`` (tiling)."""
+    source, repeats = node.args[0], list(node.args[1])
+    offset = len(repeats) - ndim(source)
+    outputs: list[DimSpec] = []
+    for d, times in enumerate(repeats):
+        if d < offset:
+            outputs.append(Broadcast(times))
+        elif times == 1:
+            outputs.append(InputDim(source, d - offset))
+        else:
+            outputs.append(Flatten((Broadcast(times), InputDim(source, d - offset))))
+    return Coupling(outputs=[outputs], edge_kind="repeat")
+
+
+@register("aten::repeat_interleave")
+def repeat_interleave(node: torch.fx.Node) -> Coupling:
+    """``x.repeat_interleave(r, dim)``: output index ``i * r + t`` holds input index ``i``."""
+    source = node.args[0]
+    repeats = arg(node, 1, "repeats")
+    if not isinstance(repeats, int):
+        raise NotImplementedError("repeat_interleave with a tensor of repeats")
+    dim = arg(node, 2, "dim")
+    if dim is None:
+        return Coupling(outputs=[[Broadcast(shape(node)[0])]], pinned=[
+            (spec, "flattened by repeat_interleave") for spec in dims_of(source)])
+    dim = normalize_dim(dim, ndim(source))
+    outputs = dims_of(source)
+    outputs[dim] = Flatten((InputDim(source, dim), Broadcast(repeats)))
+    return Coupling(outputs=[outputs], edge_kind="repeat")
+
+
+@register("aten::select")
+def select(node: torch.fx.Node) -> Coupling:
+    source = node.args[0]
+    dim = dim_arg(node, 1, "dim", source)
+    index = normalize_dim(int(node.args[2]), shape(source)[dim])
+    outputs = dims_of(source)
+    picked = Slice(InputDim(source, dim), index, index + 1)
+    return Coupling(outputs=[outputs[:dim] + outputs[dim + 1:]], edge_kind="select",
+                    same=[(picked, picked)])
+
+
+def _bounds(start, stop, size: int) -> tuple[int, int]:
+    start = 0 if start is None else int(start)
+    stop = size if stop is None else int(stop)
+    start = max(0, start + size if start < 0 else start)
+    stop = max(0, stop + size if stop < 0 else stop)
+    return min(start, size), min(stop, size)
+
+
+@register("aten::slice")
+def slice_(node: torch.fx.Node) -> Coupling:
+    source = node.args[0]
+    dim = dim_arg(node, 1, "dim", source)
+    start, stop = _bounds(arg(node, 2, "start"), arg(node, 3, "end"), shape(source)[dim])
+    step = int(arg(node, 4, "step", 1) or 1)
+    outputs = dims_of(source)
+    outputs[dim] = Slice(InputDim(source, dim), start, stop, step)
+    return Coupling(outputs=[outputs], edge_kind="slice")
+
+
+@register("aten::narrow")
+def narrow(node: torch.fx.Node) -> Coupling:
+    source = node.args[0]
+    dim = dim_arg(node, 1, "dim", source)
+    start = normalize_dim(int(node.args[2]), shape(source)[dim])
+    outputs = dims_of(source)
+    outputs[dim] = Slice(InputDim(source, dim), start, start + int(node.args[3]))
+    return Coupling(outputs=[outputs], edge_kind="slice")
+
+
+def _pieces(node: torch.fx.Node, sizes: list[int], dim: int) -> Coupling:
+    source = node.args[0]
+    outputs, start = [], 0
+    for size in sizes:
+        dims = dims_of(source)
+        dims[dim] = Slice(InputDim(source, dim), start, start + size)
+        outputs.append(dims)
+        start += size
+    return Coupling(outputs=outputs, edge_kind="split")
+
+
+@register("aten::split", "aten::split_with_sizes", "aten::chunk", "aten::tensor_split",
+          "aten::unsafe_split", "aten::unsafe_chunk", "aten::split_copy")
+def split(node: torch.fx.Node) -> Coupling:
+    source = node.args[0]
+    dim = dim_arg(node, 2, "dim", source)
+    sizes = [int(value.shape[dim]) for value in node.meta["val"]]
+    return _pieces(node, sizes, dim)
+
+
+@register("aten::unbind")
+def unbind(node: torch.fx.Node) -> Coupling:
+    source = node.args[0]
+    dim = dim_arg(node, 1, "dim", source)
+    coupling = _pieces(node, [1] * shape(source)[dim], dim)
+    coupling.outputs = [dims[:dim] + dims[dim + 1:] for dims in coupling.outputs]
+    return coupling
+
+
+@register("aten::cat", "aten::concat", "aten::concatenate")
+def cat(node: torch.fx.Node) -> Coupling:
+    tensors = [t for t in node.args[0] if shape(t) != [0]]  # legacy empty tensors are skipped
+    rank = ndim(node)
+    dim = normalize_dim(int(arg(node, 1, "dim", 0)), rank)
+    first = tensors[0]
+    outputs = dims_of(first)
+    outputs[dim] = Concat(tuple(InputDim(t, dim) for t in tensors))
+    same = [(InputDim(first, d), InputDim(t, d)) for t in tensors[1:] for d in range(rank)
+            if d != dim and shape(first)[d] != 1 and shape(t)[d] == shape(first)[d]]
+    return Coupling(outputs=[outputs], same=same, edge_kind="cat")
+
+
+@register("aten::stack")
+def stack(node: torch.fx.Node) -> Coupling:
+    tensors = list(node.args[0])
+    dim = normalize_dim(int(arg(node, 1, "dim", 0)), ndim(node))
+    first = tensors[0]
+    outputs = dims_of(first)
+    outputs.insert(dim, Concat(tuple(Broadcast(1) for _ in tensors)))
+    same = [(InputDim(first, d), InputDim(t, d)) for t in tensors[1:] for d in range(ndim(first))
+            if shape(first)[d] != 1]
+    return Coupling(outputs=[outputs], same=same, edge_kind="stack")

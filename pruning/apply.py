@@ -1,0 +1,182 @@
+"""Physically removing units: slice parameters, fix module attributes and the config.
+
+``apply_plan(model, {group_id: [unit, ...]})`` validates the whole plan first (unknown group,
+unit out of range, every unit of a group) and changes nothing if it is refused. Then it:
+
+1. slices every member parameter in place (``param.data`` is replaced, so tied weights stay
+   tied and the ``Parameter`` objects the user holds stay valid);
+2. finds the config that describes the new shapes (:mod:`pruning.config_solver`): one config
+   when all blocks agree, else one per block;
+3. copies the scalar attributes (``num_heads``, ``head_dim``, ``in_features`` ...) of every
+   module from a meta-device model built from that config, so the eager code, ``generate()``
+   and ``save_pretrained`` see consistent sizes;
+4. records the plan in ``model.config.depgraph`` so :func:`pruning.load_pruned` can rebuild
+   any pruned model, including non-uniform ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from depgraph import DependencyGraph, build_graph
+from depgraph.errors import PlanError
+from depgraph.groups import block_index
+
+from .config_solver import instantiate_meta, model_shapes, probe_config, solve_config
+
+__all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY"]
+
+RECORD_KEY = "depgraph"
+
+
+def plan_slices(graph: DependencyGraph, plan: dict[str, list[int]]) -> dict[tuple[str, int], torch.Tensor]:
+    """Validate ``plan`` and merge its slices: ``(param, dim) -> sorted indices to drop``."""
+    if not isinstance(plan, dict):
+        raise PlanError(f"plan must be a dict {{group_id: [units]}}, got {type(plan).__name__}")
+    drops: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for group_id, units in plan.items():
+        try:
+            group = graph.group(group_id)
+        except KeyError:
+            raise PlanError(f"unknown group {group_id!r} in plan (expected one of the "
+                            f"{len(graph.groups())} ids of graph.groups())") from None
+        unique = {int(u) for u in units}
+        if len(unique) >= group.num_units:
+            raise PlanError(f"plan removes all {group.num_units} units of group {group_id!r}; "
+                            f"at least one must stay")
+        for param, dim, indices in group.slices(sorted(unique)):
+            drops[(param, dim)].update(indices.tolist())
+    return {key: torch.tensor(sorted(v), dtype=torch.long) for key, v in drops.items() if v}
+
+
+def zero_plan(model: nn.Module, plan: dict[str, list[int]], graph: DependencyGraph | None = None
+              ) -> nn.Module:
+    """Zero (instead of remove) everything the plan would remove; returns the model."""
+    graph = graph or build_graph(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for (name, dim), indices in plan_slices(graph, plan).items():
+            params[name].index_fill_(dim, indices.to(params[name].device), 0)
+    return model
+
+
+def apply_plan(model: nn.Module, plan: dict[str, list[int]],
+               graph: DependencyGraph | None = None) -> nn.Module:
+    """Remove the plan's units from ``model`` in place and return it (see module docs)."""
+    graph = graph or build_graph(model)
+    drops = plan_slices(graph, plan)
+    if not drops:
+        return model
+    params = dict(model.named_parameters())
+    target = {name: list(shape) for name, shape in model_shapes(model).items()}
+    for (name, dim), indices in drops.items():
+        target[name][dim] -= len(indices)
+    configs = _configs_for(model, {n: tuple(s) for n, s in target.items()})
+    original = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
+    with torch.no_grad():
+        for name, param in params.items():
+            dims = {dim: idx for (n, dim), idx in drops.items() if n == name}
+            if dims:
+                param.data = _keep(param.data, dims)
+                param.grad = None
+    _sync_attributes(model, configs)
+    _record(model, original, plan, configs)
+    return model
+
+
+def _keep(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+    for dim, drop in dims.items():
+        mask = torch.ones(tensor.shape[dim], dtype=torch.bool)
+        mask[drop] = False
+        tensor = tensor.index_select(dim, mask.nonzero().squeeze(1).to(tensor.device))
+    return tensor.contiguous()
+
+
+# ------------------------------------------------------------------ configs
+def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]]) -> dict:
+    """``{None: config}`` when one config fits, else ``{block: config}`` per block."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    probe = probe_config(config)
+    whole = solve_config(config, probe, target)
+    if whole is not None:
+        return {None: whole}
+    configs: dict = {}
+    blocks = sorted({b for n in target if (b := block_index(n)) is not None})
+    for block in blocks:
+        layer_target = {n: (s if block_index(n) in (block, None) else probe.base[n])
+                        for n, s in target.items()}
+        solved = solve_config(config, probe, layer_target)
+        if solved is None:
+            raise PlanError(f"no configuration of {type(config).__name__} describes the pruned "
+                            f"block {block}; this plan cannot be applied to this architecture")
+        configs[block] = solved
+    return configs
+
+
+def _sync_attributes(model: nn.Module, configs: dict) -> None:
+    """Copy scalar module attributes from meta models built from the new configs."""
+    if not configs:
+        _fix_standard_modules(model)
+        return
+    for block, config in configs.items():
+        fresh = dict(instantiate_meta(config).named_modules())
+        for path, module in model.named_modules():
+            if block is not None and block_index(path + ".") != block:
+                continue
+            twin = fresh.get(path)
+            if twin is None:
+                continue
+            for key, value in vars(twin).items():
+                if key.startswith("_") or not isinstance(value, (int, float, tuple, list, str)):
+                    continue
+                if isinstance(value, bool) or getattr(module, key, object()) == value:
+                    continue
+                setattr(module, key, copy.deepcopy(value))
+    if None in configs:
+        _replace_config(model, configs[None])
+    _fix_standard_modules(model)
+
+
+def _replace_config(model: nn.Module, config) -> None:
+    """Update the model's config object in place (modules hold references to it)."""
+    for key, value in config.to_dict().items():
+        if key in ("transformers_version", "architectures", RECORD_KEY):
+            continue
+        try:
+            setattr(model.config, key, value)
+        except (AttributeError, TypeError):
+            continue
+
+
+def _fix_standard_modules(model: nn.Module) -> None:
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.num_embeddings, module.embedding_dim = module.weight.shape
+        elif isinstance(module, nn.LayerNorm) and weight is not None:
+            module.normalized_shape = tuple(weight.shape)
+        elif type(module).__name__ == "Conv1D" and weight is not None:
+            module.nf = weight.shape[1]
+
+
+def _record(model: nn.Module, original: dict, plan: dict, configs: dict) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    record = copy.deepcopy(getattr(config, RECORD_KEY, None) or {})
+    if "original_config" not in record:
+        base = {k: v for k, v in original.items() if k != RECORD_KEY}
+        record = {"original_config": base, "plans": []}
+    record["plans"].append({gid: sorted(int(u) for u in units) for gid, units in plan.items()
+                            if len(units)})
+    record["uniform"] = None in configs
+    setattr(config, RECORD_KEY, record)
+
