@@ -92,6 +92,9 @@ class Coupling:
     pinned: list[tuple[DimSpec, str]] = field(default_factory=list)
     value_axes: list[DimSpec | None] = field(default_factory=list)
     edge_kind: str = ""
+    # True for tensors the model makes at run time from sizes (arange, zeros, ALiBi slopes):
+    # their axes are tagged "created", and a parameter axis that meets one is never pruned.
+    created: bool = False
 
 
 def normalize_dim(dim: int, ndim: int) -> int:

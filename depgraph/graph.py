@@ -32,6 +32,8 @@ from .trace import Trace, trace_model
 __all__ = ["DependencyGraph", "build_graph"]
 
 REPEAT_REASON = "query heads that share one KV head: prune whole KV groups instead"
+CREATED_REASON = ("meets a tensor the model creates at run time from this size (e.g. ALiBi "
+                  "slopes): removing channels would change its values")
 
 
 class DependencyGraph:
@@ -81,6 +83,8 @@ class DependencyGraph:
         for root, group_members in members.items():
             if root not in store.pins and _is_repeat(store, root, group_members):
                 store.pins[root] = [REPEAT_REASON]
+            if root not in store.pins and "created" in store.tags.get(root, ()):
+                store.pins[root] = [CREATED_REASON]
         raw = []
         for root, group_members in members.items():
             if root in store.pins:
@@ -108,7 +112,7 @@ class DependencyGraph:
 
     def _annotate(self) -> None:
         by_root = {g.root: g.id for g in self._groups}
-        for key, data in self.nx.nodes(data=True):
+        for _key, data in self.nx.nodes(data=True):
             layout = data.get("layout")
             if layout is not None:
                 data["groups"] = [by_root[a] for a in self.store.atoms(layout) if a in by_root]
@@ -118,7 +122,7 @@ class DependencyGraph:
     def coverage(self) -> dict[str, dict[int, list[str]]]:
         """For every parameter dim: ids of the groups that can shrink it (may be empty)."""
         out: dict[str, dict[int, list[str]]] = defaultdict(dict)
-        for (param, dim), layout in self._param_layouts.items():
+        for param, dim in self._param_layouts:
             out[param][dim] = []
         for group in self._groups:
             for member in group.members:
@@ -246,7 +250,7 @@ def build_graph(model: nn.Module, seq_len: int = 7) -> DependencyGraph:
     for value in _values(env[output]):
         for layout in value.dims:
             store.pin(layout, "model output")
-    for key, data in graph.nodes(data=True):
+    for _key, data in graph.nodes(data=True):
         param = _placeholder_param(trace, data["value"])
         if param is not None:
             data["param"] = param
@@ -273,6 +277,9 @@ def _placeholder_layouts(trace: Trace, store: AxisStore):
             inputs[node.name] = by_param[name]
             continue
         value = Value([store.new(s) for s in val.shape])
+        if node.name in trace.inputs:
+            for layout in value.dims:
+                store.pin(layout, "model input")
         if node.name in trace.buffers:
             for layout in value.dims:
                 store.pin(layout, f"buffer {trace.buffers[node.name]} (recomputed from the config)")

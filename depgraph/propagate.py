@@ -148,6 +148,11 @@ class Propagator:
         resolve = _Resolver(self.store, env, where)
         for first, second in coupling.same:
             left, right = resolve(first), resolve(second)
+            if left is not None and right is not None and left.size != right.size and (
+                    isinstance(first, ValueAxis) or isinstance(second, ValueAxis)):
+                table = resolve(second if isinstance(first, ValueAxis) else first)
+                self.store.pin(table, f"rows looked up by positions ({module_path(node) or node.name})")
+                continue
             if left is None or right is None:
                 known = left if left is not None else right
                 if known is not None:
@@ -171,6 +176,9 @@ class Propagator:
             layouts = [lay if lay is not None else self.store.new(1) for lay in layouts]
             axis = self._value_axis(node, coupling, index, layouts, env, resolve)
             values.append(Value(layouts, axis))
+            if coupling.created:
+                for layout in layouts:
+                    self.store.tag(layout, "created")
         result = _package(node, values)
         self._add_nodes(prefix, node, result)
         for index, dims in enumerate(coupling.outputs):

@@ -26,7 +26,9 @@ from depgraph import DependencyGraph, build_graph
 from depgraph.errors import PlanError
 from depgraph.groups import block_index
 
+from .attributes import sync_by_extent
 from .config_solver import instantiate_meta, model_shapes, probe_config, solve_config
+from .extents import plan_extents
 
 __all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY"]
 
@@ -75,7 +77,9 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
     target = {name: list(shape) for name, shape in model_shapes(model).items()}
     for (name, dim), indices in drops.items():
         target[name][dim] -= len(indices)
-    configs = _configs_for(model, {n: tuple(s) for n, s in target.items()})
+    configs = _configs_for(model, {n: tuple(s) for n, s in target.items()},
+                           plan_extents(graph, plan))
+    exact = configs is not None
     original = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
     with torch.no_grad():
         for name, param in params.items():
@@ -83,7 +87,11 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
             if dims:
                 param.data = _keep(param.data, dims)
                 param.grad = None
-    _sync_attributes(model, configs)
+    if exact:
+        _sync_attributes(model, configs)
+    else:
+        _fix_standard_modules(model)
+        sync_by_extent(model, graph, plan)
     _record(model, original, plan, configs)
     return model
 
@@ -97,13 +105,15 @@ def _keep(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ configs
-def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]]) -> dict:
-    """``{None: config}`` when one config fits, else ``{block: config}`` per block."""
+def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]],
+                 extents: dict[int, set[int]]) -> dict | None:
+    """``{None: config}`` when one config fits, ``{block: config}`` when one per block fits,
+    ``{}`` for models without a config, ``None`` when no config describes the model."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
     probe = probe_config(config)
-    whole = solve_config(config, probe, target)
+    whole = solve_config(config, probe, target, extents)
     if whole is not None:
         return {None: whole}
     configs: dict = {}
@@ -111,10 +121,9 @@ def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]]) -> dict:
     for block in blocks:
         layer_target = {n: (s if block_index(n) in (block, None) else probe.base[n])
                         for n, s in target.items()}
-        solved = solve_config(config, probe, layer_target)
+        solved = solve_config(config, probe, layer_target, extents)
         if solved is None:
-            raise PlanError(f"no configuration of {type(config).__name__} describes the pruned "
-                            f"block {block}; this plan cannot be applied to this architecture")
+            return None
         configs[block] = solved
     return configs
 
@@ -177,6 +186,7 @@ def _record(model: nn.Module, original: dict, plan: dict, configs: dict) -> None
         record = {"original_config": base, "plans": []}
     record["plans"].append({gid: sorted(int(u) for u in units) for gid, units in plan.items()
                             if len(units)})
-    record["uniform"] = None in configs
+    # config_exact: model.config alone describes the model (plain from_pretrained loads it)
+    record["config_exact"] = configs is not None and None in configs
     setattr(config, RECORD_KEY, record)
 

@@ -61,7 +61,7 @@ def probe_config(config) -> ConfigProbe:
     """Probe every integer config key (see the module docstring)."""
     base = _shapes(config)
     exponents: dict[str, dict[tuple[str, int], float]] = {}
-    for key, value in sorted(config.to_dict().items()):
+    for key, value in sorted(_integer_keys(config).items()):
         if not _probeable(key, value):
             continue
         for trial in (value * 2, value // 2 if value % 2 == 0 else None, value + 1):
@@ -81,6 +81,20 @@ def probe_config(config) -> ConfigProbe:
     return ConfigProbe(base, exponents)
 
 
+def _integer_keys(config) -> dict[str, object]:
+    """Integer config keys, plus ``head_dim`` where the config derives it.
+
+    Many modeling files read ``getattr(config, "head_dim", hidden // heads)``: adding the key
+    lets a config say "fewer heads of the same size". (Transformers' attribute maps make
+    ``hidden_size`` and ``num_attention_heads`` available on every config.)
+    """
+    keys = dict(config.to_dict())
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if "head_dim" not in keys and isinstance(hidden, int) and isinstance(heads, int) and heads:
+        keys["head_dim"] = hidden // heads
+    return keys
+
+
 def _probeable(key: str, value: object) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool) and value > 1
             and not any(skip in key for skip in _SKIP))
@@ -96,43 +110,49 @@ def _try_shapes(config, key: str, value: int):
 
 
 def solve_config(config, probe: ConfigProbe, target: dict[str, tuple[int, ...]],
-                 max_keys: int = 4):
-    """A copy of ``config`` whose model has exactly the ``target`` shapes, or ``None``."""
-    changed = {(name, dim): (old, target[name][dim]) for name, shape in probe.base.items()
+                 extents: dict[int, set[int]], max_trials: int = 512):
+    """A copy of ``config`` whose model has exactly the ``target`` shapes, or ``None``.
+
+    ``extents`` maps each old size that a pruned group spans (``heads``, ``heads × head_dim``,
+    ``hidden`` ...) to its possible new values. Each config key that the probe found to
+    change a pruned dim may take one of those values (or keep its own); combinations are
+    tried with the fewest changed keys first and verified by building the model on meta.
+    """
+    changed = {(name, dim) for name, shape in probe.base.items()
                for dim, old in enumerate(shape) if target[name][dim] != old}
     if not changed:
         return copy.deepcopy(config)
-    relevant = [k for k, eff in probe.exponents.items() if any(d in eff for d in changed)]
-    for count in range(1, min(max_keys, len(relevant)) + 1):
-        for keys in itertools.combinations(relevant, count):
-            values = _fit(config, probe, keys, changed)
-            if values is None:
-                continue
-            candidate = copy.deepcopy(config)
-            for key, value in values.items():
-                setattr(candidate, key, value)
-            try:
-                if _shapes(candidate) == {n: tuple(s) for n, s in target.items()}:
-                    return candidate
-            except Exception:  # noqa: BLE001
-                continue
+    target = {n: tuple(s) for n, s in target.items()}
+    options: list[tuple[str, list]] = []
+    for key, effect in sorted(probe.exponents.items()):
+        current = _current(config, key)
+        if not any(d in effect for d in changed):
+            continue
+        values = sorted(extents.get(current, set()) - {current})
+        if key == "head_dim" and getattr(config, "head_dim", None) is None:
+            values = [current, *values]  # state the derived head_dim explicitly
+        if values:
+            options.append((key, values))
+    trials = 0
+    for count in range(1, len(options) + 1):
+        for chosen in itertools.combinations(options, count):
+            for values in itertools.product(*[vals for _, vals in chosen]):
+                trials += 1
+                if trials > max_trials:
+                    return None
+                candidate = copy.deepcopy(config)
+                for (key, _), value in zip(chosen, values, strict=True):
+                    setattr(candidate, key, value)
+                try:
+                    if _shapes(candidate) == target:
+                        return candidate
+                except Exception:  # noqa: BLE001 - an invalid combination is just not it
+                    continue
     return None
 
 
-def _fit(config, probe: ConfigProbe, keys, changed) -> dict[str, int] | None:
-    """Least-squares fit of log-ratios per key, rounded to integers; None if inconsistent."""
-    rows, rhs = [], []
-    for dim_key, (old, new) in changed.items():
-        rows.append([probe.exponents[k].get(dim_key, 0.0) for k in keys])
-        rhs.append(math.log(new / old))
-    matrix, vector = torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64)
-    solution = torch.linalg.lstsq(matrix, vector.unsqueeze(1)).solution.squeeze(1)
-    if not torch.allclose(matrix @ solution, vector, atol=1e-6):
-        return None
-    values = {}
-    for key, log_ratio in zip(keys, solution.tolist(), strict=True):
-        value = getattr(config, key) * math.exp(log_ratio)
-        if abs(value - round(value)) > 1e-6 or round(value) <= 0:
-            return None
-        values[key] = int(round(value))
-    return values
+def _current(config, key: str) -> int:
+    value = getattr(config, key, None)
+    if value is None and key == "head_dim":
+        return config.hidden_size // config.num_attention_heads
+    return int(value)

@@ -40,7 +40,8 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bo
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         record = getattr(getattr(model, "config", None), RECORD_KEY, None) or {}
-        info = {"plans": record.get("plans", []), "uniform": record.get("uniform"), **(extra or {})}
+        info = {"plans": record.get("plans", []), "config_exact": record.get("config_exact"),
+                **(extra or {})}
         (tmp / "pruning.json").write_text(json.dumps(info, indent=1))
         if out.exists():
             shutil.rmtree(out)
@@ -65,7 +66,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
         raise ValueError(f"{str(path)!r} is not a model folder (expected a config.json in it)")
     config = AutoConfig.from_pretrained(path)
     record = getattr(config, RECORD_KEY, None)
-    if not record or record.get("uniform", True):
+    if not record or record.get("config_exact", True):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
     original = type(config).from_dict(record["original_config"])
     from transformers.initialization import no_init_weights

@@ -58,22 +58,48 @@ def _matmul(a: torch.fx.Node, b: torch.fx.Node, out: torch.fx.Node) -> Coupling:
 
 
 def _activation_contraction(coupling: Coupling, a: torch.fx.Node, b: torch.fx.Node) -> Coupling:
-    """Contracting two activations (not a weight): tag it, zeroing is not removing there."""
-    if not _is_parameter(a) and not _is_parameter(b):
-        coupling.reduced.append((coupling.same[0][0], "activation_contraction"))
+    """Contracting two activations (attention scores, attention-weighted values).
+
+    The contracted dim is tagged (zeroing is not removing there) and, when both operands
+    come from parameters through projections, pinned: its size sets the attention scale.
+    Batch dims of such products are the attention heads.
+    """
+    if _is_parameter(a) or _is_parameter(b):
+        return coupling
+    contracted = coupling.same[0][0]
+    coupling.reduced.append((contracted, "activation_contraction"))
+    coupling.pinned.append((contracted, "contracted between two activations (attention "
+                                        "scores over head_dim): the scale depends on its size"))
+    out_rank = len(coupling.outputs[0])
+    for spec in coupling.outputs[0][:max(out_rank - 2, 0)]:
+        coupling.reduced.append((spec, "attention_heads"))
+    if out_rank >= 1:  # the per-head features of the second operand (the values' head_dim)
+        coupling.pinned.append((coupling.outputs[0][-1], "per-head features of an attention "
+                                "product (value head_dim): configs tie it to head_dim"))
     return coupling
 
 
+_SAME_DATA = {"aten::index", "aten::view", "aten::reshape", "aten::_unsafe_view", "aten::transpose",
+              "aten::permute", "aten::expand", "aten::slice", "aten::select", "aten::unsqueeze",
+              "aten::squeeze", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone",
+              "aten::t", "aten::alias", "aten::detach", "aten::index_select", "aten::numpy_T",
+              "aten::mT", "aten::adjoint", "aten::swapaxes", "aten::movedim", "aten::flatten"}
+
+
 def _is_parameter(value: torch.fx.Node) -> bool:
-    """Whether a value is (a view of) a parameter: then zeroing its slice zeroes the product."""
-    seen = 0
-    while isinstance(value, torch.fx.Node) and seen < 8:
+    """Whether a value is (a view or a row selection of) a parameter.
+
+    Then zeroing the parameter's slice zeroes its part of any product with it.
+    """
+    for _ in range(12):
+        if not isinstance(value, torch.fx.Node):
+            return False
         if value.op == "placeholder":
             return value.meta.get("depgraph_kind") == "parameter"
-        tensor_args = [a for a in value.args if is_tensor(a)]
-        if len(tensor_args) != 1:
+        name = getattr(getattr(value.target, "_schema", None), "name", "")
+        if name not in _SAME_DATA or not value.args:
             return False
-        value, seen = tensor_args[0], seen + 1
+        value = value.args[0]
     return False
 
 

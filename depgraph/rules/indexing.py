@@ -145,7 +145,7 @@ def one_hot(node: torch.fx.Node) -> Coupling:
 @register("aten::arange")
 def arange(node: torch.fx.Node) -> Coupling:
     """A fresh axis; the values of ``arange(n)`` point at that same axis."""
-    return Coupling(outputs=[[Broadcast(shape(node)[0])]], value_axes=[_OWN_DIM])
+    return Coupling(outputs=[[Broadcast(shape(node)[0])]], value_axes=[_OWN_DIM], created=True)
 
 
 _OWN_DIM = "own"

@@ -17,7 +17,8 @@ from .registry import register
           "aten::empty_permuted", "aten::logspace")
 def factory(node: torch.fx.Node) -> Coupling:
     """A new tensor: each dim is a fresh axis that no input channel maps to."""
-    return Coupling(outputs=[[Broadcast(size) for size in shape(node)]], edge_kind="factory")
+    return Coupling(outputs=[[Broadcast(size) for size in shape(node)]], edge_kind="factory",
+                    created=True)
 
 
 @register("aten::_assert_tensor_metadata", "aten::_assert_scalar", "aten::sym_size",

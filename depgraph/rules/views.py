@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch.fx
 
 from ..dimmap import (
-    Broadcast, Concat, Coupling, DimSpec, Flatten, InputDim, Slice, Split, normalize_dim,
+    Broadcast,
+    Concat,
+    Coupling,
+    DimSpec,
+    Flatten,
+    InputDim,
+    Slice,
+    Split,
+    normalize_dim,
     view_groups,
 )
 from .common import arg, dim_arg, dims_of, ndim, shape

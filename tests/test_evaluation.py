@@ -1,0 +1,328 @@
+"""Tests of the evaluation package: perplexity, zero-shot scoring, agreement, efficiency, tables."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import evaluation
+import evaluation.zeroshot_data as zd
+from depgraph.paths import data_dir, models_dir
+from evaluation import (
+    MCItem,
+    compare,
+    count_parameters,
+    efficiency_report,
+    evaluate_task,
+    evaluate_zeroshot,
+    format_table,
+    load_task,
+    load_text,
+    loglikelihoods,
+    macs_per_token,
+    next_token_agreement,
+    peak_forward_memory,
+    perplexity,
+    score_items,
+    token_windows,
+    weight_memory_bytes,
+)
+
+torch.set_num_threads(2)
+
+TINY = models_dir() / "stories260K"
+WIKI = data_dir() / "wikitext-2-raw" / "test.txt"
+needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason="offline stories260K model missing")
+needs_wiki = pytest.mark.skipif(not WIKI.is_file(), reason="offline WikiText-2 missing")
+needs_piqa = pytest.mark.skipif(
+    not (data_dir() / "zeroshot" / "piqa.jsonl").is_file(), reason="offline piqa missing"
+)
+
+
+# ---------------------------------------------------------------- fakes with known log-probs
+
+class CharTokenizer:
+    """One token per latin-1 character, no BOS, EOS = 0."""
+
+    bos_token_id = None
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("latin-1"))
+
+
+class UnigramLM(nn.Module):
+    """Same next-token distribution at every position."""
+
+    def __init__(self, probs: dict[str, float]) -> None:
+        super().__init__()
+        rest = (1.0 - sum(probs.values())) / (256 - len(probs))
+        table = torch.full((256,), rest, dtype=torch.float64)
+        for char, p in probs.items():
+            table[ord(char)] = p
+        self.register_buffer("logp", table.log().float())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.logp.expand(*ids.shape, 256).clone()
+
+
+class SuccessorLM(nn.Module):
+    """p(next = prev + 1) = 0.9, every other token 0.1 / 255."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.full((*ids.shape, 256), math.log(0.1 / 255))
+        return out.scatter(-1, ((ids + 1) % 256)[..., None], math.log(0.9))
+
+
+HIT, MISS = math.log(0.9), math.log(0.1 / 255)
+
+
+# ---------------------------------------------------------------- real tiny model fixtures
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(TINY)).eval()
+    return model, AutoTokenizer.from_pretrained(str(TINY))
+
+
+@pytest.fixture(scope="module")
+def wiki_ids(tiny):
+    _, tokenizer = tiny
+    return torch.tensor(tokenizer(load_text("wikitext2")).input_ids)
+
+
+# ---------------------------------------------------------------- perplexity
+
+@needs_tiny
+@needs_wiki
+def test_perplexity_matches_plain_loop(tiny, wiki_ids) -> None:
+    model, tokenizer = tiny
+    result = perplexity(model, tokenizer, load_text("wikitext2"), seq_len=128, max_tokens=4096)
+    # independent computation: window by window, cross-entropy over all but the first position
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, 4096, 128):
+            window = wiki_ids[start : start + 128]
+            logits = model(window[None]).logits[0]
+            nll += F.cross_entropy(logits[:-1], window[1:], reduction="sum").item()
+            count += 127
+    expected = math.exp(nll / count)
+    assert result["windows"] == 32 and result["tokens"] == count and result["seq_len"] == 128
+    assert result["ppl"] == pytest.approx(expected, rel=5e-3)
+    assert result["nll"] == pytest.approx(nll / count, rel=1e-4)
+    # token ids are accepted too, and batch size does not change the result
+    again = perplexity(model, None, wiki_ids, seq_len=128, batch_size=7, max_tokens=4096)
+    assert again["ppl"] == pytest.approx(result["ppl"], rel=1e-5)
+
+
+@needs_wiki
+def test_wikitext2_offline_string() -> None:
+    text = load_text("wikitext2")  # "\n\n".join(rows), rows = ["", " = Robert Boulter = \n", "", ...]
+    assert "\r" not in text and len(text.encode("utf-8")) == 1_296_370
+    assert text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is")
+
+
+def test_ptb_offline_joins_sentences(tmp_path, monkeypatch) -> None:
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.valid.txt").write_bytes(b" a b c \r\n d e \r\n")
+    monkeypatch.setenv("DEPGRAPH_DATA", str(tmp_path))
+    assert load_text("ptb") == "a b c\n\nd e"
+
+
+def test_token_windows_drop_remainder() -> None:
+    windows = token_windows(list(range(10)), 4)
+    assert windows.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert token_windows(torch.arange(10), 3, max_tokens=7).shape == (2, 3)
+
+
+# ---------------------------------------------------------------- zero-shot
+
+def test_zeroshot_hand_computed_acc_and_acc_norm(tmp_path) -> None:
+    model = UnigramLM({" ": 0.25, "a": 0.5, "b": 0.125})
+    # " aaaa": log .25 + 4 log .5 = -4.159 (per char -1.040); " b": log .25 + log .125 = -3.466
+    # so acc picks "b" (index 1) and acc_norm picks "aaaa" (index 0).
+    path = tmp_path / "mytask.jsonl"
+    rows = [{"query": "Q:", "choices": ["aaaa", "b"], "gold": 0},
+            {"query": "Q:", "choices": ["aaaa", "b"], "gold": 1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tok = CharTokenizer()
+    assert evaluate_task(model, tok, str(path)) == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
+    first = score_items(model, tok, [MCItem(("Q:", "Q:"), ("aaaa", "b"), 0)])
+    assert first == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    scores = loglikelihoods(model, tok, [("Q:", " aaaa"), ("Q:", " b")])
+    assert scores[0][0] == pytest.approx(math.log(0.25) + 4 * math.log(0.5), abs=1e-5)
+    assert scores[1][0] == pytest.approx(math.log(0.25) + math.log(0.125), abs=1e-5)
+    results = evaluate_zeroshot(model, tok, [path], limit=1)
+    assert results == {"mytask": {"acc": 0.0, "acc_norm": 1.0, "n": 1}}
+
+
+def test_loglikelihood_alignment_and_batching() -> None:
+    model, tok = SuccessorLM(), CharTokenizer()
+    requests = [("ab", "cd"), ("ab", "x"), ("abc ", "d"), ("", "a"), ("xyz", "{|")]
+    expected = [(2 * HIT, True), (MISS, False), (2 * MISS, False), (MISS, False), (2 * HIT, True)]
+    for batch_size in (1, 2, 16):
+        got = loglikelihoods(model, tok, requests, batch_size=batch_size)
+        for (score, greedy), (want, want_greedy) in zip(got, expected, strict=True):
+            assert score == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+
+
+def test_winogrande_partial_scoring(tmp_path) -> None:
+    # the shared continuation " b" scores log .9 after a context ending in "a", else a miss
+    path = tmp_path / "wino.jsonl"
+    row = {"context_options": ["x z", "x a"], "continuation": "b", "gold": 1}
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    tok = CharTokenizer()
+
+    class AfterSpaceB(SuccessorLM):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            out = super().forward(ids)
+            # boost "b" after " " only when the token two back is "a"
+            prev2 = torch.roll(ids, 1, dims=1) == ord("a")
+            out[..., ord("b")] = torch.where(prev2 & (ids == ord(" ")), 0.0, -20.0)
+            return out
+
+    assert evaluate_task(AfterSpaceB(), tok, path)["acc"] == 1.0
+
+
+@needs_tiny
+@needs_piqa
+def test_piqa_real_items(tiny) -> None:
+    model, tokenizer = tiny
+    result = evaluate_zeroshot(model, tokenizer, "piqa", limit=10)["piqa"]
+    assert result["n"] == 10
+    assert 0.0 <= result["acc"] <= 1.0 and 0.0 <= result["acc_norm"] <= 1.0
+
+
+@needs_piqa
+def test_harness_prompts() -> None:
+    _, items = load_task("piqa", limit=2)
+    assert items[0].contexts[0].startswith("Question: ") and items[0].contexts[0].endswith("\nAnswer:")
+    _, raw = load_task("piqa", limit=2, prompt_style="raw")
+    assert raw[0].contexts[0].endswith("\n") and len(raw) == 2
+
+
+def test_hf_fallback_converts_rows(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DEPGRAPH_DATA", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "datasets", types.ModuleType("datasets"))
+    rows = {
+        ("allenai/winogrande", "winogrande_xl"): [
+            {"sentence": "Sam beat Max so _ won.", "option1": "Sam", "option2": "Max", "answer": "1"}],
+        ("allenai/ai2_arc", "ARC-Easy"): [
+            {"question": "Q?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"}],
+        ("Rowan/hellaswag",): [{"activity_label": "Act", "ctx_a": "A man", "ctx_b": "he",
+                                "endings": ["runs [title] away.", "sits."], "label": "0"}],
+    }
+    monkeypatch.setattr(zd, "_hf_load", lambda args, split: rows[args])
+    _, [wino] = load_task("winogrande")
+    assert wino == MCItem(("Sam beat Max so Sam", "Sam beat Max so Max"), ("won.", "won."), 0)
+    _, [arc] = load_task("arc_easy")
+    assert arc == MCItem(("Question: Q?\nAnswer:",) * 2, ("x", "y"), 1)
+    _, [hella] = load_task("hellaswag")
+    assert hella.contexts[0] == "Act: A man He" and hella.continuations == ("runs. away.", "sits.")
+
+
+# ---------------------------------------------------------------- agreement
+
+@needs_tiny
+def test_agreement_self_and_perturbed(tiny, wiki_ids) -> None:
+    model, _ = tiny
+    windows = token_windows(wiki_ids, 64, max_tokens=512)
+    same = next_token_agreement(model, model, windows)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["top1"] == 1.0
+    assert same["tokens"] == 512
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    diff = next_token_agreement(model, noisy, windows, batch_size=3)
+    assert diff["kl"] > 0 and diff["kl_max"] >= diff["kl"] and 0 <= diff["top1"] <= 1
+
+
+# ---------------------------------------------------------------- efficiency
+
+@needs_tiny
+def test_efficiency_numbers(tiny) -> None:
+    model, _ = tiny
+    n_params = sum(p.numel() for p in model.parameters())
+    assert count_parameters(model) == n_params
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert weight_memory_bytes(model) == 4 * n_params + buffers
+    macs = macs_per_token(model, seq_len=32)
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    assert macs["linear_macs_per_token"] == linear
+    assert macs["attention_macs_per_token"] > 0
+    assert macs["macs_per_token"] == pytest.approx(linear + macs["attention_macs_per_token"])
+    peak = peak_forward_memory(model, seq_len=32, batch_size=2)
+    assert peak["peak_bytes"] >= 2 * 32 * 512 * 4  # at least the logits
+    report = efficiency_report(model, seq_len=16, batch_sizes=(1, 2), new_tokens=3, repeats=1)
+    for key in ("params", "weight_bytes", "macs_per_token", "peak_forward_bytes",
+                "prefill_b1_ms", "prefill_b2_tok_s", "gen_b1_ms", "gen_b2_tok_s"):
+        assert report[key] > 0, key
+
+
+# ---------------------------------------------------------------- tables
+
+def test_format_table_and_compare() -> None:
+    dense = {"ppl": 20.0, "params": 1000, "piqa": {"acc": 0.5}, "note": "x"}
+    pruned = {"ppl": 30.0, "params": 800, "piqa": {"acc": 0.4}, "note": "y"}
+    table = compare(dense, pruned)
+    assert table["ppl"] == {"dense": 20.0, "pruned": 30.0, "ratio": 1.5, "delta": 10.0}
+    assert table["params"]["ratio"] == 0.8 and table["piqa.acc"]["ratio"] == pytest.approx(0.8)
+    assert "note" not in table
+    text = format_table(table, title="dense vs pruned", key_header="metric")
+    lines = text.splitlines()
+    assert lines[0] == "dense vs pruned" and lines[1].split() == ["metric", "dense", "pruned",
+                                                                 "ratio", "delta"]
+    assert len({len(line) for line in lines[2:]}) == 1  # aligned
+    assert "1,000" in format_table(dense) and "piqa.acc" in format_table(dense)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def test_bad_inputs_raise_value_error(tmp_path, monkeypatch) -> None:
+    model, tok = SuccessorLM(), CharTokenizer()
+    with pytest.raises(ValueError, match="'no_such_task'"):
+        load_task("no_such_task")
+    with pytest.raises(ValueError, match="'no_such_task'"):
+        evaluate_zeroshot(model, tok, ["no_such_task"])
+    with pytest.raises(ValueError, match="seq_len.*0"):
+        perplexity(model, tok, "abcdef" * 10, seq_len=0)
+    with pytest.raises(ValueError, match="-3"):
+        perplexity(model, tok, "abcdef" * 10, seq_len=-3)
+    with pytest.raises(ValueError, match="seq_len=100"):
+        perplexity(model, tok, "abc", seq_len=100)
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(ValueError, match="missing.txt"):
+        load_text(str(missing))
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        load_task(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="'chat'"):
+        load_task("piqa", prompt_style="chat")
+    with pytest.raises(ValueError, match="limit.*0"):
+        load_task("piqa", limit=0)
+    with pytest.raises(ValueError, match="batch_size.*0"):
+        next_token_agreement(model, model, [[1, 2, 3]], batch_size=0)
+    # a named task whose offline file is missing and which cannot be fetched
+    monkeypatch.setenv("DEPGRAPH_DATA", str(tmp_path))
+
+    def offline(*_args: object) -> None:
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(zd, "_hf_load", offline)
+    with pytest.raises(ValueError, match="'boolq'.*pass a JSONL path"):
+        load_task("boolq")
+
+
+def test_public_api() -> None:
+    for name in evaluation.__all__:
+        assert hasattr(evaluation, name), name
