@@ -95,6 +95,8 @@ class Coupling:
     # True for tensors the model makes at run time from sizes (arange, zeros, ALiBi slopes):
     # their axes are tagged "created", and a parameter axis that meets one is never pruned.
     created: bool = False
+    # (output index, dim, tag): tags for output dims, e.g. "repeat" on expanded dims.
+    output_tags: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 def normalize_dim(dim: int, ndim: int) -> int:

@@ -193,9 +193,13 @@ def store_size(store: AxisStore, root: int) -> int:
 
 
 def _is_repeat(store: AxisStore, root: int, members: list[Member]) -> bool:
-    """An attention-head atom that directly follows another head atom (the GQA repeat)."""
-    if "attention_heads" not in store.tags.get(root, ()):
+    """A query-head axis made by repeating KV heads (``expand`` in ``repeat_kv``, or the
+    repeat factor of ``enable_gqa``); also one that directly follows another head axis."""
+    tags = store.tags.get(root, ())
+    if "attention_heads" not in tags:
         return False
+    if "repeat" in tags:
+        return True
     for member in members:
         atoms = [a for a in store.atoms(member.layout) if store.sizes[a] > 1]
         position = atoms.index(root) if root in atoms else -1

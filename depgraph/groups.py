@@ -129,6 +129,7 @@ def _has_repeat(store: AxisStore, root: int, members: list[Member]) -> bool:
         atoms = store.atoms(member.layout)
         if root in atoms:
             after = atoms[atoms.index(root) + 1:]
-            if any("attention_heads" in store.tags.get(a, ()) for a in after):
+            if any("repeat" in store.tags.get(a, ()) or "attention_heads" in store.tags.get(a, ())
+                   for a in after):
                 return True
     return False

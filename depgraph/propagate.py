@@ -179,6 +179,8 @@ class Propagator:
             if coupling.created:
                 for layout in layouts:
                     self.store.tag(layout, "created")
+        for out_index, dim, tag in coupling.output_tags:
+            self.store.tag(values[out_index].dims[dim], tag)
         result = _package(node, values)
         self._add_nodes(prefix, node, result)
         for index, dims in enumerate(coupling.outputs):

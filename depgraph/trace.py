@@ -51,10 +51,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 def _trace_friendly_config(model: nn.Module) -> None:
     """Pick implementations that export can trace (only on the private copy)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    for cfg in {id(c): c for c in [config, *_sub_configs(config)]}.values():
+    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")]
+    configs += [sub for c in configs for sub in _sub_configs(c)]
+    for cfg in {id(c): c for c in configs}.values():
         if getattr(cfg, "_experts_implementation", None) not in (None, "batched_mm"):
             cfg._experts_implementation = "batched_mm"
         elif hasattr(cfg, "_experts_implementation") and cfg._experts_implementation is None:

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from depgraph import DependencyGraph, build_graph
-from depgraph.errors import PlanError
+from depgraph.errors import DepGraphError, PlanError
 from depgraph.groups import block_index
 
 from .attributes import sync_by_extent
 from .config_solver import instantiate_meta, model_shapes, probe_config, solve_config
-from .extents import plan_extents
+from .extents import expected_signatures, plan_extents
 
 __all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY"]
 
@@ -52,7 +52,7 @@ def plan_slices(graph: DependencyGraph, plan: dict[str, list[int]]) -> dict[tupl
                             f"at least one must stay")
         for param, dim, indices in group.slices(sorted(unique)):
             drops[(param, dim)].update(indices.tolist())
-    return {key: torch.tensor(sorted(v), dtype=torch.long) for key, v in drops.items() if v}
+    return {key: torch.tensor(sorted(v), dtype=torch.long, device="cpu") for key, v in drops.items() if v}
 
 
 def zero_plan(model: nn.Module, plan: dict[str, list[int]], graph: DependencyGraph | None = None
@@ -78,7 +78,7 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
     for (name, dim), indices in drops.items():
         target[name][dim] -= len(indices)
     configs = _configs_for(model, {n: tuple(s) for n, s in target.items()},
-                           plan_extents(graph, plan))
+                           plan_extents(graph, plan), expected_signatures(graph, plan))
     exact = configs is not None
     original = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
     with torch.no_grad():
@@ -98,30 +98,41 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
 
 def _keep(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     for dim, drop in dims.items():
-        mask = torch.ones(tensor.shape[dim], dtype=torch.bool)
-        mask[drop] = False
-        tensor = tensor.index_select(dim, mask.nonzero().squeeze(1).to(tensor.device))
+        # explicit CPU: this also runs inside from_pretrained's meta-device context
+        mask = torch.ones(tensor.shape[dim], dtype=torch.bool, device="cpu")
+        mask[drop.cpu()] = False
+        keep = torch.arange(tensor.shape[dim], device="cpu")[mask]
+        tensor = tensor.index_select(dim, keep.to(tensor.device))
     return tensor.contiguous()
 
 
 # ------------------------------------------------------------------ configs
 def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]],
-                 extents: dict[int, set[int]]) -> dict | None:
+                 extents: dict[int, set[int]], signatures: dict) -> dict | None:
     """``{None: config}`` when one config fits, ``{block: config}`` when one per block fits,
     ``{}`` for models without a config, ``None`` when no config describes the model."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
     probe = probe_config(config)
-    whole = solve_config(config, probe, target, extents)
+
+    def accept(candidate, names=None) -> bool:
+        try:
+            found = expected_signatures(build_graph(instantiate_meta(candidate)), {})
+        except DepGraphError:
+            return False
+        return all(found.get(key) == sig for key, sig in signatures.items()
+                   if names is None or key[0] in names)
+
+    whole = solve_config(config, probe, target, extents, accept=accept)
     if whole is not None:
         return {None: whole}
     configs: dict = {}
     blocks = sorted({b for n in target if (b := block_index(n)) is not None})
     for block in blocks:
-        layer_target = {n: (s if block_index(n) in (block, None) else probe.base[n])
-                        for n, s in target.items()}
-        solved = solve_config(config, probe, layer_target, extents)
+        names = {n for n in target if block_index(n) in (block, None)}
+        solved = solve_config(config, probe, target, extents, only=names,
+                              accept=lambda c, names=names: accept(c, names))
         if solved is None:
             return None
         configs[block] = solved
@@ -141,15 +152,37 @@ def _sync_attributes(model: nn.Module, configs: dict) -> None:
             twin = fresh.get(path)
             if twin is None:
                 continue
+            if block is not None and hasattr(twin, "config") and hasattr(module, "config"):
+                module.config = config  # modules that read their config at run time
+            changed = False
             for key, value in vars(twin).items():
                 if key.startswith("_") or not isinstance(value, (int, float, tuple, list, str)):
                     continue
                 if isinstance(value, bool) or getattr(module, key, object()) == value:
                     continue
                 setattr(module, key, copy.deepcopy(value))
+                changed = True
+            if changed:
+                _refresh_buffers(model, module)
     if None in configs:
         _replace_config(model, configs[None])
     _fix_standard_modules(model)
+
+
+def _refresh_buffers(model: nn.Module, module: nn.Module) -> None:
+    """Recompute a module's non-persistent buffers (e.g. an embedding scale of sqrt(hidden))
+    from its updated attributes, with the model's own ``_init_weights``; parameters are
+    restored afterwards, so only the buffers change."""
+    init = getattr(model, "_init_weights", None)
+    own = getattr(module, "_non_persistent_buffers_set", set())
+    if init is None or not own or any(module._buffers.get(n) is None or
+                                      module._buffers[n].is_meta for n in own):
+        return
+    saved = {name: p.detach().clone() for name, p in module.named_parameters(recurse=False)}
+    with torch.no_grad():
+        init(module)
+        for name, p in module.named_parameters(recurse=False):
+            p.copy_(saved[name])
 
 
 def _replace_config(model: nn.Module, config) -> None:

@@ -26,7 +26,7 @@ from depgraph import DependencyGraph, build_graph
 from depgraph.errors import DepGraphError, PlanError
 from depgraph.trace import meta_copy
 
-from .extents import group_extents
+from .extents import expected_signatures, group_extents
 
 __all__ = ["sync_by_extent", "STANDARD_LAYERS"]
 
@@ -78,7 +78,7 @@ def sync_by_extent(model: nn.Module, graph: DependencyGraph, plan: dict) -> None
     modules = dict(model.named_modules())
     original = {(path, key): getattr(modules[path], key)
                 for (_, key), paths in candidates.items() for path in paths}
-    expected = {g.id: g.num_units - len(set(plan.get(g.id, ()))) for g in graph.groups()}
+    expected = expected_signatures(graph, plan)
     patterns = sorted(candidates)
     choices = [[None, *sorted({v for vals in candidates[p].values() for v in vals})] for p in patterns]
     trials = sorted(itertools.product(*choices), key=lambda combo: -sum(c is not None for c in combo))
@@ -108,10 +108,12 @@ def _runs(model: nn.Module) -> bool:
         return False
 
 
-def _same_groups(model: nn.Module, expected: dict[str, int]) -> bool:
+def _same_groups(model: nn.Module, expected: dict[tuple[str, int], str]) -> bool:
+    """The re-traced model has every parameter dim laid out as expected (sizes included):
+    this rejects attribute choices that run but split heads or rotary dims differently."""
     try:
         rebuilt = build_graph(model)
     except (DepGraphError, RuntimeError, ValueError):
         return False
-    found = {g.id: g.num_units for g in rebuilt.groups()}
-    return all(found.get(group_id, 1) == units for group_id, units in expected.items())
+    found = expected_signatures(rebuilt, {})
+    return found == expected

@@ -110,15 +110,21 @@ def _try_shapes(config, key: str, value: int):
 
 
 def solve_config(config, probe: ConfigProbe, target: dict[str, tuple[int, ...]],
-                 extents: dict[int, set[int]], max_trials: int = 512):
+                 extents: dict[int, set[int]], max_trials: int = 512,
+                 only: set[str] | None = None, accept=None):
     """A copy of ``config`` whose model has exactly the ``target`` shapes, or ``None``.
 
     ``extents`` maps each old size that a pruned group spans (``heads``, ``heads × head_dim``,
     ``hidden`` ...) to its possible new values. Each config key that the probe found to
     change a pruned dim may take one of those values (or keep its own); combinations are
     tried with the fewest changed keys first and verified by building the model on meta.
+    With ``only``, just those parameters (and buffers) must match (one block's config).
+    ``accept(candidate)`` is a final check (apply_plan compares re-traced layouts, which
+    tells "2 heads of 4" from "4 heads of 2" where shapes alone cannot).
     """
-    changed = {(name, dim) for name, shape in probe.base.items()
+    if only is not None:
+        target = {n: s for n, s in target.items() if n in only}
+    changed = {(name, dim) for name, shape in probe.base.items() if name in target
                for dim, old in enumerate(shape) if target[name][dim] != old}
     if not changed:
         return copy.deepcopy(config)
@@ -126,10 +132,11 @@ def solve_config(config, probe: ConfigProbe, target: dict[str, tuple[int, ...]],
     options: list[tuple[str, list]] = []
     for key, effect in sorted(probe.exponents.items()):
         current = _current(config, key)
-        if not any(d in effect for d in changed):
+        derived = key == "head_dim" and getattr(config, "head_dim", None) is None
+        if not derived and not any(d in effect for d in changed):
             continue
         values = sorted(extents.get(current, set()) - {current})
-        if key == "head_dim" and getattr(config, "head_dim", None) is None:
+        if derived:
             values = [current, *values]  # state the derived head_dim explicitly
         if values:
             options.append((key, values))
@@ -144,7 +151,9 @@ def solve_config(config, probe: ConfigProbe, target: dict[str, tuple[int, ...]],
                 for (key, _), value in zip(chosen, values, strict=True):
                     setattr(candidate, key, value)
                 try:
-                    if _shapes(candidate) == target:
+                    shapes = _shapes(candidate)
+                    if {n: shapes.get(n) for n in target} == target and (
+                            accept is None or accept(candidate)):
                         return candidate
                 except Exception:  # noqa: BLE001 - an invalid combination is just not it
                     continue

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 from depgraph import DependencyGraph
+from depgraph.layout import Atom, Prod
 
-__all__ = ["group_extents", "plan_extents"]
+__all__ = ["group_extents", "plan_extents", "layout_signature", "expected_signatures"]
 
 
 def group_extents(graph: DependencyGraph, group_id: str, removed: int) -> dict[int, int]:
@@ -40,3 +41,43 @@ def plan_extents(graph: DependencyGraph, plan: dict) -> dict[int, set[int]]:
             for old, new in group_extents(graph, group_id, len(set(units))).items():
                 merged[old].add(new)
     return dict(merged)
+
+
+def layout_signature(store, layout, sizes: dict[int, int] | None = None) -> str:
+    """A layout with atom ids replaced by sizes: ``(2×[4|4])`` (structure, not identity).
+
+    ``sizes`` overrides atom sizes (what a plan leaves); the result is canonical in the same
+    way as layouts are (size-1 factors dropped, nested products and concatenations merged),
+    so an expected signature compares equal to the one of a re-traced pruned model.
+    """
+    return _render(_canonical(store, store.resolve(layout), sizes or {}))
+
+
+def _canonical(store, layout, sizes: dict[int, int]):
+    if isinstance(layout, Atom):
+        return ("a", sizes.get(layout.id, layout.size))
+    kind = "p" if isinstance(layout, Prod) else "c"
+    parts = []
+    for part in (_canonical(store, p, sizes) for p in layout.parts):
+        if kind == "p" and part == ("a", 1):
+            continue
+        parts.extend(part[1] if part[0] == kind else [part])
+    if kind == "p" and not parts:
+        return ("a", 1)
+    return parts[0] if len(parts) == 1 else (kind, parts)
+
+
+def _render(tree) -> str:
+    kind, body = tree
+    if kind == "a":
+        return str(body)
+    joined = ("×" if kind == "p" else "|").join(_render(part) for part in body)
+    return f"({joined})" if kind == "p" else f"[{joined}]"
+
+
+def expected_signatures(graph: DependencyGraph, plan: dict) -> dict[tuple[str, int], str]:
+    """Every parameter dim's layout signature once the plan's units are gone."""
+    sizes = {graph.group(gid).root: graph.group(gid).num_units - len(set(units))
+             for gid, units in plan.items()}
+    return {key: layout_signature(graph.store, layout, sizes)
+            for key, layout in graph._param_layouts.items()}

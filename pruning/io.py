@@ -53,11 +53,12 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bo
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
-    """Load a folder written after :func:`pruning.apply_plan`, uniform or not.
+    """Load a folder written after :func:`pruning.apply_plan`, whatever the plan.
 
-    Uniform models load with ``from_pretrained``. Otherwise the original architecture is
-    built (without initialising weights), the recorded plans are applied to it, and the saved
-    weights are loaded with a strict key and shape check.
+    When the config describes the model, this is plain ``from_pretrained``. Otherwise the
+    model class is subclassed so that its constructor applies the recorded plans to the
+    freshly built (meta) model; ``from_pretrained`` then loads the saved weights into those
+    shapes with its usual checkpoint renaming and strict shape checks.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -66,38 +67,27 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
         raise ValueError(f"{str(path)!r} is not a model folder (expected a config.json in it)")
     config = AutoConfig.from_pretrained(path)
     record = getattr(config, RECORD_KEY, None)
+    dtype = dtype or torch.float32
     if not record or record.get("config_exact", True):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     original = type(config).from_dict(record["original_config"])
-    from transformers.initialization import no_init_weights
+    base = _model_class(original)
+    plans = record["plans"]
 
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(original)
-    for plan in record["plans"]:
-        apply_plan(model, plan)
-    state = _read_state(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {name for name in missing if _is_tied(model, name)}
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{str(path)!r} does not match its pruning record: missing "
-                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    model.config = config
-    return model.to(device=device, dtype=dtype or torch.float32).eval()
+    def __init__(self, cfg, *args, **kwargs):  # noqa: N807 - a constructor for the subclass
+        base.__init__(self, cfg, *args, **kwargs)
+        for plan in plans:
+            apply_plan(self, plan)
 
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors weights in {str(path)!r}")
-    for file in files:
-        state.update(load_file(file))
-    return state
+    # same name and module as the library class, so checkpoint renamings still apply
+    pruned_class = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
+                                                 "__qualname__": base.__qualname__})
+    model = pruned_class.from_pretrained(path, config=original, dtype=dtype)
+    setattr(model.config, RECORD_KEY, record)
+    return model.to(device).eval()
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    unique = {n for n, _ in model.named_parameters()}
-    return name in names and name not in unique
+def _model_class(config) -> type:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)]

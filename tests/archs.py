@@ -24,7 +24,7 @@ class Dims:
     hidden_heads: int = 4  # query heads
     kv_heads: int = 2
     head_dim: int = 8
-    intermediate: int = 24
+    intermediate: int = 24  # multiple of 4 keeps MoE kernels' alignment after pruning
     layers: int = 2
     vocab: int = 61
     tied: bool = False

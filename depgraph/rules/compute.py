@@ -18,7 +18,11 @@ NORMALIZING = "normalizing"
           "aten::lerp", "aten::addcmul", "aten::addcdiv", "aten::logical_not", "aten::isnan",
           "aten::nan_to_num", "aten::masked_fill_", "aten::hardtanh", "aten::gelu", "aten::silu",
           "aten::relu", "aten::leaky_relu", "aten::elu", "aten::mish", "aten::softplus",
-          "aten::hardswish", "aten::hardsigmoid", "aten::glu_jvp", "aten::threshold")
+          "aten::hardswish", "aten::hardsigmoid", "aten::glu_jvp", "aten::threshold",
+          "aten::floor_divide", "aten::remainder", "aten::fmod", "aten::bitwise_and",
+          "aten::bitwise_or", "aten::bitwise_xor", "aten::bitwise_not", "aten::logical_and",
+          "aten::logical_or", "aten::logical_xor", "aten::eq", "aten::ne", "aten::lt", "aten::le",
+          "aten::gt", "aten::ge", "aten::maximum", "aten::minimum")
 def pointwise(node: torch.fx.Node) -> Coupling:
     """Elementwise with broadcasting: equal-sized dims aligned from the right are one."""
     operands = [a for a in [*node.args, *node.kwargs.values()] if is_tensor(a)]
@@ -154,10 +158,12 @@ def scaled_dot_product_attention(node: torch.fx.Node) -> Coupling:
     same: list[tuple[DimSpec, DimSpec]] = [(InputDim(q, rank - 1), InputDim(k, rank - 1)),
                                            (InputDim(k, rank - 2), InputDim(v, rank - 2))]
     heads_q, heads_k = shape(q)[rank - 3] if rank >= 3 else 1, shape(k)[rank - 3] if rank >= 3 else 1
+    repeats: list[tuple[DimSpec, str]] = []
     for d in range(rank - 2):
         if d == rank - 3 and heads_q != heads_k:
             group = (heads_k, heads_q // heads_k)
             same.append((Split(InputDim(q, d), group, 0), InputDim(k, d)))
+            repeats.append((Split(InputDim(q, d), group, 1), "repeat"))
             same.append((InputDim(k, d), InputDim(v, d)))
             continue
         for other in (k, v):
@@ -172,6 +178,7 @@ def scaled_dot_product_attention(node: torch.fx.Node) -> Coupling:
     outputs = dims_of(q)[:-1] + [InputDim(v, rank - 1)]
     reduced = [(InputDim(q, rank - 1), "attention_logits")]
     reduced += [(InputDim(q, rank - 3), "attention_heads")] if rank >= 3 else []
+    reduced += repeats
     return Coupling(outputs=[outputs], same=same, reduced=reduced, edge_kind="attention",
                     pinned=[(InputDim(q, rank - 1), "head_dim: the attention scale depends on it"),
                             (InputDim(v, rank - 1), "value head_dim: configs tie it to head_dim")])

@@ -92,7 +92,8 @@ def expand(node: torch.fx.Node) -> Coupling:
     for d, size in enumerate(out_shape):
         keep = d >= offset and in_shape[d - offset] == size
         outputs.append(InputDim(source, d - offset) if keep else Broadcast(size))
-    return Coupling(outputs=[outputs], edge_kind="expand")
+    tags = [(0, d, "repeat") for d, spec in enumerate(outputs) if isinstance(spec, Broadcast)]
+    return Coupling(outputs=[outputs], edge_kind="expand", output_tags=tags)
 
 
 @register("aten::repeat")
