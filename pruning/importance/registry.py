@@ -1,0 +1,83 @@
+"""The table of importance criteria, by name; users can register their own.
+
+A criterion is ``fn(ctx: ScoringContext) -> {group_id: scores}`` with one score per unit
+(higher = more important). Register with :func:`register_importance`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from depgraph import DependencyGraph, Group
+
+__all__ = ["ScoringContext", "register_importance", "get_importance", "available_importance",
+           "AGGREGATIONS", "aggregate"]
+
+AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
+
+
+@dataclass
+class ScoringContext:
+    """What a criterion may use: the model, its graph, the groups to score, calibration."""
+
+    model: nn.Module
+    graph: DependencyGraph
+    groups: list[Group]
+    tokens: torch.Tensor | None = None  # (n_samples, seq_len) calibration token ids
+    aggregation: str = "sum"
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # criteria report peak memory, time ...
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+
+
+Criterion = Callable[[ScoringContext], dict[str, np.ndarray]]
+_CRITERIA: dict[str, tuple[Criterion, bool, str]] = {}
+
+
+def register_importance(name: str, needs_data: bool, summary: str) -> Callable[[Criterion], Criterion]:
+    """Register a criterion under ``name`` (``needs_data``: it needs calibration tokens)."""
+
+    def decorate(fn: Criterion) -> Criterion:
+        if name in _CRITERIA:
+            raise ValueError(f"importance criterion {name!r} is already registered")
+        _CRITERIA[name] = (fn, needs_data, summary)
+        return fn
+
+    return decorate
+
+
+def get_importance(name: str) -> tuple[Criterion, bool]:
+    """The criterion and whether it needs data; ``ValueError`` listing the valid names."""
+    if name not in _CRITERIA:
+        raise ValueError(f"unknown importance criterion {name!r}; expected one of "
+                         f"{', '.join(sorted(_CRITERIA))}")
+    fn, needs_data, _ = _CRITERIA[name]
+    return fn, needs_data
+
+
+def available_importance() -> dict[str, str]:
+    """``{name: one-line summary}`` of every registered criterion."""
+    return {name: summary for name, (_, _, summary) in sorted(_CRITERIA.items())}
+
+
+def aggregate(per_member: list[np.ndarray], how: str) -> np.ndarray:
+    """Combine per-member unit scores into one score per unit."""
+    stacked = np.stack(per_member)
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.max(0)
+    if how == "prod":
+        return np.prod(stacked, axis=0)
+    return stacked[-1]
