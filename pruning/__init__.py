@@ -1,6 +1,9 @@
-"""Pruning: apply plans to models (and, with issue 3, choose them)."""
+"""Pruning: calibration data, importance criteria, selection, applying plans, save/load."""
 
 from .apply import apply_plan, plan_slices, zero_plan
+from .importance import available_importance, register_importance
 from .io import load_pruned, save_pruned
+from .prune import PruneResult, prune
 
-__all__ = ["apply_plan", "plan_slices", "zero_plan", "load_pruned", "save_pruned"]
+__all__ = ["apply_plan", "plan_slices", "zero_plan", "load_pruned", "save_pruned", "prune",
+           "PruneResult", "available_importance", "register_importance"]

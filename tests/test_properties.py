@@ -14,10 +14,10 @@ import tempfile
 
 import pytest
 import torch
+from archs import ARCHS, GQA_ARCHS, Dims, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from archs import ARCHS, GQA_ARCHS, Dims, tiny_model
 from depgraph import build_graph
 from pruning import apply_plan, load_pruned, plan_slices, save_pruned, zero_plan
 

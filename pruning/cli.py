@@ -1,0 +1,122 @@
+"""``depgraph prune``: the pruning subcommand (registered by :mod:`depgraph.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_prune", "run_prune"]
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}")
+    return value
+
+
+def add_prune(subparsers) -> None:
+    from .importance import available_importance
+
+    parser = subparsers.add_parser(
+        "prune", help="score coupled groups, remove the weakest, save a normal HF folder",
+        description="Criteria: " + "; ".join(f"{k}: {v}" for k, v in available_importance().items()))
+    parser.add_argument("model", help="local folder, hub id, or 'default'")
+    parser.add_argument("--ratio", type=_ratio, required=True, help="fraction of parameters to remove")
+    parser.add_argument("--importance", default="taylor", help="criterion name (default: taylor)")
+    parser.add_argument("--calib", default="bundled",
+                        help="bundled | wikitext2 | self | FILE | FOLDER | hf:NAME[:CONFIG[:SPLIT]]")
+    parser.add_argument("--samples", type=int, default=10, help="calibration samples (default 10)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    parser.add_argument("--kinds", default="mlp,attention",
+                        help="group kinds that may shrink: mlp, attention, hidden, experts")
+    parser.add_argument("--layers", default=None, help="blocks that may shrink, e.g. 3:-2")
+    parser.add_argument("--ranking", default="global", choices=["global", "global_raw", "local"])
+    parser.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of N")
+    parser.add_argument("--aggregation", default="sum", choices=["sum", "mean", "max", "prod", "last"])
+    parser.add_argument("--tau", type=float, default=None, help="JS threshold for retraining_free")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ppl-tokens", type=int, default=4096,
+                        help="WikiText-2 tokens for the quick before/after perplexity (0: skip)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--json", type=Path, default=None, help="write all numbers as JSON")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.set_defaults(handler=run_prune)
+
+
+def _quick_ppl(model, tokenizer, tokens: int) -> float | None:
+    if tokens <= 0:
+        return None
+    from evaluation import load_text, perplexity
+
+    return float(perplexity(model, tokenizer, load_text("wikitext2"), seq_len=128,
+                            max_tokens=tokens)["ppl"])
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from depgraph.models import load_model, load_tokenizer, resolve_model_path
+
+    from .importance import get_importance
+    from .io import save_pruned
+    from .prune import prune
+
+    get_importance(args.importance)  # fail fast on an unknown name
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"output folder {str(args.out)!r} exists; pass --overwrite to replace it")
+    source = resolve_model_path(args.model)
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    before_ppl = _quick_ppl(model, tokenizer, args.ppl_tokens)
+    progress = _progress(args.samples, "calibration")
+    options = {"tau": args.tau} if args.tau is not None else {}
+    result = prune(model, args.ratio, args.importance, tokenizer=tokenizer, calib=args.calib,
+                   n_samples=args.samples, seq_len=args.seq_len, kinds=args.kinds,
+                   layers=args.layers, ranking=args.ranking, round_to=args.round_to,
+                   aggregation=args.aggregation, seed=args.seed, options=options, progress=progress)
+    if progress is not None:
+        progress.close()
+    after_ppl = _quick_ppl(result.model, tokenizer, args.ppl_tokens)
+    stats = {**result.stats, "model": str(source), "ppl_before": before_ppl, "ppl_after": after_ppl,
+             "ppl_tokens": args.ppl_tokens, "calib": args.calib, "seed": args.seed,
+             "layers": args.layers, "kinds": args.kinds, "ranking": args.ranking}
+    save_pruned(result.model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
+                extra={key: value for key, value in stats.items() if key != "kept_widths"})
+    print(_table(stats))
+    print(f"\nsaved the pruned model to {args.out}")
+    if args.json:
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps({**stats, "plan": result.plan}, indent=1, default=str))
+        os.replace(tmp, args.json)
+    return 0
+
+
+def _progress(total: int, label: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=label, disable=not sys.stderr.isatty())
+
+
+def _table(stats: dict) -> str:
+    rows = [("parameters", f"{stats['params_before']:,}", f"{stats['params_after']:,}"),
+            ("removed", "", f"{stats['ratio_removed']:.1%}")]
+    if stats.get("ppl_before") is not None:
+        rows.append((f"wikitext2 ppl ({stats['ppl_tokens']} tok)", f"{stats['ppl_before']:.2f}",
+                     f"{stats['ppl_after']:.2f}"))
+    for kind, width in sorted(stats["kept_widths"].items()):
+        rows.append((f"kept {kind} units (mean)", "", f"{width:.1f}"))
+    rows.append(("criterion", "", stats["criterion"]))
+    if stats.get("peak_rss_bytes"):
+        rows.append(("peak memory (scoring)", "", f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB"))
+    rows.append(("time", "", f"{stats['total_seconds']:.1f} s"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  {'before':>12}  {'after':>12}"]
+    lines += [f"{a:{width}}  {b:>12}  {c:>12}" for a, b, c in rows]
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""The ``depgraph`` command line, run in-process on the offline stories260K model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import networkx as nx
+import pytest
+
+from depgraph.cli import main
+from depgraph.paths import data_dir, models_dir
+
+TINY = models_dir() / "stories260K"
+pytestmark = pytest.mark.skipif(not TINY.is_dir(), reason="offline stories260K model missing")
+needs_wiki = pytest.mark.skipif(not (data_dir() / "wikitext-2-raw" / "test.txt").is_file(),
+                                reason="offline WikiText-2 missing")
+
+
+@pytest.fixture(scope="module")
+def inspected(tmp_path_factory):
+    """One ``inspect`` run writing every output file (capsys is function-scoped, so the
+    output is captured by hand): exit status, stdout, stderr and the folder."""
+    out = tmp_path_factory.mktemp("inspect")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = main(["inspect", str(TINY), "--layer", "1", "--json", str(out / "g.json"),
+                       "--dot", str(out / "g.dot"), "--graphml", str(out / "g.graphml"),
+                       "--html", str(out / "g.html")])
+    return status, stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_inspect_prints_table_and_fixed_dims(inspected):
+    status, text, err, _ = inspected
+    assert status == 0, err
+    for kind in ("hidden", "kv_group", "mlp"):
+        assert kind in text
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("layer"))
+    assert header.split()[:4] == ["layer", "kind", "groups", "units"]
+    total = next(line for line in lines if line.startswith("total"))
+    assert total.split()[1:3] == ["11", "944"]  # 11 groups: hidden + 5 x (kv_group, mlp)
+    assert "model.embed_tokens.weight dim 0 [512]" in text  # the vocabulary dim is fixed
+    assert "groups of layer 1:" in text and "model.layers.1.mlp.down_proj.weight dim 1" in text
+
+
+def test_inspect_json_lists_groups(inspected):
+    status, text, _, out = inspected
+    data = json.loads((out / "g.json").read_text())
+    kinds = {g["kind"] for g in data["groups"]}
+    assert kinds == {"hidden", "kv_group", "mlp"}
+    assert len(data["groups"]) == data["totals"]["groups"] == 11
+    assert {g["id"] for g in data["layer_groups"]} == {"model.layers.1.self_attn",
+                                                       "model.layers.1.mlp"}
+    assert sum(row["units"] for row in data["summary"]) == data["totals"]["units"]
+    assert data["fixed_patterns"][0]["pattern"] == "model.embed_tokens.weight"
+    assert f"{data['totals']['parameters']:,} parameters" in text
+
+
+def test_inspect_writes_dot_graphml_html(inspected):
+    _, text, _, out = inspected
+    for name in ("g.dot", "g.graphml", "g.html"):
+        assert (out / name).stat().st_size > 0
+        assert str(out / name) in text
+    graph = nx.read_graphml(out / "g.graphml")
+    assert graph.number_of_nodes() > 100
+    assert (out / "g.dot").read_text().startswith("digraph")
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+@needs_wiki
+def test_eval_perplexity(tmp_path, capsys):
+    status = main(["eval", str(TINY), "--ppl", "wikitext2", "--max-tokens", "2048",
+                   "--json", str(tmp_path / "e.json")])
+    out = capsys.readouterr().out
+    assert status == 0
+    row = next(line for line in out.splitlines() if line.startswith("wikitext2"))
+    ppl = float(row.split()[1].replace(",", ""))
+    data = json.loads((tmp_path / "e.json").read_text())
+    result = data["perplexity"]["wikitext2"]
+    assert math.isfinite(result["ppl"]) and 1 < result["ppl"] < 512  # better than uniform
+    assert ppl == pytest.approx(result["ppl"], rel=1e-3)
+    assert result["tokens"] == 16 * 127
+
+
+@needs_wiki
+def test_eval_compare_with_itself(capsys):
+    status = main(["eval", str(TINY), "--ppl", "wikitext2", "--max-tokens", "256",
+                   "--compare", str(TINY)])
+    out = capsys.readouterr().out
+    assert status == 0
+    ratio = next(line for line in out.splitlines() if line.startswith("perplexity.wikitext2.ppl"))
+    assert ratio.split()[3] == "1"  # the same model: ratio 1
+    assert "top1" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "/no/such/model/folder"], "/no/such/model/folder"),
+    (["eval", str(TINY), "--zeroshot", "piqa", "--limit", "-1"], "--limit"),
+    (["eval", str(TINY), "--zeroshot", "no_such_task"], "no_such_task"),
+    (["eval", str(TINY), "--ppl", "no_such_corpus"], "no_such_corpus"),
+    (["eval", str(TINY), "--max-tokens", "many"], "--max-tokens"),
+    (["inspect", str(TINY), "--layer", "99"], "--layer 99"),
+    (["inspect", str(TINY), "--json", "/no/such/dir/g.json"], "/no/such/dir"),
+    (["prune", str(TINY), "--ratio", "0.2"], "--out"),
+    (["recover", "somewhere"], "issue 4"),
+    (["frobnicate"], "frobnicate"),
+    ([], "COMMAND"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("depgraph: error: ") and message in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_help_exits_zero(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("inspect", "prune", "recover", "eval"):
+        assert command in out
