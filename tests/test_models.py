@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from depgraph.models import load_model, load_tokenizer, resolve_model_path
+from depgraph.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer, resolve_model_path
 from depgraph.paths import models_dir
 
 torch.set_num_threads(2)
@@ -77,7 +77,7 @@ def test_garbage_spec() -> None:
 def test_default_model_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEPGRAPH_CACHE", str(tmp_path))
     path = resolve_model_path("default")
-    assert path == tmp_path / "SmolLM2-135M"
+    assert path == tmp_path / DEFAULT_MODEL_NAME
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".SmolLM2-135M.tmp")] == []
     config = json.loads((path / "config.json").read_text())
     assert config["hidden_size"] == 576
