@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import LayoutError
+
 __all__ = ["Atom", "Prod", "Cat", "Layout", "AxisStore", "UNIT"]
 
 
@@ -242,6 +244,8 @@ class AxisStore:
             rest = list(layout.parts)
             while rest and int(np.prod([p.size for p in taken])) < outer:
                 have = int(np.prod([p.size for p in taken]))
+                if outer % have:
+                    raise _Conflict(f"{layout} does not split at an outer size of {outer}")
                 part = rest.pop(0)
                 if have * part.size <= outer:
                     taken.append(part)
@@ -330,7 +334,8 @@ class AxisStore:
         if not holders:
             return np.full(layout.size, -1, dtype=np.int64)
         if len(holders) > 1:
-            raise _Conflict(f"atom a{root} appears twice in product {layout}")
+            raise LayoutError(f"atom a{root} appears twice in product {layout}: its "
+                              "coordinates are ambiguous")
         k = holders[0]
         shape = [1] * len(children)
         shape[k] = layout.parts[k].size

@@ -173,7 +173,8 @@ class Propagator:
         values = []
         for index, dims in enumerate(coupling.outputs):
             layouts = [resolve(spec) for spec in dims]
-            layouts = [lay if lay is not None else self.store.new(1) for lay in layouts]
+            layouts = [lay if lay is not None else self._unknown(node, index, dim)
+                       for dim, lay in enumerate(layouts)]
             axis = self._value_axis(node, coupling, index, layouts, env, resolve)
             values.append(Value(layouts, axis))
             if coupling.created:
@@ -190,6 +191,17 @@ class Propagator:
                 for source in _sources(spec):
                     self._edge(prefix, source, (name, dim), coupling.edge_kind or "map", env)
         return result
+
+    def _unknown(self, node: torch.fx.Node, index: int, dim: int) -> Layout:
+        """A fresh, pinned layout for an output dim whose channels come from nowhere known
+        (``one_hot`` of token ids): its real size, never pruned."""
+        val = node.meta.get("val")
+        val = val[index] if isinstance(val, (tuple, list)) else val
+        size = int(val.shape[dim]) if isinstance(val, torch.Tensor) and dim < val.dim() else 1
+        layout = self.store.new(size)
+        self.store.pin(layout, f"channels indexed by data of unknown origin "
+                               f"({module_path(node) or node.name})")
+        return layout
 
     def _value_axis(self, node, coupling, index, layouts, env, resolve) -> Layout | None:
         if index < len(coupling.value_axes) and coupling.value_axes[index] is not None:

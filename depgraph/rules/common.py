@@ -49,8 +49,10 @@ def broadcast_dims(node: torch.fx.Node, operands: list[torch.fx.Node]):
         for operand in operands:
             offset = len(out_shape) - ndim(operand)
             in_dim = out_dim - offset
-            if in_dim >= 0 and shape(operand)[in_dim] == size and size != 1:
+            if in_dim >= 0 and shape(operand)[in_dim] == size:
                 members.append(InputDim(operand, in_dim))
+        if size == 1:  # one channel: the first holder's (it may be a real one-channel atom);
+            members = members[:1]  # a size-1 dim may be broadcast, so nothing is unified
         outputs.append(members[0] if members else Broadcast(size))
         same.extend((members[0], other) for other in members[1:])
     return outputs, same

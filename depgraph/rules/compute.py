@@ -194,8 +194,11 @@ def norm(node: torch.fx.Node) -> Coupling:
     x = node.args[0]
     name = node.target._schema.name
     shape_index, weight_index, bias_index = _NORM_ARGS[name]
-    count = len(node.args[shape_index]) if shape_index is not None else 1
-    trailing = list(range(ndim(x) - count, ndim(x))) if shape_index is not None else [1]
+    if shape_index is None:  # group_norm: (N, C, *) normalised per group over C and all of *
+        trailing, mixed = [1], list(range(1, ndim(x)))
+    else:
+        count = len(node.args[shape_index])
+        trailing = mixed = list(range(ndim(x) - count, ndim(x)))
     same: list[tuple[DimSpec, DimSpec]] = []
     for index in (weight_index, bias_index):
         param = node.args[index] if index is not None and len(node.args) > index else None
@@ -205,7 +208,7 @@ def norm(node: torch.fx.Node) -> Coupling:
     if isinstance(node.meta.get("val"), (tuple, list)):
         stats = [d if i not in trailing else Broadcast(1) for i, d in enumerate(dims_of(x))]
         outputs += [stats, stats]
-    reduced = [(InputDim(x, d), NORMALIZING) for d in trailing]
+    reduced = [(InputDim(x, d), NORMALIZING) for d in mixed]
     return Coupling(outputs=outputs, same=same, reduced=reduced, edge_kind="norm")
 
 

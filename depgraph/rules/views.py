@@ -63,24 +63,42 @@ def _is_node(value: object) -> bool:
     return isinstance(value, torch.fx.Node)
 
 
-@register("aten::permute", "aten::transpose", "aten::t", "aten::swapaxes", "aten::movedim",
-          "aten::numpy_T", "aten::adjoint")
+@register("aten::permute", "aten::transpose", "aten::t", "aten::swapaxes", "aten::swapdims",
+          "aten::movedim", "aten::moveaxis", "aten::numpy_T", "aten::adjoint", "aten::mT",
+          "aten::mH")
 def permute(node: torch.fx.Node) -> Coupling:
+    """Dims reordered: output dim ``i`` is input dim ``order[i]``."""
     source = node.args[0]
     rank = ndim(source)
-    order = list(range(rank))
-    name = str(node.target)
-    if "permute" in name:
-        order = [normalize_dim(d, rank) for d in node.args[1]]
-    elif "movedim" in name:
-        src, dst = normalize_dim(node.args[1], rank), normalize_dim(node.args[2], rank)
-        order.remove(src)
-        order.insert(dst, src)
-    elif rank >= 2:
-        first = normalize_dim(arg(node, 1, "dim0", 0), rank) if len(node.args) > 1 else 0
-        second = normalize_dim(arg(node, 2, "dim1", 1), rank) if len(node.args) > 2 else 1
-        order[first], order[second] = order[second], order[first]
+    order = _permutation(node.target._schema.name, node, rank)
     return Coupling(outputs=[[InputDim(source, d) for d in order]], edge_kind="permute")
+
+
+def _as_dims(value, rank: int) -> list[int]:
+    values = [value] if isinstance(value, int) else list(value)
+    return [normalize_dim(int(d), rank) for d in values]
+
+
+def _permutation(name: str, node: torch.fx.Node, rank: int) -> list[int]:
+    order = list(range(rank))
+    if name == "aten::permute":
+        return _as_dims(node.args[1], rank)
+    if name in ("aten::movedim", "aten::moveaxis"):
+        sources, targets = _as_dims(node.args[1], rank), _as_dims(node.args[2], rank)
+        rest = iter(d for d in order if d not in sources)
+        placed = dict(zip(targets, sources, strict=True))
+        return [placed[i] if i in placed else next(rest) for i in range(rank)]
+    if name == "aten::numpy_T":
+        return order[::-1]
+    if rank < 2:
+        return order
+    if name in ("aten::adjoint", "aten::mT", "aten::mH"):
+        first, second = rank - 2, rank - 1
+    else:  # transpose / swapaxes / swapdims (dims given) and t (2-D)
+        first = normalize_dim(int(arg(node, 1, "dim0", 0)), rank)
+        second = normalize_dim(int(arg(node, 2, "dim1", 1)), rank)
+    order[first], order[second] = order[second], order[first]
+    return order
 
 
 @register("aten::expand", "aten::expand_as", "aten::broadcast_to")
