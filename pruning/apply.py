@@ -80,17 +80,25 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
     configs = _configs_for(model, {n: tuple(s) for n, s in target.items()}, graph, plan)
     exact = configs is not None
     original = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
+    previous = {}
     with torch.no_grad():
         for name, param in params.items():
             dims = {dim: idx for (n, dim), idx in drops.items() if n == name}
             if dims:
+                previous[name] = param.data
                 param.data = _keep(param.data, dims)
                 param.grad = None
-    if exact:
-        _sync_attributes(model, configs)
-    else:
+    try:
+        if exact:
+            _sync_attributes(model, configs)
+        else:
+            _fix_standard_modules(model)
+            sync_by_extent(model, graph, plan)
+    except BaseException:  # refused after slicing: put every tensor back as it was
+        for name, data in previous.items():
+            params[name].data = data
         _fix_standard_modules(model)
-        sync_by_extent(model, graph, plan)
+        raise
     _record(model, original, plan, configs)
     return model
 

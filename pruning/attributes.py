@@ -80,21 +80,37 @@ def sync_by_extent(model: nn.Module, graph: DependencyGraph, plan: dict) -> None
                 for (_, key), paths in candidates.items() for path in paths}
     expected = expected_signatures(graph, plan)
     patterns = sorted(candidates)
-    choices = [[None, *sorted({v for vals in candidates[p].values() for v in vals})] for p in patterns]
+    choices = [[None, *_assignments(candidates[p])] for p in patterns]
     trials = sorted(itertools.product(*choices), key=lambda combo: -sum(c is not None for c in combo))
     for combo in trials[:_MAX_TRIALS]:
         for (path, key), value in original.items():
             setattr(modules[path], key, value)
-        for (pattern_key, attr), value in zip(patterns, combo, strict=True):
-            for path, allowed in candidates[(pattern_key, attr)].items():
-                if value is not None and value in allowed:
-                    setattr(modules[path], attr, value)
+        for (_, attr), assignment in zip(patterns, combo, strict=True):
+            for path, value in (assignment or {}).items():
+                setattr(modules[path], attr, value)
         if _runs(model) and _same_groups(model, expected):
             return
     for (path, key), value in original.items():
         setattr(modules[path], key, value)
     raise PlanError("no setting of module attributes makes the pruned model trace with the "
                     "expected groups; this plan cannot be applied to this architecture")
+
+
+def _assignments(allowed: dict[str, set[int]]) -> list[dict[str, int]]:
+    """Ways to set one attribute pattern: the k-th smallest new value in every block.
+
+    Blocks pruned differently have different new values, so an assignment gives each
+    block its own; where a block has several candidates (coincident extents), the k-th
+    assignment takes its k-th (or its largest).
+    """
+    ordered = {path: sorted(values) for path, values in allowed.items()}
+    depth = max(len(values) for values in ordered.values())
+    found: list[dict[str, int]] = []
+    for rank in range(depth):
+        assignment = {path: values[min(rank, len(values) - 1)] for path, values in ordered.items()}
+        if assignment not in found:
+            found.append(assignment)
+    return found
 
 
 def _runs(model: nn.Module) -> bool:
