@@ -1,4 +1,4 @@
-"""The ``depgraph`` command line: ``inspect``, ``eval``, ``prune`` and ``recover``.
+"""The ``depgraph`` command line: ``inspect``, ``prune``, ``recover``, ``eval`` and ``demo``.
 
 Each subcommand is a pair of small functions, ``_add_<name>(subparsers)`` (its arguments)
 and ``_run_<name>(args) -> int`` (its work); :data:`COMMANDS` lists the ``_add`` functions,
@@ -246,28 +246,27 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- not yet implemented
-def _placeholder(name: str, issue: int) -> Callable:
-    def add(subparsers) -> None:
-        parser = subparsers.add_parser(name, help=f"(not implemented yet: issue {issue})")
-        parser.add_argument("rest", nargs=argparse.REMAINDER)
-        parser.set_defaults(handler=lambda args: _not_implemented(name, issue))
-    return add
-
-
-def _not_implemented(name: str, issue: int) -> int:
-    print(f"depgraph: error: {name} is not implemented yet: see issue {issue}", file=sys.stderr)
-    return 2
-
-
+# ---------------------------------------------------------------- other modules
 def _add_prune(subparsers) -> None:
     from pruning.cli import add_prune
 
     add_prune(subparsers)
 
 
+def _add_recover(subparsers) -> None:
+    from recovery.cli import add_recover
+
+    add_recover(subparsers)
+
+
+def _add_demo(subparsers) -> None:
+    from .demo import add_demo
+
+    add_demo(subparsers)
+
+
 #: Subcommand registrars, in ``--help`` order.
-COMMANDS: list[Callable] = [_add_inspect, _add_prune, _placeholder("recover", 4), _add_eval]
+COMMANDS: list[Callable] = [_add_inspect, _add_prune, _add_recover, _add_eval, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -128,11 +128,14 @@ def describe_source(source: str | os.PathLike[str]) -> str:
 class _FileCorpus:
     """Documents = files; a chunk is read at a byte offset, without loading whole files."""
 
-    def __init__(self, paths: list[Path], label: str):
+    def __init__(self, paths: list[Path], label: str, region: tuple[float, float] = (0.0, 1.0)):
         self.paths = [p for p in paths if p.stat().st_size > 0]
         if not self.paths:
             raise ValueError(f"calibration source {label!r} holds no text")
-        self.sizes = np.array([p.stat().st_size for p in self.paths], dtype=np.int64)
+        sizes = np.array([p.stat().st_size for p in self.paths], dtype=np.int64)
+        # only bytes [start, start + size) of each file are read (see ``region``)
+        self.starts = (sizes * region[0]).astype(np.int64)
+        self.sizes = (sizes * region[1]).astype(np.int64) - self.starts
         self.label = label
 
     def draw(self, rng: np.random.Generator, chars: int) -> tuple[str, bool, bool]:
@@ -143,14 +146,14 @@ class _FileCorpus:
             index = int(rng.choice(len(self.paths), p=weights / weights.sum()))
         else:  # no document is that long: read the longest one whole
             index = int(np.argmax(self.sizes))
-        size = int(self.sizes[index])
+        size, start = int(self.sizes[index]), int(self.starts[index])
         offset = int(rng.integers(0, max(size - chars, 0) + 1))
         with open(self.paths[index], "rb") as handle:
-            handle.seek(offset)
-            raw = handle.read(chars)
+            handle.seek(start + offset)
+            raw = handle.read(min(chars, size - offset))
         # errors="ignore" drops the halves of multi-byte characters cut at either end
         text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
-        return text, offset > 0, offset + chars < size
+        return text, start + offset > 0, offset + chars < size
 
     def exhausted(self, chars: int) -> bool:
         """Whether a chunk of ``chars`` already covers the longest document."""
@@ -160,10 +163,12 @@ class _FileCorpus:
 class _RowCorpus:
     """Documents = rows of a dataset; a chunk starts in a random row and runs on into the next."""
 
-    def __init__(self, rows: Any, column: str, label: str):
-        if len(rows) == 0:
+    def __init__(self, rows: Any, column: str, label: str, region: tuple[float, float] = (0.0, 1.0)):
+        first, last = int(len(rows) * region[0]), int(len(rows) * region[1])
+        if last <= first:
             raise ValueError(f"calibration source {label!r} has no rows")
-        self.rows, self.column, self.label = rows, column, label
+        self.rows = rows.select(range(first, last)) if hasattr(rows, "select") else rows[first:last]
+        self.column, self.label = column, label
 
     def draw(self, rng: np.random.Generator, chars: int) -> tuple[str, bool, bool]:
         row = int(rng.integers(0, len(self.rows)))
@@ -199,28 +204,29 @@ def _text_column(dataset: Any, label: str) -> str:
     raise ValueError(f"dataset {label!r} has no text column (columns: {list(features)})")
 
 
-def _open_corpus(parsed: _Source, label: str) -> _FileCorpus | _RowCorpus:
+def _open_corpus(parsed: _Source, label: str, region: tuple[float, float]
+                 ) -> _FileCorpus | _RowCorpus:
     if parsed.kind == "bundled":
         folder = _bundled_dir()
         if not folder.is_dir():
             raise ValueError(f"bundled calibration text not found at {str(folder)!r}: set "
                              "$DEPGRAPH_DATA, or pass 'wikitext2', 'hf:NAME' or a text path")
-        return _FileCorpus(sorted(folder.glob("*.txt")), label)
+        return _FileCorpus(sorted(folder.glob("*.txt")), label, region)
     if parsed.kind == "wikitext2":
         if _wikitext_file().is_file():
-            return _FileCorpus([_wikitext_file()], label)
+            return _FileCorpus([_wikitext_file()], label, region)
         rows = _load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
-        return _RowCorpus(rows, _text_column(rows, label), label)
+        return _RowCorpus(rows, _text_column(rows, label), label, region)
     if parsed.kind == "hf":
         name, config, split = parsed.location.split(":")
         rows = _load_dataset(*([name, config] if config else [name]), split=split)
-        return _RowCorpus(rows, _text_column(rows, label), label)
+        return _RowCorpus(rows, _text_column(rows, label), label, region)
     if parsed.kind == "folder":
         paths = sorted(Path(parsed.location).glob("*.txt"))
         if not paths:
             raise ValueError(f"folder {parsed.location!r} holds no .txt files")
-        return _FileCorpus(paths, label)
-    return _FileCorpus([Path(parsed.location)], label)
+        return _FileCorpus(paths, label, region)
+    return _FileCorpus([Path(parsed.location)], label, region)
 
 
 # ------------------------------------------------------------------------------- windows
@@ -345,7 +351,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled",
                        n_samples: int = 10, seq_len: int = 128, seed: int = 0,
-                       model: nn.Module | None = None) -> torch.Tensor:
+                       model: nn.Module | None = None,
+                       region: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """Calibration windows: a ``(n_samples, seq_len)`` LongTensor of token ids.
 
     Parameters
@@ -362,6 +369,9 @@ def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled
         Seeds every random choice: equal seeds give equal tensors.
     model : nn.Module, optional
         The model that writes its own calibration text; required for ``source="self"``.
+    region : (float, float)
+        Windows come only from this fraction of every document (bytes of a file, rows of a
+        dataset): ``(0, 0.9)`` and ``(0.9, 1)`` give disjoint training and validation text.
 
     Returns
     -------
@@ -384,11 +394,14 @@ def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled
     n_samples = _check_int("n_samples", n_samples, 1)
     seq_len = _check_int("seq_len", seq_len, 2)
     seed = _check_int("seed", seed, 0)
+    if not (isinstance(region, (tuple, list)) and len(region) == 2
+            and 0 <= region[0] < region[1] <= 1):
+        raise ValueError(f"region must be (start, stop) with 0 <= start < stop <= 1, got {region!r}")
     parsed = _parse_source(source)
     if parsed.kind == "self":
         if model is None:
             raise ValueError("source='self' needs the model that generates the text: pass "
                              "model=<the causal LM>")
         return _self_generated(model, tokenizer, n_samples, seq_len, seed)
-    corpus = _open_corpus(parsed, str(source))
+    corpus = _open_corpus(parsed, str(source), (float(region[0]), float(region[1])))
     return _sample_windows(corpus, tokenizer, n_samples, seq_len, seed)

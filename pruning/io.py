@@ -20,14 +20,15 @@ from torch import nn
 
 from .apply import RECORD_KEY, apply_plan
 
-__all__ = ["load_pruned", "save_pruned"]
+__all__ = ["load_pruned", "save_pruned", "read_pruning_info"]
 
 
 def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False,
-                extra: dict | None = None) -> Path:
+                extra: dict | None = None, writer=None) -> Path:
     """``save_pretrained`` into a temporary folder, then rename it to ``out``.
 
     Also writes ``pruning.json`` (the plans and ``extra``: criterion, ratio, calibration ...).
+    ``writer(folder)``, if given, adds more files to the temporary folder before the rename.
     Refuses to replace an existing ``out`` unless ``overwrite``.
     """
     out = Path(out)
@@ -42,7 +43,9 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bo
         record = getattr(getattr(model, "config", None), RECORD_KEY, None) or {}
         info = {"plans": record.get("plans", []), "config_exact": record.get("config_exact"),
                 **(extra or {})}
-        (tmp / "pruning.json").write_text(json.dumps(info, indent=1))
+        (tmp / "pruning.json").write_text(json.dumps(info, indent=1, default=str))
+        if writer is not None:
+            writer(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -50,6 +53,17 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def read_pruning_info(path: str | Path) -> dict:
+    """The ``pruning.json`` a pruned folder carries (``{}`` when there is none)."""
+    file = Path(path) / "pruning.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(file)!r} is not valid JSON: {exc}") from None
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:

@@ -20,7 +20,8 @@ from .calibration import calibration_tokens
 from .importance import ScoringContext, get_importance, score_groups
 from .selection import parse_layers, select_plan
 
-__all__ = ["prune", "PruneResult", "KIND_ALIASES", "expand_kinds", "kept_widths"]
+__all__ = ["prune", "PruneResult", "KIND_ALIASES", "RECONSTRUCT_MODES", "expand_kinds",
+           "kept_widths"]
 
 #: User-facing kind names and the group kinds they stand for.
 KIND_ALIASES = {"attention": {"attention_head", "kv_group"}, "heads": {"attention_head", "kv_group"},
@@ -63,7 +64,8 @@ def prune(model: nn.Module, ratio: float | None = 0.2, importance: str = "taylor
           tokens: torch.Tensor | None = None, kinds="mlp,attention", layers: str | None = None,
           ranking: str = "global", round_to: int = 1, aggregation: str = "sum",
           kind_ratios: dict[str, float] | None = None, seed: int = 0, options: dict | None = None,
-          graph: DependencyGraph | None = None, progress=None) -> PruneResult:
+          graph: DependencyGraph | None = None, progress=None, reconstruct=None,
+          recon_samples: int = 32, recon_tokens: torch.Tensor | None = None) -> PruneResult:
     """Prune ``model`` in place and return a :class:`PruneResult`.
 
     Parameters
@@ -75,11 +77,20 @@ def prune(model: nn.Module, ratio: float | None = 0.2, importance: str = "taylor
     layers : blocks that may shrink, as ``"3:-2"`` (LLM-Pruner keeps the first and last).
     ranking : ``global`` (scores normalised per group, ranked together) or ``local``.
     round_to : kept channel widths are multiples of this.
+    reconstruct : ``None`` (one shot), or least-squares reconstruction while pruning block by
+        block (arXiv 2407.19126): ``"pre"``, ``"post"``, ``"both"`` or a
+        :class:`recovery.SequentialSettings`. The selection above fixes how many units each
+        group loses; the sequential pass re-scores each block on refit weights and picks
+        which (see :mod:`recovery.sequential`).
+    recon_samples, recon_tokens : calibration for the reconstruction (``recon_tokens`` wins;
+        otherwise ``recon_samples`` windows of ``seq_len`` tokens from ``calib``).
     """
     criterion_fn, needs_data = get_importance(importance)
     del criterion_fn
     if ratio is not None and not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if reconstruct is not None:
+        _sequential_settings(reconstruct)  # fail before any work
     start = time.perf_counter()
     graph = graph or build_graph(model)
     group_kinds = expand_kinds(kinds)
@@ -102,11 +113,55 @@ def prune(model: nn.Module, ratio: float | None = 0.2, importance: str = "taylor
     plan = select_plan(eligible, scores, ratio=None if kind_ratios else ratio,
                        kind_ratios=kind_ratios, total_params=total, layers=layer_range,
                        kinds=group_kinds, ranking=ranking, round_to=round_to)
-    apply_plan(model, plan, graph)
+    recon_stats = None
+    if reconstruct is not None:
+        plan, recon_stats, scores = _prune_sequential(
+            model, graph, plan, scores, importance, tokens, reconstruct, recon_tokens,
+            dict(tokenizer=tokenizer, source=calib, n_samples=recon_samples, seq_len=seq_len,
+                 seed=seed), aggregation=aggregation, seed=seed, options=options,
+            progress=progress)
+    else:
+        apply_plan(model, plan, graph)
     after = sum(p.numel() for p in model.parameters())
     stats = {"criterion": importance, "ratio_requested": ratio, "params_before": total,
              "params_after": after, "ratio_removed": 1 - after / total,
              "kept_widths": kept_widths(graph, plan), "score_seconds": round(scored_at - start, 3),
              "total_seconds": round(time.perf_counter() - start, 3),
              "calibration": None if tokens is None else list(tokens.shape), **context.stats}
+    if recon_stats is not None:
+        stats["reconstruction"] = recon_stats
     return PruneResult(model, plan, scores, stats)
+
+
+def _prune_sequential(model, graph, plan, scores, importance, tokens, reconstruct, recon_tokens,
+                      calib_args: dict, **kwargs):
+    """Re-choose the plan's units block by block with reconstruction (recovery.sequential)."""
+    from recovery.sequential import prune_sequential
+
+    settings = _sequential_settings(reconstruct)
+    if recon_tokens is None:
+        if calib_args["tokenizer"] is None and calib_args["source"] != "self":
+            raise ValueError("reconstruction needs calibration data: pass a tokenizer or "
+                             "recon_tokens")
+        recon_tokens = calibration_tokens(model=model, **calib_args)
+    counts = {gid: len(set(units)) for gid, units in plan.items()}
+    new_plan, info = prune_sequential(model, graph, counts, importance, tokens, recon_tokens,
+                                      settings, **kwargs)
+    merged = {**scores, **info["scores"]}
+    return new_plan, info["stats"], merged
+
+
+#: ``reconstruct=`` shorthands: which recovery steps the sequential pass runs.
+RECONSTRUCT_MODES = {"pre": {"pre": True, "post": False}, "post": {"pre": False, "post": True},
+                     "both": {"pre": True, "post": True}}
+
+
+def _sequential_settings(reconstruct):
+    from recovery.sequential import SequentialSettings
+
+    if isinstance(reconstruct, SequentialSettings):
+        return reconstruct
+    if reconstruct in RECONSTRUCT_MODES:
+        return SequentialSettings(**RECONSTRUCT_MODES[reconstruct])
+    raise ValueError(f"reconstruct must be one of {sorted(RECONSTRUCT_MODES)} or a "
+                     f"SequentialSettings, got {reconstruct!r}")

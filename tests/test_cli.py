@@ -105,7 +105,8 @@ def test_eval_compare_with_itself(capsys):
     (["inspect", str(TINY), "--layer", "99"], "--layer 99"),
     (["inspect", str(TINY), "--json", "/no/such/dir/g.json"], "/no/such/dir"),
     (["prune", str(TINY), "--ratio", "0.2"], "--out"),
-    (["recover", "somewhere"], "issue 4"),
+    (["recover", "somewhere", "--method", "lora", "--out", "x"], "'somewhere' is not a model folder"),
+    (["recover", str(TINY), "--method", "magic", "--out", "x"], "magic"),
     (["frobnicate"], "frobnicate"),
     ([], "COMMAND"),
 ])

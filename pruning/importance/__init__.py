@@ -13,11 +13,12 @@ from .registry import (
     aggregate,
     available_importance,
     get_importance,
+    needs_loss,
     register_importance,
 )
 
 __all__ = ["AGGREGATIONS", "ScoringContext", "aggregate", "available_importance",
-           "get_importance", "register_importance", "score_groups"]
+           "get_importance", "needs_loss", "register_importance", "score_groups"]
 
 
 def score_groups(ctx: ScoringContext, name: str):

@@ -15,8 +15,8 @@ from torch import nn
 
 from depgraph import DependencyGraph, Group
 
-__all__ = ["ScoringContext", "register_importance", "get_importance", "available_importance",
-           "AGGREGATIONS", "aggregate"]
+__all__ = ["ScoringContext", "register_importance", "get_importance", "needs_loss",
+           "available_importance", "AGGREGATIONS", "aggregate"]
 
 AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
 
@@ -40,33 +40,48 @@ class ScoringContext:
 
 
 Criterion = Callable[[ScoringContext], dict[str, np.ndarray]]
-_CRITERIA: dict[str, tuple[Criterion, bool, str]] = {}
+_CRITERIA: dict[str, tuple[Criterion, bool, str, bool]] = {}
 
 
-def register_importance(name: str, needs_data: bool, summary: str) -> Callable[[Criterion], Criterion]:
-    """Register a criterion under ``name`` (``needs_data``: it needs calibration tokens)."""
+def register_importance(name: str, needs_data: bool, summary: str, needs_loss: bool = False
+                        ) -> Callable[[Criterion], Criterion]:
+    """Register a criterion under ``name``.
+
+    ``needs_data``: it needs calibration tokens. ``needs_loss``: it differentiates the
+    model's loss (so it needs the whole model); criteria without it only read activations
+    up to the blocks they score, which lets a block-by-block pruner run a truncated model.
+    """
 
     def decorate(fn: Criterion) -> Criterion:
         if name in _CRITERIA:
             raise ValueError(f"importance criterion {name!r} is already registered")
-        _CRITERIA[name] = (fn, needs_data, summary)
+        _CRITERIA[name] = (fn, needs_data, summary, needs_loss)
         return fn
 
     return decorate
 
 
-def get_importance(name: str) -> tuple[Criterion, bool]:
-    """The criterion and whether it needs data; ``ValueError`` listing the valid names."""
+def _entry(name: str) -> tuple[Criterion, bool, str, bool]:
     if name not in _CRITERIA:
         raise ValueError(f"unknown importance criterion {name!r}; expected one of "
                          f"{', '.join(sorted(_CRITERIA))}")
-    fn, needs_data, _ = _CRITERIA[name]
+    return _CRITERIA[name]
+
+
+def get_importance(name: str) -> tuple[Criterion, bool]:
+    """The criterion and whether it needs data; ``ValueError`` listing the valid names."""
+    fn, needs_data, _, _ = _entry(name)
     return fn, needs_data
+
+
+def needs_loss(name: str) -> bool:
+    """Whether criterion ``name`` differentiates the whole model's loss."""
+    return _entry(name)[3]
 
 
 def available_importance() -> dict[str, str]:
     """``{name: one-line summary}`` of every registered criterion."""
-    return {name: summary for name, (_, _, summary) in sorted(_CRITERIA.items())}
+    return {name: entry[2] for name, entry in sorted(_CRITERIA.items())}
 
 
 def aggregate(per_member: list[np.ndarray], how: str) -> np.ndarray:

@@ -45,19 +45,19 @@ def _taylor(ctx: ScoringContext, mode: str) -> dict[str, np.ndarray]:
     return scores
 
 
-@register_importance("taylor", needs_data=True,
+@register_importance("taylor", needs_data=True, needs_loss=True,
                      summary="LLM-Pruner vector-wise |Σ g·w| per member (first order)")
 def taylor_vector(ctx: ScoringContext) -> dict[str, np.ndarray]:
     return _taylor(ctx, "vector")
 
 
-@register_importance("taylor_element", needs_data=True,
+@register_importance("taylor_element", needs_data=True, needs_loss=True,
                      summary="LLM-Pruner element-wise Σ|g·w| (first order)")
 def taylor_element(ctx: ScoringContext) -> dict[str, np.ndarray]:
     return _taylor(ctx, "element")
 
 
-@register_importance("taylor_second", needs_data=True,
+@register_importance("taylor_second", needs_data=True, needs_loss=True,
                      summary="LLM-Pruner element-wise Σ|g·w − ½ w·H·w|, H = diagonal Fisher")
 def taylor_second(ctx: ScoringContext) -> dict[str, np.ndarray]:
     return _taylor(ctx, "second")

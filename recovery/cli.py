@@ -1,0 +1,190 @@
+"""``depgraph recover DIR --method reconstruct|lora --out DIR`` (registered by depgraph.cli).
+
+``reconstruct`` refits the pruned model against its dense original (named by ``--dense``,
+else the ``model`` that ``depgraph prune`` recorded in ``DIR/pruning.json``) on calibration
+text; ``lora`` trains LoRA adapters on ``--data`` and merges them (``--no-merge`` keeps them
+in ``OUT/adapter``, loadable with ``peft.PeftModel.from_pretrained``). Under
+``accelerate launch -m depgraph.cli recover ...`` the LoRA training runs on every process
+and only the main process writes ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["add_recover", "run_recover"]
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def add_recover(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "recover", help="bring a pruned model's quality back: least squares or LoRA",
+        description="Recover the pruned model in DIR and save it to --out.")
+    parser.add_argument("model", metavar="DIR", help="a folder written by `depgraph prune`")
+    parser.add_argument("--method", required=True, choices=["reconstruct", "lora"])
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--json", type=Path, default=None, help="write all numbers as JSON")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=_positive(int), default=2)
+    parser.add_argument("--ppl-tokens", type=int, default=4096,
+                        help="WikiText-2 tokens for the quick before/after perplexity (0: skip)")
+    group = parser.add_argument_group("reconstruct")
+    group.add_argument("--dense", help="the dense model (default: as recorded in DIR)")
+    group.add_argument("--calib", default="bundled", help="calibration text (default: bundled)")
+    group.add_argument("--samples", type=_positive(int), default=32,
+                       help="calibration windows (default 32)")
+    group.add_argument("--calib-len", type=_positive(int), default=128,
+                       help="tokens per calibration window (default 128)")
+    group.add_argument("--targets", default="all", choices=["all", "level2"],
+                       help="refit every linear layer, or only those reading pruned channels")
+    group.add_argument("--damping", type=_positive(float), default=0.01,
+                       help="relative ridge damping (default 0.01)")
+    lora = parser.add_argument_group("lora")
+    lora.add_argument("--data", default="bundled",
+                      help="Alpaca JSON/JSONL, hf:NAME, a text file or folder (default: bundled)")
+    lora.add_argument("--r", type=_positive(int), default=8)
+    lora.add_argument("--alpha", type=_positive(int), default=16)
+    lora.add_argument("--dropout", type=float, default=0.05)
+    lora.add_argument("--lr", type=_positive(float), default=1e-4)
+    lora.add_argument("--epochs", type=_positive(float), default=2.0)
+    lora.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
+    lora.add_argument("--batch-size", type=_positive(int), default=4)
+    lora.add_argument("--grad-accum", type=_positive(int), default=1)
+    lora.add_argument("--seq-len", type=_positive(int), default=256)
+    lora.add_argument("--max-examples", type=_positive(int), default=1000)
+    lora.add_argument("--val-fraction", type=float, default=0.1)
+    lora.add_argument("--eval-steps", type=_positive(int), default=50)
+    lora.add_argument("--patience", type=_positive(int), default=3)
+    lora.add_argument("--train-on-inputs", action="store_true",
+                      help="also train on the instruction part of Alpaca records")
+    lora.add_argument("--no-merge", action="store_true",
+                      help="keep the adapter in OUT/adapter instead of merging it")
+    parser.set_defaults(handler=run_recover)
+
+
+def _tokenizer(folder: Path, info: dict):
+    from depgraph.models import load_tokenizer
+
+    if (folder / "tokenizer_config.json").is_file():
+        return load_tokenizer(folder)
+    if info.get("model"):
+        return load_tokenizer(info["model"])
+    raise ValueError(f"{str(folder)!r} has no tokenizer and records no source model")
+
+
+def _reconstruct(model, tokenizer, info: dict, args: argparse.Namespace) -> tuple:
+    from depgraph.models import load_model
+    from pruning.calibration import calibration_tokens
+
+    from .reconstruct import reconstruct
+
+    dense_spec = args.dense or info.get("model")
+    if not dense_spec:
+        raise ValueError("the dense model is unknown: pass --dense MODEL (the folder or hub id "
+                         "the pruned model came from)")
+    dense = load_model(dense_spec)
+    tokens = calibration_tokens(tokenizer, args.calib, n_samples=args.samples,
+                                seq_len=args.calib_len, seed=args.seed)
+    print(f"reconstructing against {dense_spec} on {args.samples} x {args.calib_len} tokens "
+          f"of {args.calib} ...", flush=True)
+    stats = reconstruct(model, dense, tokens, targets=args.targets, damping=args.damping)
+    stats.pop("blocks")
+    return model, stats, None
+
+
+def _lora(model, tokenizer, args: argparse.Namespace) -> tuple:
+    from pruning.cli import _quick_ppl
+
+    from .lora import LoraSettings, merge, train_lora
+
+    settings = LoraSettings(r=args.r, alpha=args.alpha, dropout=args.dropout,
+                            learning_rate=args.lr, batch_size=args.batch_size,
+                            grad_accum=args.grad_accum, epochs=args.epochs,
+                            max_steps=args.max_steps, seq_len=args.seq_len,
+                            max_examples=args.max_examples, val_fraction=args.val_fraction,
+                            eval_steps=args.eval_steps, patience=args.patience,
+                            train_on_inputs=args.train_on_inputs, seed=args.seed)
+    dtype = next(model.parameters()).dtype
+    result = train_lora(model.float(), tokenizer, args.data, settings,
+                        progress=lambda line: print(line, flush=True))
+    if not args.no_merge:
+        return merge(result.model, dtype), result.stats, None
+    result.stats["ppl_after"] = _quick_ppl(result.model, tokenizer, args.ppl_tokens)
+    adapter = Path(tempfile.mkdtemp(prefix="depgraph-adapter-"))
+    result.model.save_pretrained(adapter)
+    return result.model.unload().to(dtype), result.stats, adapter
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    from pruning.cli import _quick_ppl
+    from pruning.io import load_pruned, read_pruning_info, save_pruned
+
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{args.model!r} is not a model folder (expected config.json in it)")
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"output folder {str(args.out)!r} exists; pass --overwrite to replace it")
+    if args.out.resolve() == folder.resolve():
+        raise ValueError("--out must differ from the input folder (the input is never modified)")
+    info = read_pruning_info(folder)
+    tokenizer = _tokenizer(folder, info)
+    model = load_pruned(folder)
+    before = _quick_ppl(model, tokenizer, args.ppl_tokens)
+    if args.method == "reconstruct":
+        model, stats, adapter = _reconstruct(model, tokenizer, info, args)
+    else:
+        model, stats, adapter = _lora(model, tokenizer, args)
+        if not stats["is_main_process"]:
+            return 0
+    if "ppl_after" not in stats:  # with --no-merge it was measured with the adapter on
+        stats["ppl_after"] = _quick_ppl(model, tokenizer, args.ppl_tokens)
+    stats.update(ppl_before=before, ppl_tokens=args.ppl_tokens, source=str(folder))
+    extra = {k: v for k, v in info.items() if k not in ("plans", "config_exact")}
+    extra["recovery"] = [*extra.get("recovery", []), stats]
+
+    def add_adapter(tmp: Path) -> None:
+        if adapter is not None:
+            shutil.move(str(adapter), tmp / "adapter")
+
+    save_pruned(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra,
+                writer=add_adapter)
+    _print(stats, args)
+    if args.json:
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(stats, indent=1, default=str))
+        os.replace(tmp, args.json)
+    return 0
+
+
+def _print(stats: dict, args: argparse.Namespace) -> None:
+    rows = [("method", stats["method"]), ("time", f"{stats['seconds']:.1f} s")]
+    if stats.get("ppl_before") is not None:
+        rows.append((f"wikitext2 ppl ({args.ppl_tokens} tok)",
+                     f"{stats['ppl_before']:.2f} -> {stats['ppl_after']:.2f}"))
+    if stats["method"] == "lora":
+        rows += [("steps", str(stats["steps"])),
+                 ("validation ppl", f"{stats['val_ppl_before']:.2f} -> {stats['val_ppl_best']:.2f}")]
+    elif stats.get("layers_refit"):
+        rows.append(("layer output error", f"{stats['mean_error_before']:.4f} -> "
+                                           f"{stats['mean_error_after']:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{name:{width}}  {value}" for name, value in rows))
+    print(f"\nsaved the recovered model to {args.out}", file=sys.stdout)

@@ -1,0 +1,161 @@
+"""Least-squares reconstruction of a pruned model against its dense original, block by block.
+
+    >>> stats = reconstruct(pruned, dense, tokens)            # doctest: +SKIP
+
+For each block in order, both models run on the same calibration tokens: the dense model on
+its own activations ``X``, the pruned one on its own ``X̂`` (what the pruned, already
+reconstructed blocks before it produce). Every linear layer of the pruned block is refit
+(:func:`recovery.refit.refit_block`) so that, fed ``X̂``, it reproduces the dense layer's
+outputs on the channels it kept; level-1 layers first, then the level-2 layers on the inner
+activations the refit level-1 layers produce. ``targets="level2"`` refits only the layers that
+read pruned channels (the paper's post-pruning step: o_proj / down_proj on the kept inner
+channels).
+
+Which dense channel each pruned output row holds comes from the plans recorded in
+``pruned.config.depgraph`` (or the ``plan`` argument), replayed on a meta copy of the dense
+model: :func:`kept_channels`.
+
+Memory: both models' weights, plus one block's activations for the calibration set (dense
+and pruned) and the normal equations of one layer at a time; it does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .blocks import batches, capture_calls, find_blocks, run_block
+from .refit import Refit, dense_pass, linear_layers, refit_block
+
+__all__ = ["TARGETS", "kept_channels", "reconstruct", "check_tokens", "check_damping"]
+
+TARGETS = ("all", "level2")
+
+
+def check_damping(damping: float) -> float:
+    if not isinstance(damping, (int, float)) or not damping > 0 or damping != damping:
+        raise ValueError(f"damping must be a positive number, got {damping!r}")
+    return float(damping)
+
+
+def check_tokens(tokens) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.numel() == 0:
+        raise ValueError(f"calibration tokens must be a non-empty (samples, seq_len) tensor, "
+                         f"got {getattr(tokens, 'shape', type(tokens).__name__)}")
+    return tokens.long()
+
+
+def kept_channels(dense: nn.Module, plans: list[dict]) -> dict[tuple[str, int], torch.Tensor]:
+    """``(param, dim) -> dense indices kept`` after applying ``plans`` in order.
+
+    Computed on a meta copy of ``dense`` (no weights are read or copied); only dims that
+    lost channels are listed.
+    """
+    from depgraph import build_graph
+    from depgraph.trace import meta_copy
+    from pruning.apply import apply_plan, plan_slices
+
+    model = meta_copy(dense)
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+    for index, plan in enumerate(plans):
+        graph = build_graph(model)
+        for (param, dim), drop in plan_slices(graph, plan).items():
+            current = kept.get((param, dim))
+            if current is None:
+                current = torch.arange(graph.trace.param_shapes[param][dim])
+            mask = torch.ones(current.numel(), dtype=torch.bool)
+            mask[drop] = False
+            kept[(param, dim)] = current[mask]
+        if index + 1 < len(plans):
+            apply_plan(model, plan, graph)
+    return kept
+
+
+def _recorded_plans(pruned: nn.Module) -> list[dict]:
+    record = getattr(getattr(pruned, "config", None), "depgraph", None) or {}
+    return list(record.get("plans", []))
+
+
+def _out_dim(module: nn.Module) -> int:
+    return 1 if type(module).__name__ == "Conv1D" else 0
+
+
+def post_refits(block_path: str, block: nn.Module, kept: dict, targets: str) -> dict[str, Refit]:
+    """Refits of one physically pruned block: rows all, targets the kept dense channels."""
+    refits = {}
+    for name, module in linear_layers(block).items():
+        param = f"{block_path}.{name}.weight"
+        out_dim = _out_dim(module)
+        reads_pruned = (param, 1 - out_dim) in kept
+        if targets == "level2" and not reads_pruned:
+            continue
+        refits[name] = Refit(targets=kept.get((param, out_dim)))
+    return refits
+
+
+def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
+                plan: dict | None = None, targets: str = "all", damping: float = 0.01,
+                batch_size: int = 8, progress=None) -> dict:
+    """Refit ``pruned`` in place so that each block reproduces ``dense``; returns numbers.
+
+    Parameters
+    ----------
+    pruned : the pruned model (by :func:`pruning.apply_plan` or loaded with ``load_pruned``).
+    dense : the model it was pruned from (same architecture and module names).
+    tokens : (samples, seq_len) calibration token ids.
+    plan : the plan that made ``pruned`` from ``dense``; default: the plans recorded in
+        ``pruned.config.depgraph``.
+    targets : ``"all"`` linear layers of every block, or ``"level2"`` (only those reading
+        pruned channels).
+    damping : relative ridge ``λ = damping · mean(diag(X̂ᵀX̂))``.
+
+    Raises
+    ------
+    ValueError
+        For bad arguments, or models whose blocks do not correspond.
+    ReconstructionError
+        When activations or solutions are not finite.
+    """
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    damping, tokens = check_damping(damping), check_tokens(tokens)
+    start = time.perf_counter()
+    plans = [plan] if plan is not None else _recorded_plans(pruned)
+    kept = kept_channels(dense, plans)
+    dense_path, dense_blocks = find_blocks(dense)
+    path, blocks = find_blocks(pruned)
+    if path != dense_path or len(blocks) != len(dense_blocks):
+        raise ValueError(f"the pruned model's blocks ({path!r}, {len(blocks)}) do not match the "
+                         f"dense model's ({dense_path!r}, {len(dense_blocks)})")
+    chunks = batches(tokens, batch_size)
+    dense_states, dense_calls = capture_calls(dense, dense_blocks, chunks)
+    states, calls = capture_calls(pruned, blocks, chunks)
+    report = []
+    for index, (block, dense_block) in enumerate(zip(blocks, dense_blocks, strict=True)):
+        refits = post_refits(f"{path}.{index}", block, kept, targets)
+        block_calls = [c[index] for c in calls]
+        dense_states, outputs = dense_pass(dense_block, dense_states, [c[index] for c in dense_calls],
+                                           list(refits))
+        layers = refit_block(block, states, block_calls, refits, outputs, damping)
+        with torch.no_grad():
+            states = [run_block(block, h, c) for h, c in zip(states, block_calls, strict=True)]
+        report.append({"block": index, "layers": layers})
+        del outputs
+        if progress is not None:
+            progress.update(1)
+    return {"method": "reconstruct", "targets": targets, "damping": damping,
+            "samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
+            "seconds": round(time.perf_counter() - start, 3), "blocks": report,
+            **summarize(report)}
+
+
+def summarize(report: list[dict]) -> dict:
+    """Mean relative output error of the refit layers, before and after."""
+    rows = [layer for block in report for layer in block["layers"].values()]
+    if not rows:
+        return {"layers_refit": 0}
+    return {"layers_refit": len(rows),
+            "mean_error_before": sum(r["error_before"] for r in rows) / len(rows),
+            "mean_error_after": sum(r["error_after"] for r in rows) / len(rows)}

@@ -1,0 +1,177 @@
+"""Pruning block by block with reconstruction before and after (arXiv 2407.19126, Alg. 2–4).
+
+    >>> plan, stats = prune_sequential(model, graph, counts, "second_moment", tokens,
+    ...                                recon_tokens)                       # doctest: +SKIP
+
+``counts`` says how many units each group loses (from a first, global selection); this
+pass decides *which*, block after block, on up-to-date weights and inputs:
+
+1. keep a copy of block ``l`` as it is (the dense target; one block at a time);
+2. **pre-pruning recovery** (``pre``): refit every linear layer of the block so that, fed the
+   partly pruned model's inputs ``X̂``, it reproduces the dense block's layers on ``X``;
+3. score the block's groups with the chosen criterion on the current model (so the scores
+   see the refit weights and ``X̂``) and take the ``counts[g]`` lowest units of each group;
+4. mask them: the units' slices are zeroed (:func:`pruning.zero_plan`), which for the
+   block-local, zero-equivalent groups this handles equals removing them;
+5. **post-pruning recovery** (``post``): refit the layers reading the masked channels on the
+   kept ones (``targets="level2"``, the default), or every layer on its kept rows (``"all"``);
+6. run both versions of the block to get the next block's ``X`` and ``X̂``.
+
+At the end the whole plan is removed physically with :func:`pruning.apply_plan` (the masked
+slices are exactly what it removes), so module attributes and the config are solved once.
+Peak memory: the model, one block copy, and one block's activations for the calibration set.
+Scoring runs the criterion once per block: criteria that only read activations (the
+2nd-moment metric, head similarity) on the model cut after that block, Taylor criteria (a
+backward pass of the loss per sample) on the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .blocks import batches, capture_calls, find_blocks, run_block, truncated
+from .reconstruct import TARGETS, check_damping, check_tokens, summarize
+from .refit import Refit, dense_pass, linear_layers, refit_block
+
+__all__ = ["SequentialSettings", "prune_sequential", "masked_refits"]
+
+
+@dataclass(frozen=True)
+class SequentialSettings:
+    """What the sequential pass does around each block's pruning."""
+
+    pre: bool = True
+    post: bool = True
+    targets: str = "level2"
+    damping: float = 0.01
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
+        check_damping(self.damping)
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+
+def masked_refits(block_path: str, block: nn.Module, drops: dict, targets: str) -> dict[str, Refit]:
+    """Refits of a block whose pruned slices are zeroed: pruned rows and columns stay zero."""
+    refits = {}
+    for name, module in linear_layers(block).items():
+        param = f"{block_path}.{name}.weight"
+        out_dim = 1 if type(module).__name__ == "Conv1D" else 0
+        shape = tuple(module.weight.shape)
+        rows = _kept(drops.get((param, out_dim)), shape[out_dim])
+        cols = _kept(drops.get((param, 1 - out_dim)), shape[1 - out_dim])
+        if cols is None and (targets == "level2" or rows is None):
+            continue
+        refits[name] = Refit(rows=rows, targets=rows, cols=cols)
+    return refits
+
+
+def _kept(drop: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    if drop is None or drop.numel() == 0:
+        return None
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[drop] = False
+    return torch.arange(size)[mask]
+
+
+def _check_groups(graph, counts: dict[str, int]) -> dict[int, list]:
+    by_block: dict[int, list] = {}
+    for group_id, count in counts.items():
+        group = graph.group(group_id)
+        if group.layer is None or not group.zero_equivalent:
+            raise ValueError(f"sequential reconstruction prunes block-local groups whose zeroing "
+                             f"equals removal; {group_id!r} ({group.kind}) is not one: prune it "
+                             "in one shot and use recovery.reconstruct afterwards")
+        if not 0 <= count < group.num_units:
+            raise ValueError(f"count {count} for group {group_id!r} is outside "
+                             f"[0, {group.num_units})")
+        by_block.setdefault(group.layer, []).append(group)
+    return by_block
+
+
+def _score_block(ctx, criterion: str, path: str, index: int) -> dict[str, np.ndarray]:
+    """Scores of one block's groups; criteria that only read activations see the model cut
+    after this block (the same activations, a fraction of the cost)."""
+    from pruning.importance import needs_loss, score_groups
+
+    if needs_loss(criterion):
+        return score_groups(ctx, criterion)
+    with truncated(ctx.model, path, index + 1):
+        return score_groups(ctx, criterion)
+
+
+def _same(states: list[torch.Tensor], dense_states: list[torch.Tensor]) -> bool:
+    """Whether the pruned path still sees the dense inputs (nothing to recover yet)."""
+    return all(torch.equal(a, b) for a, b in zip(states, dense_states, strict=True))
+
+
+def _lowest(scores: np.ndarray, count: int) -> list[int]:
+    return sorted(int(u) for u in np.argsort(np.asarray(scores), kind="stable")[:count])
+
+
+def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion: str,
+                     tokens: torch.Tensor | None, recon_tokens: torch.Tensor,
+                     settings: SequentialSettings = SequentialSettings(), *,
+                     aggregation: str = "sum", seed: int = 0, options: dict | None = None,
+                     progress=None) -> tuple[dict[str, list[int]], dict]:
+    """Prune ``model`` in place block by block (see the module docs); returns plan and stats."""
+    from pruning.apply import apply_plan, plan_slices, zero_plan
+    from pruning.importance import ScoringContext
+
+    recon_tokens = check_tokens(recon_tokens)
+    start = time.perf_counter()
+    by_block = _check_groups(graph, counts)
+    path, blocks = find_blocks(model)
+    chunks = batches(recon_tokens, settings.batch_size)
+    hidden, calls = capture_calls(model, blocks, chunks)
+    dense_states, states = list(hidden), list(hidden)
+    plan: dict[str, list[int]] = {}
+    scores: dict[str, np.ndarray] = {}
+    report = []
+    for index, block in enumerate(blocks):
+        block_calls = [c[index] for c in calls]
+        dense_block = copy.deepcopy(block)
+        names = list(linear_layers(block))
+        next_dense, outputs = dense_pass(dense_block, dense_states, block_calls, names)
+        layers = {}
+        if settings.pre and not _same(states, dense_states):
+            pre = refit_block(block, states, block_calls, {n: Refit() for n in names}, outputs,
+                              settings.damping)
+            layers.update({f"pre:{k}": v for k, v in pre.items()})
+        groups = [g for g in by_block.get(index, []) if counts[g.id] > 0]
+        if groups:
+            ctx = ScoringContext(model, graph, groups, tokens=tokens, aggregation=aggregation,
+                                 seed=seed, options=dict(options or {}))
+            block_scores = _score_block(ctx, criterion, path, index)
+            local = {g.id: _lowest(block_scores[g.id], counts[g.id]) for g in groups}
+            scores.update(block_scores)
+            zero_plan(model, local, graph)
+            plan.update(local)
+            if settings.post:
+                refits = masked_refits(f"{path}.{index}", block, plan_slices(graph, local),
+                                       settings.targets)
+                post = refit_block(block, states, block_calls, refits, outputs, settings.damping)
+                layers.update({f"post:{k}": v for k, v in post.items()})
+        with torch.no_grad():
+            states = [run_block(block, h, c) for h, c in zip(states, block_calls, strict=True)]
+        dense_states = next_dense
+        report.append({"block": index, "layers": layers})
+        del dense_block, outputs
+        if progress is not None:
+            progress.update(1)
+    apply_plan(model, plan, graph)
+    stats = {"method": "sequential", "pre": settings.pre, "post": settings.post,
+             "targets": settings.targets, "damping": settings.damping,
+             "samples": int(recon_tokens.shape[0]), "seq_len": int(recon_tokens.shape[1]),
+             "seconds": round(time.perf_counter() - start, 3), "blocks": report,
+             **summarize(report)}
+    return plan, {"stats": stats, "scores": scores}

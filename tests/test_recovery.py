@@ -1,0 +1,191 @@
+"""Least-squares reconstruction: the solver, one block, whole models, the sequential pass."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from archs import Dims, tiny_model
+from torch import nn
+
+from depgraph import build_graph
+from pruning import apply_plan
+from recovery import ReconstructionError, kept_channels, reconstruct
+from recovery.blocks import BlockCall, batches, capture_calls, find_blocks
+from recovery.lstsq import NormalEquations, solve
+from recovery.refit import Refit, dense_pass, refit_block
+
+torch.set_num_threads(1)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ the solver
+@pytest.mark.parametrize("bias", [False, True])
+def test_streamed_normal_equations_match_the_closed_form(bias):
+    x = torch.randn(300, 7, generator=_gen(0), dtype=torch.float64)
+    y = torch.randn(300, 3, generator=_gen(1), dtype=torch.float64)
+    equations = NormalEquations("layer", bias=bias)
+    for chunk in range(0, 300, 64):  # batches of different sizes
+        equations.add(x[chunk:chunk + 64].float(), y[chunk:chunk + 64].float())
+    damping = 0.05
+    weight, fitted_bias = solve(equations, damping)
+    design = torch.cat([x.float().double(), torch.ones(300, 1, dtype=torch.float64)], 1) if bias \
+        else x.float().double()
+    gram = design.T @ design
+    lam = damping * gram.diagonal().mean()
+    reference = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64),
+                                   design.T @ y.float().double())
+    assert torch.allclose(weight, reference[:7].T, atol=1e-10)
+    if bias:
+        assert torch.allclose(fitted_bias, reference[7], atol=1e-10)
+    else:
+        assert fitted_bias is None
+    assert equations.tokens == 300
+
+
+def test_an_exact_linear_map_is_recovered():
+    x = torch.randn(200, 5, generator=_gen(2), dtype=torch.float64)
+    true = torch.randn(4, 5, generator=_gen(3), dtype=torch.float64)
+    equations = NormalEquations("exact", bias=False)
+    equations.add(x, x @ true.T)
+    weight, _ = solve(equations, damping=1e-12)
+    assert torch.allclose(weight, true, atol=1e-8)
+
+
+def test_non_finite_activations_are_a_clear_error():
+    equations = NormalEquations("model.layers.3.mlp.down_proj", bias=False)
+    x = torch.ones(4, 3)
+    x[1, 2] = float("nan")
+    with pytest.raises(ReconstructionError, match="down_proj: non-finite activations"):
+        equations.add(x, torch.ones(4, 2))
+
+
+def test_solve_without_tokens_is_a_clear_error():
+    with pytest.raises(ReconstructionError, match="no calibration tokens"):
+        solve(NormalEquations("layer", bias=True), 0.01)
+
+
+# ------------------------------------------------------------------ one block
+class _Mlp(nn.Module):
+    """A depth-2 block: down(relu(up(x))) + x."""
+
+    def __init__(self, width: int, inner: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(width, inner), nn.Linear(inner, width, bias=False)
+
+    def forward(self, hidden):
+        return hidden + self.down(torch.relu(self.up(hidden)))
+
+
+def test_level2_refit_is_the_least_squares_solution_on_kept_channels():
+    torch.manual_seed(0)
+    dense = _Mlp(6, 10).double()
+    pruned = copy.deepcopy(dense)
+    keep = torch.tensor([0, 2, 3, 5, 7, 8])
+    with torch.no_grad():  # remove inner channels 1, 4, 6, 9 physically
+        pruned.up.weight.data = dense.up.weight[keep].clone()
+        pruned.up.bias.data = dense.up.bias[keep].clone()
+        pruned.down.weight.data = dense.down.weight[:, keep].clone()
+    states = [torch.randn(3, 5, 6, generator=_gen(s), dtype=torch.float64) for s in range(4)]
+    calls = [BlockCall((), {}) for _ in states]
+    _, outputs = dense_pass(dense, states, calls, ["down"])
+    report = refit_block(pruned, states, calls, {"down": Refit()}, outputs, damping=1e-9)
+    inner = torch.cat([torch.relu(pruned.up(s)).reshape(-1, 6) for s in states])
+    target = torch.cat([dense.down(torch.relu(dense.up(s))).reshape(-1, 6) for s in states])
+    reference = torch.linalg.lstsq(inner, target).solution.T
+    assert torch.allclose(pruned.down.weight, reference, atol=1e-6)
+    assert report["down"]["error_after"] < report["down"]["error_before"]
+
+
+def test_masked_refit_keeps_pruned_rows_and_columns_zero():
+    torch.manual_seed(1)
+    dense = _Mlp(6, 10).double()
+    masked = copy.deepcopy(dense)
+    dropped = torch.tensor([1, 4])
+    with torch.no_grad():
+        masked.up.weight[dropped] = 0
+        masked.up.bias[dropped] = 0
+        masked.down.weight[:, dropped] = 0
+    kept = torch.tensor([0, 2, 3, 5, 6, 7, 8, 9])
+    states = [torch.randn(4, 6, generator=_gen(s), dtype=torch.float64) + 1 for s in range(3)]
+    calls = [BlockCall((), {}) for _ in states]
+    _, outputs = dense_pass(dense, states, calls, ["up", "down"])
+    refits = {"up": Refit(rows=kept, targets=kept), "down": Refit(cols=kept)}
+    refit_block(masked, states, calls, refits, outputs, damping=1e-6)
+    assert masked.up.weight[dropped].abs().max() == 0 and masked.up.bias[dropped].abs().max() == 0
+    assert masked.down.weight[:, dropped].abs().max() == 0
+
+
+# ------------------------------------------------------------------ whole models
+def _half_plan(graph, with_hidden: bool = False) -> dict:
+    return {g.id: list(range(g.num_units // 2)) for g in graph.groups()
+            if g.kind != "hidden" or with_hidden}
+
+
+def _output_error(model, dense, ids) -> float:
+    with torch.no_grad():
+        return float(((model(ids).logits - dense(ids).logits) ** 2).mean())
+
+
+@pytest.mark.parametrize("arch, with_hidden", [("llama", False), ("gpt2", False),
+                                               ("phi3", False), ("llama", True)])
+def test_reconstruction_lowers_held_out_output_error(arch, with_hidden):
+    dense = tiny_model(arch, Dims(layers=2, intermediate=32), seed=0)
+    graph = build_graph(dense)
+    pruned = apply_plan(copy.deepcopy(dense), _half_plan(graph, with_hidden), graph)
+    vocab = dense.config.vocab_size
+    calib = torch.randint(0, vocab, (32, 16), generator=_gen(1))
+    held_out = torch.randint(0, vocab, (8, 16), generator=_gen(2))
+    before = _output_error(pruned, dense, held_out)
+    stats = reconstruct(pruned, dense, calib, targets="all", batch_size=8)
+    assert _output_error(pruned, dense, held_out) < before
+    assert stats["mean_error_after"] < stats["mean_error_before"]
+    assert stats["layers_refit"] > 0
+
+
+def test_reconstructing_an_unpruned_model_changes_nothing():
+    dense = tiny_model("qwen2", Dims(layers=2), seed=3)
+    copy_ = copy.deepcopy(dense)
+    calib = torch.randint(0, dense.config.vocab_size, (64, 16), generator=_gen(4))
+    stats = reconstruct(copy_, dense, calib, plan={}, damping=1e-10)
+    ids = torch.randint(0, dense.config.vocab_size, (4, 16), generator=_gen(5))
+    assert _output_error(copy_, dense, ids) < 1e-12
+    assert stats["mean_error_before"] < 1e-10  # (cancellation in the normal equations)
+
+
+def test_kept_channels_compose_two_plans():
+    dense = tiny_model("llama", Dims(layers=1))
+    graph = build_graph(dense)
+    group = next(g for g in graph.groups() if g.kind == "mlp")
+    first = {group.id: [0, 1, 2]}
+    once = apply_plan(copy.deepcopy(dense), first, graph)
+    second = {group.id: [0, 5]}  # positions in the pruned model: originals 3 and 8
+    kept = kept_channels(dense, [first, second])
+    assert kept[(f"{group.id}.up_proj.weight", 0)].tolist() == [
+        i for i in range(24) if i not in (0, 1, 2, 3, 8)]
+    assert kept[(f"{group.id}.down_proj.weight", 1)].tolist() == kept[(f"{group.id}.up_proj.weight", 0)].tolist()
+    del once
+
+
+def test_block_inputs_are_captured_once_per_batch():
+    model = tiny_model("gemma2", Dims(layers=3))  # per-layer masks (sliding / full)
+    path, blocks = find_blocks(model)
+    assert path == "model.layers" and len(blocks) == 3
+    ids = torch.randint(0, 61, (5, 8), generator=_gen(6))
+    hidden, calls = capture_calls(model, blocks, batches(ids, 2))
+    assert [h.shape[0] for h in hidden] == [2, 2, 1]
+    assert all(len(per_batch) == 3 for per_batch in calls)
+
+
+def test_bad_arguments_are_refused():
+    dense = tiny_model("llama", Dims(layers=1))
+    with pytest.raises(ValueError, match="targets must be one of"):
+        reconstruct(dense, dense, torch.zeros(2, 4, dtype=torch.long), targets="some")
+    with pytest.raises(ValueError, match="damping must be a positive number, got -1"):
+        reconstruct(dense, dense, torch.zeros(2, 4, dtype=torch.long), damping=-1)
+    with pytest.raises(ValueError, match="calibration tokens must be"):
+        reconstruct(dense, dense, torch.zeros(4, dtype=torch.long))
