@@ -124,9 +124,9 @@ def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]], graph: De
     probe = probe_config(config)
     signatures = expected_signatures(graph, plan)
     uniform = _uniform(graph, plan)
-    if uniform:
+    if uniform:  # saved as config.json, so it must also pass the config class's validation
         whole = solve_config(config, probe, target, plan_extents(graph, plan),
-                             accept=lambda c: _layouts_match(c, signatures, None))
+                             accept=lambda c: _validates(c) and _layouts_match(c, signatures, None))
         if whole is not None:
             return {None: whole}
     configs: dict = {}
@@ -141,6 +141,19 @@ def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]], graph: De
             return None
         configs[block] = solved
     return configs
+
+
+def _validates(config) -> bool:
+    """Whether ``config`` passes its class's checks (``save_pretrained`` and loading run them:
+    Llama refuses ``hidden_size % num_attention_heads != 0`` even with an explicit head_dim)."""
+    check = getattr(config, "validate", None)
+    if check is None:
+        return True
+    try:
+        check()
+        return True
+    except Exception:  # noqa: BLE001 - any refusal means: not a config to save
+        return False
 
 
 def _uniform(graph: DependencyGraph, plan: dict) -> bool:

@@ -91,3 +91,21 @@ def test_falcon_with_as_many_kv_heads_as_heads_prunes_blocks_differently():
                                   pruned.transformer.h[1].self_attention)] == [4, 5]
     with torch.no_grad():
         assert torch.allclose(pruned(ids).logits, zeroed(ids).logits, atol=1e-9, rtol=0)
+
+
+def test_a_config_that_its_class_refuses_is_not_saved_as_exact(tmp_path):
+    """Found by the property test: 3 of 4 heads of 4 with hidden 16 is a valid model, but
+    LlamaConfig refuses hidden % heads != 0 when saving and loading. The folder must then
+    record the plan on the original config, and load_pruned must rebuild it."""
+    from pruning import load_pruned, save_pruned
+
+    dims = Dims(hidden_heads=4, kv_heads=4, head_dim=4, intermediate=3, layers=1)
+    model = tiny_model("llama", dims, seed=8427)
+    graph = build_graph(model)
+    pruned = apply_plan(copy.deepcopy(model), {"model.layers.0.self_attn": [1]}, graph)
+    assert pruned.config.depgraph["config_exact"] is False
+    out = save_pruned(pruned, tmp_path / "model")
+    ids = torch.randint(0, dims.vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(load_pruned(out, dtype=torch.float64)(ids).logits,
+                              pruned(ids).logits, atol=1e-9, rtol=0)
