@@ -44,6 +44,11 @@ def meta_copy(model: nn.Module) -> nn.Module:
             if isinstance(value, torch.Tensor) and id(value) not in memo and not name.startswith("_"):
                 memo[id(value)] = torch.empty_like(value, device="meta")
     clone = copy.deepcopy(model, memo)
+    for module in clone.modules():  # the user's hooks would run on meta tensors: not ours
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                      "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"):
+            if isinstance(getattr(module, hooks, None), dict):
+                getattr(module, hooks).clear()
     clone.eval()
     _trace_friendly_config(clone)
     return clone

@@ -136,3 +136,15 @@ def test_groups_are_deterministic():
     first = [g.to_dict() for g in build_graph(model).groups()]
     second = [g.to_dict() for g in build_graph(model).groups()]
     assert first == second
+
+
+def test_the_users_hooks_neither_run_on_the_trace_nor_go_away():
+    model = tiny_model("llama")
+    seen = []
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda m, a, o: seen.append(o.device))
+    build_graph(model)
+    assert seen == []  # the meta trace did not call it
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long))
+    assert seen == [torch.device("cpu")]
+    handle.remove()
