@@ -148,12 +148,14 @@ def _prune_sequential(model, graph, plan, scores, importance, tokens, reconstruc
     new_plan, info = prune_sequential(model, graph, counts, importance, tokens, recon_tokens,
                                       settings, **kwargs)
     merged = {**scores, **info["scores"]}
-    return new_plan, info["stats"], merged
+    summary = {k: v for k, v in info["stats"].items() if k != "blocks"}  # per-layer detail
+    return new_plan, summary, merged
 
 
 #: ``reconstruct=`` shorthands: which recovery steps the sequential pass runs.
-RECONSTRUCT_MODES = {"pre": {"pre": True, "post": False}, "post": {"pre": False, "post": True},
-                     "both": {"pre": True, "post": True}}
+RECONSTRUCT_MODES = {"pre": {"pre": True, "post": False},
+                     "post": {"pre": False, "post": True, "targets": "all"},
+                     "both": {"pre": True, "post": True, "targets": "level2"}}
 
 
 def _sequential_settings(reconstruct):

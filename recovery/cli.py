@@ -18,19 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from depgraph.argtypes import positive_float, positive_int
+
 __all__ = ["add_recover", "run_recover"]
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
 
 
 def add_recover(subparsers) -> None:
@@ -43,36 +33,36 @@ def add_recover(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers as JSON")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=_positive(int), default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--ppl-tokens", type=int, default=4096,
                         help="WikiText-2 tokens for the quick before/after perplexity (0: skip)")
     group = parser.add_argument_group("reconstruct")
     group.add_argument("--dense", help="the dense model (default: as recorded in DIR)")
     group.add_argument("--calib", default="bundled", help="calibration text (default: bundled)")
-    group.add_argument("--samples", type=_positive(int), default=32,
+    group.add_argument("--samples", type=positive_int, default=32,
                        help="calibration windows (default 32)")
-    group.add_argument("--calib-len", type=_positive(int), default=128,
+    group.add_argument("--calib-len", type=positive_int, default=128,
                        help="tokens per calibration window (default 128)")
     group.add_argument("--targets", default="all", choices=["all", "level2"],
                        help="refit every linear layer, or only those reading pruned channels")
-    group.add_argument("--damping", type=_positive(float), default=0.01,
-                       help="relative ridge damping (default 0.01)")
+    group.add_argument("--damping", type=positive_float, default=1.0,
+                       help="how strongly layers stay near their weights (default 1.0)")
     lora = parser.add_argument_group("lora")
     lora.add_argument("--data", default="bundled",
                       help="Alpaca JSON/JSONL, hf:NAME, a text file or folder (default: bundled)")
-    lora.add_argument("--r", type=_positive(int), default=8)
-    lora.add_argument("--alpha", type=_positive(int), default=16)
+    lora.add_argument("--r", type=positive_int, default=8)
+    lora.add_argument("--alpha", type=positive_int, default=16)
     lora.add_argument("--dropout", type=float, default=0.05)
-    lora.add_argument("--lr", type=_positive(float), default=1e-4)
-    lora.add_argument("--epochs", type=_positive(float), default=2.0)
+    lora.add_argument("--lr", type=positive_float, default=1e-4)
+    lora.add_argument("--epochs", type=positive_float, default=2.0)
     lora.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
-    lora.add_argument("--batch-size", type=_positive(int), default=4)
-    lora.add_argument("--grad-accum", type=_positive(int), default=1)
-    lora.add_argument("--seq-len", type=_positive(int), default=256)
-    lora.add_argument("--max-examples", type=_positive(int), default=1000)
+    lora.add_argument("--batch-size", type=positive_int, default=4)
+    lora.add_argument("--grad-accum", type=positive_int, default=1)
+    lora.add_argument("--seq-len", type=positive_int, default=256)
+    lora.add_argument("--max-examples", type=positive_int, default=1000)
     lora.add_argument("--val-fraction", type=float, default=0.1)
-    lora.add_argument("--eval-steps", type=_positive(int), default=50)
-    lora.add_argument("--patience", type=_positive(int), default=3)
+    lora.add_argument("--eval-steps", type=positive_int, default=50)
+    lora.add_argument("--patience", type=positive_int, default=3)
     lora.add_argument("--train-on-inputs", action="store_true",
                       help="also train on the instruction part of Alpaca records")
     lora.add_argument("--no-merge", action="store_true",

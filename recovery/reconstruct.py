@@ -26,8 +26,8 @@ import time
 import torch
 from torch import nn
 
-from .blocks import batches, capture_calls, find_blocks, run_block
-from .refit import Refit, dense_pass, linear_layers, refit_block
+from .blocks import batches, capture_calls, find_blocks
+from .refit import Refit, block_outputs, dense_targets, linear_layers, refit_block
 
 __all__ = ["TARGETS", "kept_channels", "reconstruct", "check_tokens", "check_damping"]
 
@@ -96,7 +96,7 @@ def post_refits(block_path: str, block: nn.Module, kept: dict, targets: str) -> 
 
 
 def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
-                plan: dict | None = None, targets: str = "all", damping: float = 0.01,
+                plan: dict | None = None, targets: str = "all", damping: float = 1.0,
                 batch_size: int = 8, progress=None) -> dict:
     """Refit ``pruned`` in place so that each block reproduces ``dense``; returns numbers.
 
@@ -109,7 +109,9 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
         ``pruned.config.depgraph``.
     targets : ``"all"`` linear layers of every block, or ``"level2"`` (only those reading
         pruned channels).
-    damping : relative ridge ``λ = damping · mean(diag(X̂ᵀX̂))``.
+    damping : how strongly each layer is held to its present weights, relative to each input
+        channel's energy (see :func:`recovery.lstsq.solve`). 1.0 was best of 0.01, 0.1 and 1
+        on SmolLM2 with the bundled calibration prose (benchmarks/RESULTS.md).
 
     Raises
     ------
@@ -135,14 +137,13 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
     report = []
     for index, (block, dense_block) in enumerate(zip(blocks, dense_blocks, strict=True)):
         refits = post_refits(f"{path}.{index}", block, kept, targets)
-        block_calls = [c[index] for c in calls]
-        dense_states, outputs = dense_pass(dense_block, dense_states, [c[index] for c in dense_calls],
-                                           list(refits))
+        block_calls, block_dense_calls = [c[index] for c in calls], [c[index] for c in dense_calls]
+        dense_states, outputs = dense_targets(dense_block, dense_states, block_dense_calls,
+                                              list(refits))
         layers = refit_block(block, states, block_calls, refits, outputs, damping)
-        with torch.no_grad():
-            states = [run_block(block, h, c) for h, c in zip(states, block_calls, strict=True)]
-        report.append({"block": index, "layers": layers})
+        states = block_outputs(block, states, block_calls)
         del outputs
+        report.append({"block": index, "layers": layers})
         if progress is not None:
             progress.update(1)
     return {"method": "reconstruct", "targets": targets, "damping": damping,
@@ -152,10 +153,15 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
 
 
 def summarize(report: list[dict]) -> dict:
-    """Mean relative output error of the refit layers, before and after."""
-    rows = [layer for block in report for layer in block["layers"].values()]
-    if not rows:
-        return {"layers_refit": 0}
-    return {"layers_refit": len(rows),
-            "mean_error_before": sum(r["error_before"] for r in rows) / len(rows),
-            "mean_error_after": sum(r["error_after"] for r in rows) / len(rows)}
+    """Mean relative output error of the refit layers, before and after (overall and per
+    block); the per-layer numbers stay in ``report``."""
+    def means(rows: list[dict]) -> dict:
+        if not rows:
+            return {"layers_refit": 0}
+        return {"layers_refit": len(rows),
+                "mean_error_before": sum(r["error_before"] for r in rows) / len(rows),
+                "mean_error_after": sum(r["error_after"] for r in rows) / len(rows)}
+
+    per_block = [{"block": b["block"], **means(list(b["layers"].values()))} for b in report]
+    return {**means([layer for b in report for layer in b["layers"].values()]),
+            "per_block": per_block}

@@ -9,6 +9,12 @@ outputs ``Y`` on the dense inputs: ``W = (X̂ᵀX̂ + λI)⁻¹X̂ᵀY``. The ne
 refit layers' outputs: level-1 layers (q/k/v, gate/up) first, then, on the recomputed inner
 activations, the level-2 layers (o, down).
 
+The refit is damped towards the layer's present weights (:func:`recovery.lstsq.solve` with
+the weights as prior, each input channel damped by its own energy): where the calibration
+data says little, the layer stays as it was instead of drifting to fit it. (Measured on
+SmolLM2: undamped or zero-prior refits fit the calibration text better and WikiText-2
+worse.)
+
 A :class:`Refit` says which output rows of a layer are refit, which dense output channels
 they must reproduce, and which input columns they may use (the others are set to zero), so
 the same routine serves a physically pruned model (rows all, targets = the kept channels)
@@ -25,7 +31,8 @@ from torch import nn
 from .blocks import BlockCall, StopForward, run_block, stop_after
 from .lstsq import NormalEquations, solve
 
-__all__ = ["Refit", "linear_layers", "dense_pass", "refit_block", "weight_rows"]
+__all__ = ["Refit", "linear_layers", "block_outputs", "dense_targets", "refit_block",
+           "weight_rows"]
 
 
 @dataclass(frozen=True)
@@ -97,11 +104,19 @@ def _stages(block: nn.Module, hidden: torch.Tensor, call: BlockCall
     return stages, counts
 
 
-def dense_pass(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
-               names: list[str]) -> tuple[list[torch.Tensor], dict[str, list[list[torch.Tensor]]]]:
-    """Run the dense block on every batch: its outputs and the named layers' outputs."""
+def block_outputs(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall]
+                  ) -> list[torch.Tensor]:
+    """The block's outputs on every batch."""
+    with torch.no_grad():
+        return [run_block(block, hidden, call) for hidden, call in zip(states, calls, strict=True)]
+
+
+def dense_targets(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
+                  names: list[str]) -> tuple[list[torch.Tensor], dict[str, list[list[torch.Tensor]]]]:
+    """One pass of the dense block over every batch: its outputs, and the outputs of the
+    named layers (``[name][batch]``, one tensor per call) that the refits reproduce."""
     layers = linear_layers(block)
-    outputs: dict[str, list[list[torch.Tensor]]] = {name: [] for name in names}
+    targets: dict[str, list[list[torch.Tensor]]] = {name: [] for name in names}
     following = []
     for hidden, call in zip(states, calls, strict=True):
         seen, handles = _record({n: layers[n] for n in names}, "output")
@@ -112,21 +127,57 @@ def dense_pass(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCa
             for handle in handles:
                 handle.remove()
         for name in names:
-            outputs[name].append(seen[name])
-    return following, outputs
+            targets[name].append(seen[name])
+    return following, targets
 
 
-def _equations(name: str, module: nn.Module, refit: Refit, inputs: list, targets: list
-               ) -> NormalEquations:
-    equations = NormalEquations(name, bias=module.bias is not None)
-    for x, y in zip(inputs, targets, strict=True):
-        if refit.cols is not None:
-            x = x.index_select(-1, refit.cols.to(x.device))
-        wanted = refit.targets if refit.targets is not None else refit.rows
-        if wanted is not None:
-            y = y.index_select(-1, wanted.to(y.device))
-        equations.add(x, y)
-    return equations
+def _partial_run(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
+                 modules: dict[str, nn.Module], take: str, last: nn.Module, calls: int) -> dict:
+    """Run ``block`` up to the end of a stage, keeping the stage layers' inputs or outputs."""
+    seen, handles = _record(modules, take)
+    try:
+        with stop_after(last, calls), torch.no_grad():
+            run_block(block, hidden, call)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _share_key(module: nn.Module, refit: Refit) -> tuple:
+    """Layers of a stage with the same key read the same design matrix."""
+    cols = None if refit.cols is None else tuple(refit.cols.tolist())
+    return (module.bias is not None, cols)
+
+
+def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Module,
+                     layers: dict[str, nn.Module], states: list[torch.Tensor],
+                     calls: list[BlockCall], targets: dict, end: tuple[str, int]
+                     ) -> dict[str, NormalEquations]:
+    """Normal equations of a stage's layers (shared where they read the same design matrix),
+    accumulated batch by batch: the pruned block's inputs against the dense layers' outputs."""
+    members: dict[tuple, list[str]] = {}
+    for name in names:
+        members.setdefault(_share_key(layers[name], refits[name]), []).append(name)
+    shared = {key: NormalEquations(group[0], bias=key[0]) for key, group in members.items()}
+    for index, (hidden, call) in enumerate(zip(states, calls, strict=True)):
+        inputs = _partial_run(block, hidden, call, {n: layers[n] for n in names}, "input",
+                              layers[end[0]], end[1])
+        for key, group in members.items():
+            cols = refits[group[0]].cols
+            for number, x in enumerate(inputs[group[0]]):  # a group's layers read one x
+                if cols is not None:
+                    x = x.index_select(-1, cols.to(x.device))
+                shared[key].add(x, {name: _wanted(targets[name][index][number], refits[name])
+                                    for name in group})
+    return {name: shared[key] for key, group in members.items() for name in group}
+
+
+def _wanted(y: torch.Tensor, refit: Refit) -> torch.Tensor:
+    wanted = refit.targets if refit.targets is not None else refit.rows
+    return y if wanted is None else y.index_select(-1, wanted.to(y.device))
 
 
 def _write(module: nn.Module, refit: Refit, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -145,57 +196,47 @@ def _write(module: nn.Module, refit: Refit, weight: torch.Tensor, bias: torch.Te
             module.bias[rows.to(device)] = bias.to(device=device, dtype=module.bias.dtype)
 
 
-def _residual(equations: NormalEquations, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+def _residual(equations: NormalEquations, key: str, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> float:
     """``||X W - Y||² / ||Y||²`` from the normal equations (no tokens needed)."""
     stacked = weight.T if bias is None else torch.cat([weight.T, bias[None]], dim=0)
-    gram, cross = equations.xtx, equations.xty
-    error = (stacked * (gram @ stacked)).sum() - 2 * (stacked * cross).sum() + equations.yty
-    return float(error / max(equations.yty, 1e-300))
+    gram, cross, yty = equations.xtx, equations.xty[key], equations.yty[key]
+    error = (stacked * (gram @ stacked)).sum() - 2 * (stacked * cross).sum() + yty
+    return float(error / max(yty, 1e-300))
 
 
-def refit_block(pruned_block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
-                refits: dict[str, Refit], dense_outputs: dict[str, list[list[torch.Tensor]]],
+def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
+                refits: dict[str, Refit], targets: dict[str, list[list[torch.Tensor]]],
                 damping: float) -> dict[str, dict[str, float]]:
     """Refit the layers named in ``refits`` (paths inside the block), stage by stage.
 
     ``states``/``calls``: the pruned model's inputs to this block, per batch;
-    ``dense_outputs[name][batch]``: the dense twin's outputs of that layer, per call.
-    Returns, per layer, the relative output error before and after the refit.
+    ``targets[name][batch]``: the dense layer's outputs (:func:`dense_targets`). For each
+    stage the block runs batch by batch up to the stage's end; the stage's layers are
+    solved before the next stage reads their outputs. Returns, per layer, the relative
+    output error before and after the refit.
     """
     if not refits:
         return {}
-    layers = linear_layers(pruned_block)
+    layers = linear_layers(block)
     unknown = sorted(set(refits) - set(layers))
     if unknown:
         raise ValueError(f"no linear layer {unknown[0]!r} in the block")
     report: dict[str, dict[str, float]] = {}
-    stages, counts = _stages(pruned_block, states[0], calls[0])
+    stages, counts = _stages(block, states[0], calls[0])
     for stage in stages:
         names = [n for n in stage if n in refits]
         if not names:
             continue
-        inputs = {n: [] for n in names}
-        for hidden, call in zip(states, calls, strict=True):
-            seen, handles = _record({n: layers[n] for n in names}, "input")
-            try:
-                with stop_after(layers[stage[-1]], counts[stage[-1]]), torch.no_grad():
-                    run_block(pruned_block, hidden, call)
-            except StopForward:
-                pass
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for name in names:
-                inputs[name].append(seen[name])
+        owners = _stage_equations(names, refits, block, layers, states, calls, targets,
+                                  (stage[-1], counts[stage[-1]]))
         for name in names:
-            module, refit = layers[name], refits[name]
-            x = [t for batch in inputs[name] for t in batch]
-            y = [t for batch in dense_outputs[name] for t in batch]
-            equations = _equations(name, module, refit, x, y)
+            module, refit, equations = layers[name], refits[name], owners[name]
             before = _current(module, refit)
-            weight, bias = solve(equations, damping)
-            report[name] = {"error_before": _residual(equations, *before),
-                            "error_after": _residual(equations, weight, bias),
+            prior = before[0] if before[1] is None else torch.cat([before[0], before[1][:, None]], 1)
+            weight, bias = solve(equations, damping, prior=prior, key=name)
+            report[name] = {"error_before": _residual(equations, name, *before),
+                            "error_after": _residual(equations, name, weight, bias),
                             "tokens": equations.tokens}
             _write(module, refit, weight, bias)
     return report

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import batches, capture_calls, find_blocks, run_block, truncated
+from .blocks import BlockCall, batches, capture_calls, find_blocks, truncated
 from .reconstruct import TARGETS, check_damping, check_tokens, summarize
-from .refit import Refit, dense_pass, linear_layers, refit_block
+from .refit import Refit, block_outputs, dense_targets, linear_layers, refit_block
 
 __all__ = ["SequentialSettings", "prune_sequential", "masked_refits"]
 
@@ -48,8 +48,8 @@ class SequentialSettings:
 
     pre: bool = True
     post: bool = True
-    targets: str = "level2"
-    damping: float = 0.01
+    targets: str = "level2"  # after a pre refit, the level-1 rows that stay are already fit
+    damping: float = 1.0
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -98,17 +98,6 @@ def _check_groups(graph, counts: dict[str, int]) -> dict[int, list]:
     return by_block
 
 
-def _score_block(ctx, criterion: str, path: str, index: int) -> dict[str, np.ndarray]:
-    """Scores of one block's groups; criteria that only read activations see the model cut
-    after this block (the same activations, a fraction of the cost)."""
-    from pruning.importance import needs_loss, score_groups
-
-    if needs_loss(criterion):
-        return score_groups(ctx, criterion)
-    with truncated(ctx.model, path, index + 1):
-        return score_groups(ctx, criterion)
-
-
 def _same(states: list[torch.Tensor], dense_states: list[torch.Tensor]) -> bool:
     """Whether the pruned path still sees the dense inputs (nothing to recover yet)."""
     return all(torch.equal(a, b) for a, b in zip(states, dense_states, strict=True))
@@ -118,6 +107,45 @@ def _lowest(scores: np.ndarray, count: int) -> list[int]:
     return sorted(int(u) for u in np.argsort(np.asarray(scores), kind="stable")[:count])
 
 
+@dataclass
+class _Stream:
+    """Batches flowing through the blocks: their inputs to the current block, and the call
+    (``[batch][block]``) each block received in the model's own forward pass."""
+
+    states: list[torch.Tensor]
+    calls: list[list[BlockCall]]
+
+    @classmethod
+    def capture(cls, model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor,
+                batch_size: int) -> _Stream:
+        return cls(*capture_calls(model, blocks, batches(tokens, batch_size)))
+
+    def at(self, index: int) -> list[BlockCall]:
+        return [per_batch[index] for per_batch in self.calls]
+
+    def run(self, block: nn.Module, index: int) -> list[torch.Tensor]:
+        return block_outputs(block, self.states, self.at(index))
+
+
+def _scores(model, graph, groups, criterion: str, tokens, score: _Stream | None, path: str,
+            index: int, context: dict) -> dict[str, np.ndarray]:
+    """Scores of one block's groups on the current model. Criteria that only read
+    activations see the block run on the scoring batches' activations in front of it
+    (``run_forward``) and, for anything else they run, the model cut after the block."""
+    from pruning.importance import ScoringContext, needs_loss, score_groups
+
+    options = dict(context.get("options") or {})
+    if score is not None:
+        options["run_forward"] = lambda: score.run(model.get_submodule(path)[index], index)
+    ctx = ScoringContext(model, graph, groups, tokens=tokens, options=options,
+                         aggregation=context.get("aggregation", "sum"),
+                         seed=context.get("seed", 0))
+    if needs_loss(criterion):
+        return score_groups(ctx, criterion)
+    with truncated(model, path, index + 1):
+        return score_groups(ctx, criterion)
+
+
 def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion: str,
                      tokens: torch.Tensor | None, recon_tokens: torch.Tensor,
                      settings: SequentialSettings = SequentialSettings(), *,
@@ -125,33 +153,32 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
                      progress=None) -> tuple[dict[str, list[int]], dict]:
     """Prune ``model`` in place block by block (see the module docs); returns plan and stats."""
     from pruning.apply import apply_plan, plan_slices, zero_plan
-    from pruning.importance import ScoringContext
+    from pruning.importance import needs_loss
 
     recon_tokens = check_tokens(recon_tokens)
     start = time.perf_counter()
     by_block = _check_groups(graph, counts)
     path, blocks = find_blocks(model)
-    chunks = batches(recon_tokens, settings.batch_size)
-    hidden, calls = capture_calls(model, blocks, chunks)
-    dense_states, states = list(hidden), list(hidden)
+    recon = _Stream.capture(model, blocks, recon_tokens, settings.batch_size)
+    score = None if tokens is None or needs_loss(criterion) else _Stream.capture(
+        model, blocks, check_tokens(tokens), settings.batch_size)
+    dense_states = list(recon.states)
+    context = {"aggregation": aggregation, "seed": seed, "options": options}
     plan: dict[str, list[int]] = {}
     scores: dict[str, np.ndarray] = {}
     report = []
     for index, block in enumerate(blocks):
-        block_calls = [c[index] for c in calls]
-        dense_block = copy.deepcopy(block)
-        names = list(linear_layers(block))
-        next_dense, outputs = dense_pass(dense_block, dense_states, block_calls, names)
+        dense_block, names = copy.deepcopy(block), list(linear_layers(block))
+        next_dense, targets = dense_targets(dense_block, dense_states, recon.at(index), names)
         layers = {}
-        if settings.pre and not _same(states, dense_states):
-            pre = refit_block(block, states, block_calls, {n: Refit() for n in names}, outputs,
-                              settings.damping)
+        if settings.pre and not _same(recon.states, dense_states):
+            pre = refit_block(block, recon.states, recon.at(index), {n: Refit() for n in names},
+                              targets, settings.damping)
             layers.update({f"pre:{k}": v for k, v in pre.items()})
         groups = [g for g in by_block.get(index, []) if counts[g.id] > 0]
         if groups:
-            ctx = ScoringContext(model, graph, groups, tokens=tokens, aggregation=aggregation,
-                                 seed=seed, options=dict(options or {}))
-            block_scores = _score_block(ctx, criterion, path, index)
+            block_scores = _scores(model, graph, groups, criterion, tokens, score, path, index,
+                                   context)
             local = {g.id: _lowest(block_scores[g.id], counts[g.id]) for g in groups}
             scores.update(block_scores)
             zero_plan(model, local, graph)
@@ -159,13 +186,14 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
             if settings.post:
                 refits = masked_refits(f"{path}.{index}", block, plan_slices(graph, local),
                                        settings.targets)
-                post = refit_block(block, states, block_calls, refits, outputs, settings.damping)
+                post = refit_block(block, recon.states, recon.at(index), refits, targets,
+                                   settings.damping)
                 layers.update({f"post:{k}": v for k, v in post.items()})
-        with torch.no_grad():
-            states = [run_block(block, h, c) for h, c in zip(states, block_calls, strict=True)]
-        dense_states = next_dense
+        recon.states, dense_states = recon.run(block, index), next_dense
+        if score is not None:
+            score.states = score.run(block, index)
         report.append({"block": index, "layers": layers})
-        del dense_block, outputs
+        del dense_block, targets
         if progress is not None:
             progress.update(1)
     apply_plan(model, plan, graph)

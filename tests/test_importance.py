@@ -138,7 +138,8 @@ def test_second_moment_matches_the_formula_by_hand():
     tokens = _tokens(61, n=3, length=12)
     scores = score_groups(ScoringContext(model, graph, [group], tokens=tokens), "second_moment")
     mlp = model.model.layers[0].mlp
-    sigma = input_covariances(model, {"gate": mlp.gate_proj}, tokens)["gate"]
+    context = ScoringContext(model, graph, [group], tokens=tokens)
+    sigma = input_covariances(context, {"gate": mlp.gate_proj})["gate"]
     gate, up, down = (m.weight.detach().double() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     expected = (down ** 2).sum(0) * ((gate @ sigma) * gate).sum(1) * ((up @ sigma) * up).sum(1) * 0.5
     np.testing.assert_allclose(scores[group.id], expected.numpy(), rtol=1e-9)
@@ -150,7 +151,8 @@ def test_covariance_is_the_mean_outer_product_of_inputs():
     mlp = model.model.layers[0].mlp
     seen = []
     handle = mlp.gate_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-    sigma = input_covariances(model, {"gate": mlp.gate_proj}, tokens)["gate"]
+    sigma = input_covariances(ScoringContext(model, build_graph(model), [], tokens=tokens),
+                              {"gate": mlp.gate_proj})["gate"]
     handle.remove()
     x = torch.cat(seen).double()
     torch.testing.assert_close(sigma, x.T @ x / x.shape[0])

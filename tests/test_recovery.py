@@ -14,7 +14,7 @@ from pruning import apply_plan
 from recovery import ReconstructionError, kept_channels, reconstruct
 from recovery.blocks import BlockCall, batches, capture_calls, find_blocks
 from recovery.lstsq import NormalEquations, solve
-from recovery.refit import Refit, dense_pass, refit_block
+from recovery.refit import Refit, dense_targets, refit_block
 
 torch.set_num_threads(1)
 
@@ -24,27 +24,56 @@ def _gen(seed: int) -> torch.Generator:
 
 
 # ------------------------------------------------------------------ the solver
+def _design(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1) if bias else x
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_streamed_normal_equations_match_the_closed_form(bias):
-    x = torch.randn(300, 7, generator=_gen(0), dtype=torch.float64)
+@pytest.mark.parametrize("mode", ["mean", "diag"])
+def test_streamed_normal_equations_match_the_closed_form(bias, mode):
+    x = torch.randn(300, 7, generator=_gen(0), dtype=torch.float64) * torch.linspace(0.1, 30, 7)
     y = torch.randn(300, 3, generator=_gen(1), dtype=torch.float64)
+    prior = torch.randn(3, 7 + bias, generator=_gen(2), dtype=torch.float64)
     equations = NormalEquations("layer", bias=bias)
     for chunk in range(0, 300, 64):  # batches of different sizes
-        equations.add(x[chunk:chunk + 64].float(), y[chunk:chunk + 64].float())
+        equations.add(x[chunk:chunk + 64], y[chunk:chunk + 64])
     damping = 0.05
-    weight, fitted_bias = solve(equations, damping)
-    design = torch.cat([x.float().double(), torch.ones(300, 1, dtype=torch.float64)], 1) if bias \
-        else x.float().double()
+    weight, fitted_bias = solve(equations, damping, prior=prior, mode=mode)
+    design = _design(x, bias)
     gram = design.T @ design
-    lam = damping * gram.diagonal().mean()
-    reference = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64),
-                                   design.T @ y.float().double())
+    penalty = (damping * gram.diagonal() if mode == "diag"
+               else damping * gram.diagonal().mean() * torch.ones(gram.shape[0], dtype=torch.float64))
+    reference = torch.linalg.solve(gram + torch.diag(penalty),
+                                   design.T @ y + penalty[:, None] * prior.T)
     assert torch.allclose(weight, reference[:7].T, atol=1e-10)
     if bias:
         assert torch.allclose(fitted_bias, reference[7], atol=1e-10)
     else:
         assert fitted_bias is None
     assert equations.tokens == 300
+
+
+def test_float32_batches_accumulate_in_float64():
+    x = torch.randn(4096, 6, generator=_gen(3))
+    y = torch.randn(4096, 2, generator=_gen(4))
+    equations = NormalEquations("layer", bias=False)
+    for chunk in range(0, 4096, 512):
+        equations.add(x[chunk:chunk + 512], y[chunk:chunk + 512])
+    assert equations.xtx.dtype == torch.float64
+    exact = x.double().T @ x.double()
+    assert torch.allclose(equations.xtx, exact, rtol=0, atol=1e-6 * float(exact.abs().max()))
+
+
+def test_the_prior_wins_where_the_data_says_nothing():
+    """A channel that is always zero keeps its prior weight instead of dropping to zero."""
+    x = torch.randn(200, 3, generator=_gen(5), dtype=torch.float64)
+    x[:, 2] = 0
+    true = torch.tensor([[1.0, -2.0, 0.0]], dtype=torch.float64)
+    equations = NormalEquations("layer", bias=False)
+    equations.add(x, x @ true.T)
+    prior = torch.tensor([[0.5, 0.5, 7.0]], dtype=torch.float64)
+    weight, _ = solve(equations, 1e-6, prior=prior, mode="mean")
+    assert torch.allclose(weight, torch.tensor([[1.0, -2.0, 7.0]], dtype=torch.float64), atol=1e-4)
 
 
 def test_an_exact_linear_map_is_recovered():
@@ -92,8 +121,8 @@ def test_level2_refit_is_the_least_squares_solution_on_kept_channels():
         pruned.down.weight.data = dense.down.weight[:, keep].clone()
     states = [torch.randn(3, 5, 6, generator=_gen(s), dtype=torch.float64) for s in range(4)]
     calls = [BlockCall((), {}) for _ in states]
-    _, outputs = dense_pass(dense, states, calls, ["down"])
-    report = refit_block(pruned, states, calls, {"down": Refit()}, outputs, damping=1e-9)
+    _, targets = dense_targets(dense, states, calls, ["down"])
+    report = refit_block(pruned, states, calls, {"down": Refit()}, targets, damping=1e-9)
     inner = torch.cat([torch.relu(pruned.up(s)).reshape(-1, 6) for s in states])
     target = torch.cat([dense.down(torch.relu(dense.up(s))).reshape(-1, 6) for s in states])
     reference = torch.linalg.lstsq(inner, target).solution.T
@@ -113,9 +142,9 @@ def test_masked_refit_keeps_pruned_rows_and_columns_zero():
     kept = torch.tensor([0, 2, 3, 5, 6, 7, 8, 9])
     states = [torch.randn(4, 6, generator=_gen(s), dtype=torch.float64) + 1 for s in range(3)]
     calls = [BlockCall((), {}) for _ in states]
-    _, outputs = dense_pass(dense, states, calls, ["up", "down"])
     refits = {"up": Refit(rows=kept, targets=kept), "down": Refit(cols=kept)}
-    refit_block(masked, states, calls, refits, outputs, damping=1e-6)
+    _, targets = dense_targets(dense, states, calls, ["up", "down"])
+    refit_block(masked, states, calls, refits, targets, damping=1e-6)
     assert masked.up.weight[dropped].abs().max() == 0 and masked.up.bias[dropped].abs().max() == 0
     assert masked.down.weight[:, dropped].abs().max() == 0
 

@@ -38,6 +38,22 @@ class ScoringContext:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
+    def run_forward(self) -> None:
+        """Run the calibration data through the model so that hooks see the activations.
+
+        By default every calibration row goes through the whole model, one at a time. A
+        caller that already holds the activations in front of the scored groups (the
+        block-by-block pruner) passes ``options["run_forward"]`` to run just that part.
+        """
+        custom = self.options.get("run_forward")
+        if custom is not None:
+            custom()
+            return
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            for index in range(self.tokens.shape[0]):
+                self.model(input_ids=self.tokens[index:index + 1].to(device), use_cache=False)
+
 
 Criterion = Callable[[ScoringContext], dict[str, np.ndarray]]
 _CRITERIA: dict[str, tuple[Criterion, bool, str, bool]] = {}

@@ -82,12 +82,12 @@ def _position_map(store, producer, consumer) -> np.ndarray | None:
     return index
 
 
-def input_covariances(model: nn.Module, modules: dict[str, nn.Module], tokens: torch.Tensor | None
+def input_covariances(ctx: ScoringContext, modules: dict[str, nn.Module]
                       ) -> dict[str, torch.Tensor]:
     """``Σ_X = E[x xᵀ]`` of each module's input over all calibration tokens (float64)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    if tokens is None:
+    if ctx.tokens is None and "run_forward" not in ctx.options:
         return {}
 
     def hook(name):
@@ -99,10 +99,7 @@ def input_covariances(model: nn.Module, modules: dict[str, nn.Module], tokens: t
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
     try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            for index in range(tokens.shape[0]):
-                model(input_ids=tokens[index:index + 1].to(device), use_cache=False)
+        ctx.run_forward()
     finally:
         for handle in handles:
             handle.remove()
@@ -134,7 +131,7 @@ def second_moment_scores(ctx: ScoringContext, use_data: bool) -> dict[str, np.nd
     modules = dict(ctx.model.named_modules())
     producer_modules = {p[0].param.rpartition(".")[0]: p[1] for producers, _ in roles.values()
                         for p in producers}
-    sigmas = input_covariances(ctx.model, producer_modules, ctx.tokens if use_data else None)
+    sigmas = input_covariances(ctx, producer_modules) if use_data else {}
     fallback = [g for g in ctx.groups if not roles[g.id][0]]
     scores = l2(ScoringContext(ctx.model, ctx.graph, fallback, aggregation=ctx.aggregation)) if fallback else {}
     for group in ctx.groups:
