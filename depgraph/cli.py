@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .argtypes import positive_int
 from .errors import DepGraphError
 
 __all__ = ["COMMANDS", "main"]
@@ -29,16 +30,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse would print usage and exit
         raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _out_path(text: str) -> Path:
@@ -55,7 +46,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=_positive_int, default=2, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=2, metavar="N",
                         help="CPU threads for torch (default: 2)")
 
 
@@ -137,15 +128,18 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("model", metavar="MODEL")
     parser.add_argument("--ppl", metavar="SRC[,SRC]",
                         help="comma-separated text sources: wikitext2, ptb or text files")
-    parser.add_argument("--seq-len", type=_positive_int, default=128, metavar="N",
+    parser.add_argument("--seq-len", type=positive_int, default=128, metavar="N",
                         help="perplexity window and speed prompt length (default: 128)")
-    parser.add_argument("--max-tokens", type=_positive_int, metavar="N",
+    parser.add_argument("--max-tokens", type=positive_int, metavar="N",
                         help="score only the first N tokens of each text")
     parser.add_argument("--zeroshot", metavar="TASKS",
                         help="comma-separated task names or JSONL files, or 'all'")
-    parser.add_argument("--limit", type=_positive_int, metavar="N",
+    parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="first N items of each zero-shot task")
-    parser.add_argument("--batch-size", type=_positive_int, default=4, metavar="N")
+    parser.add_argument("--backend", choices=["native", "lm-eval"], default="native",
+                        help="zero-shot scorer: ours (offline JSONL) or lm-evaluation-harness "
+                             "(needs the lm-eval package and its datasets)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N")
     parser.add_argument("--speed", action="store_true",
                         help="parameters, MACs/token, memory and latency")
     parser.add_argument("--compare", metavar="DENSE",
@@ -183,6 +177,15 @@ def _eval_inputs(args: argparse.Namespace) -> tuple[dict, dict]:
     ppl = args.ppl or ("wikitext2" if not (args.zeroshot or args.speed) else None)
     texts = {name: load_text(name) for name in _split(ppl, "--ppl")}
     names = list(TASKS) if args.zeroshot == "all" else _split(args.zeroshot, "--zeroshot")
+    if args.backend == "lm-eval":
+        from evaluation.harness import HARNESS_TASKS, _lm_eval
+
+        unknown = [n for n in names if n not in HARNESS_TASKS]
+        if unknown:
+            raise ValueError(f"--zeroshot {unknown[0]!r} has no lm-eval counterpart; expected "
+                             f"some of {', '.join(HARNESS_TASKS)}")
+        _lm_eval()  # fail before loading any model
+        return texts, {name: None for name in names}
     tasks = dict(load_task(name, limit=args.limit) for name in names)
     return texts, tasks
 
@@ -206,7 +209,12 @@ def _evaluate(spec: str, texts: dict, tasks: dict, args: argparse.Namespace):
             name: perplexity(model, tokenizer, text, seq_len=args.seq_len,
                              batch_size=args.batch_size, max_tokens=args.max_tokens)
             for name, text in texts.items()}
-    if tasks:
+    if tasks and args.backend == "lm-eval":
+        from evaluation.harness import evaluate_with_lm_eval
+
+        results["zeroshot"] = evaluate_with_lm_eval(model, tokenizer, list(tasks),
+                                                    limit=args.limit, batch_size=args.batch_size)
+    elif tasks:
         results["zeroshot"] = {name: score_items(model, tokenizer, items, batch_size=args.batch_size)
                                for name, items in tasks.items()}
     if args.speed:

@@ -8,8 +8,8 @@ Steps, each announced on one line with its time (tqdm bars on a terminal):
    :mod:`depgraph.models`) and its tokenizer;
 2. trace its dependency graph and write ``graph.html`` (the coupled groups, block by block);
 3. prune ``--ratio`` of the parameters with ``--importance`` (:func:`pruning.prune`);
-4. reconstruct: **hook** for ``recovery.reconstruct``; while it does not exist the step is
-   skipped and the report says so;
+4. reconstruct: refit the pruned model's linear layers block by block against the dense
+   model (:func:`recovery.reconstruct`, least squares, no training; ``--no-reconstruct``);
 5. evaluate the dense and 6. the pruned model: WikiText-2 perplexity, zero-shot accuracy,
    parameters, weight bytes, MACs, peak forward memory, prefill / generation tokens/s at
    batch 1 and 4, and next-token agreement with the dense model;
@@ -34,14 +34,15 @@ import copy
 import math
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+from .argtypes import positive_int
+from .argtypes import ratio as ratio_arg
 
 __all__ = ["FAST", "FULL", "DemoSettings", "add_demo", "run_demo", "run_job"]
 
@@ -68,6 +69,8 @@ class DemoSettings:
     new_tokens: int = 16
     repeats: int = 2
     agreement_windows: int = 16
+    reconstruct: bool = True
+    recon_samples: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,7 +89,8 @@ FULL = DemoSettings()
 #: Tiny settings for tests (``--fast``).
 FAST = DemoSettings(sweep=(0.2, 0.4), samples=2, calib_len=32, seq_len=32, ppl_tokens=512,
                     sweep_tokens=256, tasks=("piqa", "winogrande"), zeroshot_limit=4,
-                    batch_size=4, new_tokens=4, repeats=1, agreement_windows=4)
+                    batch_size=4, new_tokens=4, repeats=1, agreement_windows=4,
+                    recon_samples=4)
 
 _STEPS = ("load model and tokenizer", "trace the dependency graph, write graph.html",
           "score and prune", "reconstruct", "evaluate the dense model",
@@ -95,20 +99,10 @@ _STEPS = ("load model and tokenizer", "trace the dependency graph, write graph.h
 
 
 # ------------------------------------------------------------------------------ CLI
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
 def _ratios(text: str) -> tuple[float, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
-    return tuple(_ratio(part.strip()) for part in text.split(","))
+    return tuple(ratio_arg(part.strip()) for part in text.split(","))
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -118,16 +112,6 @@ def _names(text: str) -> tuple[str, ...]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"empty name in {text!r}")
     return names
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_demo(subparsers) -> None:
@@ -145,7 +129,7 @@ def add_demo(subparsers) -> None:
     parser.add_argument("--fast", action="store_true",
                         help="tiny settings (tests); explicit options still win")
     option = {"default": None}
-    parser.add_argument("--ratio", type=_ratio, **option, help="fraction of parameters to remove "
+    parser.add_argument("--ratio", type=ratio_arg, **option, help="fraction of parameters to remove "
                         f"(default {FULL.ratio})")
     parser.add_argument("--importance", **option, help=f"criterion (default {FULL.importance})")
     parser.add_argument("--ranking", choices=["global", "global_raw", "local"], **option,
@@ -155,22 +139,26 @@ def add_demo(subparsers) -> None:
     parser.add_argument("--sweep", type=_ratios, **option,
                         help="comma-separated ratios for the sweep, or 'none' (0.1,0.2,0.3)")
     parser.add_argument("--calib", **option, help=f"calibration source ({FULL.calib})")
-    parser.add_argument("--samples", type=_count, **option,
+    parser.add_argument("--samples", type=positive_int, **option,
                         help=f"calibration samples ({FULL.samples})")
-    parser.add_argument("--seq-len", type=_count, **option,
+    parser.add_argument("--seq-len", type=positive_int, **option,
                         help=f"perplexity window and speed prompt length ({FULL.seq_len})")
-    parser.add_argument("--ppl-tokens", type=_count, **option,
+    parser.add_argument("--ppl-tokens", type=positive_int, **option,
                         help=f"WikiText-2 tokens for dense vs pruned ({FULL.ppl_tokens})")
-    parser.add_argument("--sweep-tokens", type=_count, **option,
+    parser.add_argument("--sweep-tokens", type=positive_int, **option,
                         help=f"WikiText-2 tokens per sweep point ({FULL.sweep_tokens})")
-    parser.add_argument("--zeroshot-limit", type=_count, **option,
+    parser.add_argument("--zeroshot-limit", type=positive_int, **option,
                         help=f"items per zero-shot task ({FULL.zeroshot_limit})")
     parser.add_argument("--tasks", type=_names, **option,
                         help=f"zero-shot tasks or 'none' ({','.join(FULL.tasks)})")
-    parser.add_argument("--batch-size", type=_count, **option,
+    parser.add_argument("--batch-size", type=positive_int, **option,
                         help=f"evaluation batch size ({FULL.batch_size})")
+    parser.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                        default=None, help="evaluate the pruned model without reconstruction")
+    parser.add_argument("--recon-samples", type=positive_int, **option,
+                        help=f"calibration windows for reconstruction ({FULL.recon_samples})")
     parser.add_argument("--seed", type=int, **option)
-    parser.add_argument("--threads", type=_count, default=2, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=2, metavar="N",
                         help="CPU threads for torch (default: 2)")
     parser.set_defaults(handler=run_demo)
 
@@ -234,23 +222,14 @@ def run_job(model_spec: str, out: str | os.PathLike[str], settings: DemoSettings
     _check_out(out, overwrite)
     if threads:
         torch.set_num_threads(threads)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the report is an ordinary folder
-    try:
+    from evaluation.report import write_report
+
+    from .paths import atomic_folder
+
+    with atomic_folder(out) as work:
         report = _steps(model_spec, work, settings, out)
         report.update(command=command, threads=torch.get_num_threads())
-        from evaluation.report import write_report
-
         write_report(work, report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return report
 
 
@@ -266,9 +245,9 @@ def _steps(spec: str, work: Path, settings: DemoSettings, out: Path) -> dict:
     with step(_STEPS[1]):
         graph = _graph(dense, work / "graph.html")
     with step(_STEPS[2], f" ({settings.importance}, ratio {settings.ratio})"):
-        pruned, result, tokens = _prune(dense, tokenizer, graph.pop("graph"), settings)
+        pruned, result = _prune(dense, tokenizer, graph.pop("graph"), settings)
     with step(_STEPS[3]):
-        recon = _reconstruct(dense, pruned, tokenizer, tokens, result)
+        recon = _reconstruct(dense, pruned, tokenizer, settings, result)
         pruned = recon.pop("model")
     with step(_STEPS[4]):
         dense_results = _evaluate(dense, tokenizer, ids, settings)
@@ -335,7 +314,7 @@ def _graph(dense, html_path: Path) -> dict:
 
 
 def _prune(dense, tokenizer, graph, settings: DemoSettings):
-    """Prune a copy of ``dense``; returns it, a JSON-ready summary, and the calibration."""
+    """Prune a copy of ``dense``; returns it and a JSON-ready summary."""
     import numpy as np
 
     from pruning import prune
@@ -369,7 +348,7 @@ def _prune(dense, tokenizer, graph, settings: DemoSettings):
     summary = {"stats": stats, "plan": result.plan, "graph": graph, "kept_rows": kept_rows,
                "kinds_summary": _kinds_summary(graph, result.plan), "importance": importance,
                "scores": result.scores}
-    return model, summary, tokens
+    return model, summary
 
 
 def _kinds_summary(graph, plan: dict) -> dict:
@@ -389,40 +368,26 @@ def _kinds_summary(graph, plan: dict) -> dict:
     return out
 
 
-def _reconstruct(dense, pruned, tokenizer, tokens, result) -> dict:
-    """HOOK for least-squares reconstruction (arXiv 2407.19126, issue 4).
+def _reconstruct(dense, pruned, tokenizer, settings: DemoSettings, result) -> dict:
+    """Least-squares reconstruction of the pruned model against the dense one
+    (:func:`recovery.reconstruct`, arXiv 2407.19126) on ``recon_samples`` fresh windows of
+    the calibration source; ``--no-reconstruct`` skips it."""
+    if not settings.reconstruct:
+        return {"model": pruned, "status": "off", "detail": "--no-reconstruct was given"}
+    from pruning.calibration import calibration_tokens
+    from recovery import reconstruct
+    from recovery.blocks import find_blocks
 
-    If ``recovery.reconstruct`` exists it is called as ``reconstruct(pruned, **kwargs)``
-    with those of ``dense``, ``tokenizer``, ``tokens``, ``plan`` and ``graph`` that its
-    signature names; it may return the model or change it in place. Until then the step is
-    skipped and the report says so.
-    """
-    import inspect
-
-    try:
-        import recovery
-    except ImportError:
-        recovery = None
-    fn = getattr(recovery, "reconstruct", None)
-    if fn is None:
-        print("      skipped: recovery.reconstruct is not implemented yet (issue 4); the "
-              "pruned model is evaluated as pruned, without reconstruction", flush=True)
-        return {"model": pruned, "status": "skipped",
-                "detail": "`recovery.reconstruct` is not implemented yet (issue 4), so the "
-                          "numbers below are for the pruned model without reconstruction"}
-    offered = {"dense": dense, "tokenizer": tokenizer, "tokens": tokens,
-               "plan": result["plan"], "graph": result["graph"]}
-    accepted = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in offered.items() if k in accepted}
-    try:
-        returned = fn(pruned, **kwargs)
-    except Exception as exc:  # a hook into a module under construction: report, go on
-        print(f"warning: recovery.reconstruct failed: {exc!r}; evaluating without it",
-              file=sys.stderr)
-        return {"model": pruned, "status": "failed", "detail": f"{type(exc).__name__}: {exc}"}
-    model = returned if hasattr(returned, "parameters") else pruned
-    return {"model": model, "status": "applied",
-            "detail": f"recovery.reconstruct({', '.join(['pruned', *kwargs])})"}
+    tokens = calibration_tokens(tokenizer, settings.calib, n_samples=settings.recon_samples,
+                                seq_len=settings.calib_len, seed=settings.seed + 1, model=dense)
+    bar = _bar(len(find_blocks(dense)[1]), "reconstruction")
+    stats = reconstruct(pruned, dense, tokens, plan=result["plan"], progress=bar)
+    bar.close()
+    stats.pop("blocks")
+    detail = (f"every linear layer refit block by block on {tokens.shape[0]} x "
+              f"{tokens.shape[1]} tokens of {settings.calib}; mean relative layer output error "
+              f"{stats['mean_error_before']:.4f} -> {stats['mean_error_after']:.4f}")
+    return {"model": pruned, "status": "applied", "detail": detail, **stats}
 
 
 def _ppl(model, ids: dict, settings: DemoSettings) -> dict:

@@ -8,17 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from depgraph.argtypes import positive_int, ratio
+
 __all__ = ["add_prune", "run_prune"]
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}")
-    return value
 
 
 def add_prune(subparsers) -> None:
@@ -28,26 +20,33 @@ def add_prune(subparsers) -> None:
         "prune", help="score coupled groups, remove the weakest, save a normal HF folder",
         description="Criteria: " + "; ".join(f"{k}: {v}" for k, v in available_importance().items()))
     parser.add_argument("model", help="local folder, hub id, or 'default'")
-    parser.add_argument("--ratio", type=_ratio, required=True, help="fraction of parameters to remove")
+    parser.add_argument("--ratio", type=ratio, required=True, help="fraction of parameters to remove")
     parser.add_argument("--importance", default="taylor", help="criterion name (default: taylor)")
     parser.add_argument("--calib", default="bundled",
                         help="bundled | wikitext2 | self | FILE | FOLDER | hf:NAME[:CONFIG[:SPLIT]]")
-    parser.add_argument("--samples", type=int, default=10, help="calibration samples (default 10)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    parser.add_argument("--samples", type=positive_int, default=10, help="calibration samples (default 10)")
+    parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sample (default 128)")
     parser.add_argument("--kinds", default="mlp,attention",
                         help="group kinds that may shrink: mlp, attention, hidden, experts")
     parser.add_argument("--layers", default=None, help="blocks that may shrink, e.g. 3:-2")
     parser.add_argument("--ranking", default="global", choices=["global", "global_raw", "local"])
-    parser.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of N")
+    parser.add_argument("--round-to", type=positive_int, default=1, help="kept widths are multiples of N")
     parser.add_argument("--aggregation", default="sum", choices=["sum", "mean", "max", "prod", "last"])
     parser.add_argument("--tau", type=float, default=None, help="JS threshold for retraining_free")
+    parser.add_argument("--reconstruct", nargs="?", const="both", default=None,
+                        choices=["pre", "post", "both"],
+                        help="least-squares reconstruction while pruning block by block: "
+                             "before each block is pruned (pre), after (post) or both "
+                             "(the default when the flag is given alone)")
+    parser.add_argument("--recon-samples", type=positive_int, default=32,
+                        help="calibration windows for --reconstruct (default 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ppl-tokens", type=int, default=4096,
                         help="WikiText-2 tokens for the quick before/after perplexity (0: skip)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers as JSON")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.set_defaults(handler=run_prune)
 
 
@@ -78,7 +77,8 @@ def run_prune(args: argparse.Namespace) -> int:
     result = prune(model, args.ratio, args.importance, tokenizer=tokenizer, calib=args.calib,
                    n_samples=args.samples, seq_len=args.seq_len, kinds=args.kinds,
                    layers=args.layers, ranking=args.ranking, round_to=args.round_to,
-                   aggregation=args.aggregation, seed=args.seed, options=options, progress=progress)
+                   aggregation=args.aggregation, seed=args.seed, options=options, progress=progress,
+                   reconstruct=args.reconstruct, recon_samples=args.recon_samples)
     if progress is not None:
         progress.close()
     after_ppl = _quick_ppl(result.model, tokenizer, args.ppl_tokens)
@@ -113,6 +113,11 @@ def _table(stats: dict) -> str:
     for kind, width in sorted(stats["kept_widths"].items()):
         rows.append((f"kept {kind} units (mean)", "", f"{width:.1f}"))
     rows.append(("criterion", "", stats["criterion"]))
+    recon = stats.get("reconstruction")
+    if recon:
+        steps = "+".join(step for step in ("pre", "post") if recon[step])
+        rows.append((f"reconstruction ({steps})", f"{recon.get('mean_error_before', 0):.4f}",
+                     f"{recon.get('mean_error_after', 0):.4f}"))
     if stats.get("peak_rss_bytes"):
         rows.append(("peak memory (scoring)", "", f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB"))
     rows.append(("time", "", f"{stats['total_seconds']:.1f} s"))

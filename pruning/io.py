@@ -10,13 +10,12 @@ rebuilds any pruned model, including ones whose blocks differ.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from depgraph.paths import atomic_folder
 
 from .apply import RECORD_KEY, apply_plan
 
@@ -34,9 +33,7 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bo
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {str(out)!r} exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -46,12 +43,6 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bo
         (tmp / "pruning.json").write_text(json.dumps(info, indent=1, default=str))
         if writer is not None:
             writer(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import math
+import sys
+import types
 
 import networkx as nx
 import pytest
@@ -124,3 +126,39 @@ def test_help_exits_zero(capsys):
     out = capsys.readouterr().out
     for command in ("inspect", "prune", "recover", "eval"):
         assert command in out
+
+
+def test_eval_lm_eval_backend_without_the_package_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
+    assert main(["eval", str(TINY), "--zeroshot", "piqa", "--backend", "lm-eval"]) == 2
+    assert "needs the lm-eval package" in capsys.readouterr().err
+
+
+def test_eval_lm_eval_backend_hands_our_model_to_the_harness(capsys, monkeypatch, tmp_path):
+    """With lm-eval installed, our model object and lm-eval's task names reach it."""
+    calls = {}
+
+    class FakeHFLM:
+        def __init__(self, pretrained, tokenizer, batch_size):
+            calls["model"], calls["batch_size"] = pretrained, batch_size
+
+    def simple_evaluate(model, tasks, limit):
+        calls.update(tasks=tasks, limit=limit, wrapped=model)
+        return {"results": {t: {"acc,none": 0.5, "acc_norm,none": 0.25} for t in tasks},
+                "n-samples": {t: {"effective": limit} for t in tasks}}
+
+    harness = types.ModuleType("lm_eval")
+    harness.simple_evaluate = simple_evaluate
+    models = types.ModuleType("lm_eval.models")
+    hf = types.ModuleType("lm_eval.models.huggingface")
+    hf.HFLM = FakeHFLM
+    monkeypatch.setitem(sys.modules, "lm_eval", harness)
+    monkeypatch.setitem(sys.modules, "lm_eval.models", models)
+    monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", hf)
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(TINY), "--zeroshot", "piqa,openbook_qa", "--backend", "lm-eval",
+                 "--limit", "7", "--json", str(report)]) == 0
+    assert calls["tasks"] == ["piqa", "openbookqa"] and calls["limit"] == 7
+    assert isinstance(calls["wrapped"], FakeHFLM) and hasattr(calls["model"], "config")
+    zeroshot = json.loads(report.read_text())["zeroshot"]
+    assert zeroshot["openbook_qa"] == {"acc": 0.5, "acc_norm": 0.25, "n": 7}
