@@ -9,6 +9,7 @@ units, and save -> load round-trips the logits.
 from __future__ import annotations
 
 import copy
+import os
 import random
 import tempfile
 
@@ -107,7 +108,9 @@ def _dims():
         layers=st.integers(1, 2), tied=st.booleans(), bias=st.booleans())
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# DEPGRAPH_PROPERTY_EXAMPLES=500 runs a longer search than CI's 20 examples
+@settings(max_examples=int(os.environ.get("DEPGRAPH_PROPERTY_EXAMPLES", "20")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(arch=st.sampled_from(ARCHS), dims=_dims(), seed=st.integers(0, 10_000),
        with_hidden=st.booleans())
 def test_random_configs_and_plans(arch, dims, seed, with_hidden, tmp_path):
