@@ -1,0 +1,210 @@
+"""Quality of pruned models: WikiText-2 perplexity per criterion, ratio and recovery.
+
+    python benchmarks/quality.py --criteria all --ratios 0.2 --layers all,3:-2 --tp
+    python benchmarks/quality.py --criteria second_moment --ratios 0.2,0.3 \\
+        --recovery none,reconstruct,reconstruct+lora,lora --lora-steps 60
+
+Every cell runs in a fresh interpreter (so its peak memory is its own) on the same model
+(default: SmolLM2-135M, float32), the same calibration windows (``--calib``, seeded) and the
+same evaluation text: the first ``--ppl-tokens`` tokens of the WikiText-2 raw test split in
+windows of 128 tokens. A cell is
+
+* ``dense``: the model as it is;
+* a depgraph criterion at a ratio of parameters, on a block range (``all`` or ``3:-2``,
+  LLM-Pruner's choice: the first 3 and last 2 blocks stay), global ranking of the MLP
+  channels and (KV) heads, with recovery ``none``, ``reconstruct`` (sequential least
+  squares before and after each block, :mod:`recovery.sequential`), ``lora``
+  (``--lora-steps`` steps of LoRA on the calibration prose) or ``reconstruct+lora``;
+* ``torch-pruning``: LLM-Pruner's Taylor pruning through torch-pruning (``tp_baseline.py``),
+  on the same block range, at the channel fraction that removes the same share.
+
+Printed: a markdown table with perplexity, the share of parameters removed, and wall time
+and peak RSS of each step. ``--json FILE`` keeps every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import markdown_table, run_worker, step  # noqa: E402
+
+ALL_CRITERIA = ("random", "l1", "l2", "second_moment_datafree", "taylor", "taylor_element",
+                "taylor_second", "second_moment", "retraining_free")
+RECOVERY = ("none", "reconstruct", "lora", "reconstruct+lora")
+
+
+# ------------------------------------------------------------------------------ worker
+def _blocks(layers: str, count: int) -> range:
+    from pruning.selection import parse_layers
+
+    return range(count) if layers == "all" else parse_layers(layers, count)
+
+
+def _perplexity(model, tokenizer, tokens: int) -> float:
+    from evaluation import load_text, perplexity
+
+    return float(perplexity(model, tokenizer, load_text("wikitext2"), seq_len=128,
+                            batch_size=8, max_tokens=tokens)["ppl"])
+
+
+def _lora(model, tokenizer, spec: dict, record: dict):
+    from recovery import LoraSettings, merge, train_lora
+
+    settings = LoraSettings(max_steps=spec["lora_steps"], eval_steps=max(1, spec["lora_steps"] // 3),
+                            seq_len=128, batch_size=4, learning_rate=2e-4,
+                            max_examples=spec["lora_steps"] * 4 + 40, patience=2)
+    with step(record, "lora"):
+        result = train_lora(model, tokenizer, spec["calib"], settings, progress=None)
+        model = merge(result.model)
+    record["lora_val_ppl"] = [round(result.stats["val_ppl_before"], 2),
+                              round(result.stats["val_ppl_best"], 2)]
+    return model
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from depgraph.models import load_model, load_tokenizer
+    from pruning import prune
+    from pruning.calibration import calibration_tokens
+
+    record: dict = dict(spec)
+    tokenizer = load_tokenizer(spec["model"])
+    model = load_model(spec["model"], dtype=torch.float32).eval()
+    total = sum(p.numel() for p in model.parameters())
+    calib = calibration_tokens(tokenizer, spec["calib"], n_samples=spec["calib_samples"],
+                               seq_len=128, seed=spec["seed"])
+    recovery = spec.get("recovery", "none")
+    if spec["tool"] == "torch-pruning":
+        from tp_baseline import torch_pruning_taylor
+
+        blocks = _blocks(spec["layers"], model.config.num_hidden_layers)
+        with step(record, "prune"):
+            model, info = torch_pruning_taylor(model, calib, spec["ratio"], blocks)
+        record.update(info)
+    elif spec["tool"] == "depgraph":
+        recon_tokens = None
+        if "reconstruct" in recovery:
+            recon_tokens = calibration_tokens(tokenizer, spec["calib"],
+                                              n_samples=spec["recon_samples"], seq_len=128,
+                                              seed=spec["seed"] + 1)
+        layers = None if spec["layers"] == "all" else spec["layers"]
+        with step(record, "prune"):
+            result = prune(model, spec["ratio"], spec["criterion"], tokenizer=tokenizer,
+                           tokens=calib, layers=layers, seed=spec["seed"],
+                           reconstruct="both" if recon_tokens is not None else None,
+                           recon_tokens=recon_tokens)
+        model = result.model
+        if "reconstruction" in result.stats:
+            record["reconstruction_seconds"] = result.stats["reconstruction"]["seconds"]
+    if "lora" in recovery:
+        model = _lora(model, tokenizer, spec, record)
+    record["ratio_removed"] = 1 - sum(p.numel() for p in model.parameters()) / total
+    with step(record, "eval"):
+        record["ppl"] = _perplexity(model, tokenizer, spec["ppl_tokens"])
+    return record
+
+
+# ------------------------------------------------------------------------------ driver
+def _cells(args) -> list[dict]:
+    base = {"model": args.model, "calib": args.calib, "calib_samples": args.calib_samples,
+            "recon_samples": args.recon_samples, "lora_steps": args.lora_steps,
+            "ppl_tokens": args.ppl_tokens, "threads": args.threads, "seed": args.seed}
+    cells = [{**base, "tool": "dense", "criterion": "-", "ratio": 0.0, "layers": "-"}]
+    for ratio in args.ratios:
+        for layers in args.layers:
+            for criterion in args.criteria:
+                for recovery in args.recovery:
+                    cells.append({**base, "tool": "depgraph", "criterion": criterion,
+                                  "ratio": ratio, "layers": layers, "recovery": recovery})
+            if args.tp:
+                cells.append({**base, "tool": "torch-pruning", "criterion": "taylor (LLM-Pruner)",
+                              "ratio": ratio, "layers": layers, "recovery": "none"})
+    return cells
+
+
+def _seconds(cell: dict, name: str) -> str:
+    value = cell.get(name, {}).get("seconds")
+    return "" if value is None else f"{value:.0f}"
+
+
+def _peak(cell: dict, name: str) -> str:
+    value = cell.get(name, {}).get("peak_mb")
+    return "" if value is None else f"{value / 1024:.2f}"
+
+
+def table(cells: list[dict]) -> str:
+    header = ["tool", "criterion", "ratio", "blocks", "recovery", "removed", "ppl",
+              "prune s", "prune GiB", "LoRA s", "LoRA GiB"]
+    rows = []
+    for cell in cells:
+        if "error" in cell:
+            rows.append([cell["tool"], cell["criterion"], cell["ratio"], cell["layers"],
+                         cell.get("recovery", ""), "", f"error: {cell['error'][:120]}", "", "",
+                         "", ""])
+            continue
+        rows.append([cell["tool"], cell["criterion"], cell["ratio"], cell["layers"],
+                     cell.get("recovery", "-"), f"{cell['ratio_removed']:.1%}",
+                     f"{cell['ppl']:.2f}", _seconds(cell, "prune"), _peak(cell, "prune"),
+                     _seconds(cell, "lora"), _peak(cell, "lora")])
+    return markdown_table(header, rows)
+
+
+def _list(kind):
+    return lambda text: [kind(item) for item in text.split(",") if item]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--criteria", default="second_moment",
+                        help="comma-separated criteria, or 'all'")
+    parser.add_argument("--ratios", type=_list(float), default=[0.2])
+    parser.add_argument("--layers", type=_list(str), default=["all"])
+    parser.add_argument("--recovery", type=_list(str), default=["none"])
+    parser.add_argument("--tp", action="store_true", help="add the torch-pruning baseline")
+    parser.add_argument("--calib", default="bundled")
+    parser.add_argument("--calib-samples", type=int, default=10)
+    parser.add_argument("--recon-samples", type=int, default=32)
+    parser.add_argument("--lora-steps", type=int, default=60)
+    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker)), default=str))
+        return 0
+    args.criteria = list(ALL_CRITERIA) if args.criteria == "all" else args.criteria.split(",")
+    bad = [r for r in args.recovery if r not in RECOVERY]
+    if bad:
+        parser.error(f"--recovery {bad[0]!r}: expected some of {', '.join(RECOVERY)}")
+    cells = []
+    start = time.perf_counter()
+    for spec in _cells(args):
+        label = f"{spec['tool']} {spec['criterion']} {spec['ratio']} {spec['layers']} " \
+                f"{spec.get('recovery', '')}"
+        print(f"[{time.perf_counter() - start:7.0f} s] {label}", file=sys.stderr, flush=True)
+        cells.append(run_worker(__file__, spec, args.timeout))
+        if "error" in cells[-1]:
+            print(f"    {cells[-1]['error']}", file=sys.stderr, flush=True)
+    print(table(cells))
+    print(f"\n{len(cells)} cells in {time.perf_counter() - start:.0f} s; WikiText-2 raw test, "
+          f"first {args.ppl_tokens} tokens, windows of 128; calibration {args.calib} "
+          f"{args.calib_samples} x 128 (seed {args.seed}); {args.threads} threads.")
+    if args.json:
+        args.json.write_text(json.dumps(cells, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Run the benchmarks and gather their tables into ``benchmarks/RESULTS.md``.
+
+    python benchmarks/run_all.py                      # every section (hours on 2 CPU cores)
+    python benchmarks/run_all.py --sections speed     # re-run some; the others are kept
+
+Each section is one script run in its own process; its markdown output goes into the
+section under its heading together with the exact command, the date and the wall time, so
+every figure in RESULTS.md says how it was produced. A section that fails keeps its old
+text and gets the error appended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+PY = "python"
+
+#: name -> (title, script and arguments, what the section shows)
+SECTIONS: dict[str, tuple[str, list[str], str]] = {
+    "graph_scale": (
+        "Graph of a Llama-3-70B-shaped model on the meta device",
+        ["graph_scale.py"],
+        "Target: under 60 s and 3 GiB peak RSS on 2 CPU cores (issue 2)."),
+    "vs_torch_pruning": (
+        "depgraph next to torch-pruning: graph cost at ~1B and correct grouping on 14 architectures",
+        ["vs_torch_pruning.py", "--part", "all"],
+        "Each tool prunes one MLP channel group and one attention unit of layer 0 of every "
+        "architecture; `correct` means the pruned model's logits equal the original's with "
+        "exactly the removed slices zeroed."),
+    "criteria": (
+        "SmolLM2-135M at 20% of parameters removed: every criterion, and torch-pruning's Taylor",
+        ["quality.py", "--criteria", "all", "--ratios", "0.2", "--layers", "all,3:-2", "--tp"],
+        "No retraining, no reconstruction. Same calibration (10 x 128 tokens of the bundled "
+        "prose) for every row; `3:-2` keeps the first 3 and the last 2 blocks whole as "
+        "LLM-Pruner does."),
+    "recovery": (
+        "Recovery on SmolLM2-135M: pruned, + reconstruction, + LoRA",
+        ["quality.py", "--criteria", "second_moment", "--ratios", "0.2,0.3", "--recovery",
+         "none,reconstruct,lora,reconstruct+lora", "--lora-steps", "60"],
+        "Reconstruction: the sequential least-squares pass (pre and post, 32 x 128 tokens); "
+        "LoRA: 60 steps of batch 4 x 128 tokens of the calibration prose, rank 8."),
+    "sweep": (
+        "Ratio sweep on SmolLM2-135M: 10/20/30/50% per criterion, with and without reconstruction",
+        ["quality.py", "--criteria", "l2,taylor,second_moment,retraining_free", "--ratios",
+         "0.1,0.2,0.3,0.5", "--recovery", "none,reconstruct"],
+        "LoRA for these ratios: see the recovery section (one criterion)."),
+    "speed": (
+        "Speed and memory of SmolLM2-135M pruned by 20% next to dense",
+        ["speed.py", "--ratio", "0.2", "--batch", "16", "--round-to", "64"],
+        "Target: at least 1.2x generation tokens/s on the CPU and a matching drop in memory."),
+}
+
+
+def _machine() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def _run(name: str, timeout: float) -> str:
+    title, command, note = SECTIONS[name]
+    shown = " ".join([PY, f"benchmarks/{command[0]}", *command[1:]])
+    start = time.perf_counter()
+    print(f"== {name}: {shown}", file=sys.stderr, flush=True)
+    try:
+        done = subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]],
+                              capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
+        body, ok = done.stdout.strip(), done.returncode == 0
+        error = "" if ok else (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    except subprocess.TimeoutExpired:
+        body, ok, error = "", False, f"timed out after {timeout:.0f} s"
+    minutes = (time.perf_counter() - start) / 60
+    head = (f"## {title}\n\n<!-- section: {name} -->\n\nCommand: `{shown}` "
+            f"({time.strftime('%Y-%m-%d')}, {minutes:.0f} min, {_machine()}).\n\n{note}\n\n")
+    if not ok:
+        return head + (body + "\n\n" if body else "") + f"**Failed:** {error}\n"
+    return head + body + "\n"
+
+
+def _split(text: str) -> dict[str, str]:
+    parts = re.split(r"(?=^## )", text, flags=re.M)
+    found = {}
+    for part in parts:
+        match = re.search(r"<!-- section: (\w+) -->", part)
+        if match:
+            found[match.group(1)] = part.rstrip() + "\n"
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--timeout", type=float, default=4 * 3600, help="per section, seconds")
+    args = parser.parse_args(argv)
+    chosen = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r}; expected some of {', '.join(SECTIONS)}")
+    sections = _split(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name in chosen:
+        sections[name] = _run(name, args.timeout)
+        ordered = [sections[n] for n in SECTIONS if n in sections]
+        RESULTS.write_text("# Benchmark results\n\nWritten by `python benchmarks/run_all.py` "
+                           "(see benchmarks/README.md); each section names the command that "
+                           "produced it.\n\n" + "\n".join(ordered))
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
