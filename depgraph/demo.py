@@ -320,6 +320,7 @@ def _prune(dense, tokenizer, graph, settings: DemoSettings):
     from pruning import prune
     from pruning.calibration import calibration_tokens
     from pruning.importance import get_importance
+    from pruning.selection import group_scale
 
     tokens = None
     if get_importance(settings.importance)[1]:
@@ -342,7 +343,7 @@ def _prune(dense, tokenizer, graph, settings: DemoSettings):
                               "units": group.num_units, "kept": group.num_units - len(removed)})
         if group.id in result.scores:
             raw = np.asarray(result.scores[group.id], dtype=np.float64)
-            scale = float(np.abs(raw).mean()) or 1.0
+            scale = group_scale(raw) or 1.0  # as the global ranking normalises
             importance.append({"group": group.id, "kind": group.kind, "layer": group.layer,
                                "raw": raw, "scores": raw / scale, "removed": removed})
     summary = {"stats": stats, "plan": result.plan, "graph": graph, "kept_rows": kept_rows,

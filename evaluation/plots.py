@@ -159,7 +159,7 @@ def plot_importance(groups: Sequence[Mapping[str, Any]], path: str | os.PathLike
     if log:
         left.set_xscale("log")
     left.set_yscale("log")
-    left.set_xlabel("normalised importance (score / group mean |score|)")
+    left.set_xlabel("normalised importance (score / group geometric mean |score|)")
     left.set_ylabel("units")
     left.set_title("Distribution: kept (filled) and removed (hatched) units")
     left.title.set_fontsize(10)

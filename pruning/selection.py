@@ -5,8 +5,9 @@
 out) that :func:`pruning.apply_plan` consumes. Three rankings:
 
 ``"global"`` (default, LLM-Pruner's global pruning)
-    Each group's scores are divided by the group's mean absolute score, so that groups whose
-    scores live on different scales (layers, kinds, parameter counts) become comparable; then
+    Each group's scores are divided by the group's typical score (the geometric mean of the
+    non-zero magnitudes, :func:`group_scale`), so that groups whose scores live on different
+    scales (layers, kinds, parameter counts) become comparable; then
     all eligible units are sorted together and removed, lowest first, until at least
     ``ratio × total_params`` parameters are gone. The plan overshoots the target by less than
     the cost of the last unit taken (with ``round_to > 1``: of the last chunk, see below).
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["KINDS", "CHANNEL_KINDS", "DEFAULT_KINDS", "RANKINGS", "LLM_PRUNER_LAYERS",
-           "parse_layers", "removed_params", "select_plan"]
+           "group_scale", "parse_layers", "removed_params", "select_plan"]
 
 #: Group kinds (see :mod:`depgraph.groups`).
 KINDS: tuple[str, ...] = ("hidden", "mlp", "attention_head", "kv_group", "expert")
@@ -150,8 +151,22 @@ def _check_scores(groups: Sequence[Any], scores: Mapping[str, Any]) -> list[np.n
     return checked
 
 
+def group_scale(values: np.ndarray) -> float:
+    """The typical magnitude of a group's scores: the geometric mean of the non-zero |s|.
+
+    Scores span decades, and a few units of some blocks (the channels behind the massive
+    activations of Llama-like models) score orders of magnitude above the rest: divided by
+    the arithmetic mean, every other unit of such a block looks unimportant and global
+    ranking empties it (SmolLM2 lost 98% of four blocks' MLPs; perplexity 242 where the
+    geometric mean gives 166, second_moment at 20%).
+    """
+    magnitudes = np.abs(np.asarray(values, dtype=np.float64))
+    magnitudes = magnitudes[magnitudes > 0]
+    return float(np.exp(np.log(magnitudes).mean())) if magnitudes.size else 0.0
+
+
 def _normalised(values: np.ndarray) -> np.ndarray:
-    scale = float(np.abs(values).mean()) if values.size else 0.0
+    scale = group_scale(values)
     return values / scale if scale > 0 else values
 
 

@@ -82,7 +82,8 @@ def ranked_scores(groups, scores, normalise):
     out = {}
     for group in groups:
         values = scores[group.id]
-        scale = np.abs(values).mean()
+        nonzero = np.abs(values)[np.abs(values) > 0]
+        scale = np.exp(np.log(nonzero).mean()) if nonzero.size else 0.0  # geometric mean
         out[group.id] = values / scale if normalise and scale > 0 else values
     return out
 
@@ -291,3 +292,14 @@ def test_real_llama_groups_prune_to_the_target():
     apply_plan(model, plan, graph)
     assert sum(p.numel() for p in model.parameters()) == total - removed  # groups do not overlap
     model(torch.tensor([[1, 2, 3, 4]]))
+
+
+def test_the_group_scale_is_robust_to_a_few_huge_scores():
+    """A block's few massive-activation channels must not make its other units look tiny."""
+    from pruning.selection import group_scale
+
+    typical = np.full(99, 2.0)
+    assert group_scale(np.concatenate([[1e9], typical])) < 2.5  # the mean would be ~1e7
+    assert group_scale(np.array([0.0, 4.0, 1.0])) == pytest.approx(2.0)  # zeros ignored
+    assert group_scale(np.zeros(3)) == 0.0
+    assert group_scale(np.array([-3.0, 3.0])) == pytest.approx(3.0)
