@@ -4,7 +4,10 @@ A pruned model saves as a normal Hugging Face folder: ``model.save_pretrained(ou
 because :func:`pruning.apply_plan` keeps ``model.config`` right. When every block was pruned
 alike, plain ``AutoModelForCausalLM.from_pretrained(out)`` loads it. The config also carries
 ``depgraph`` (the original config and the plans applied), from which :func:`load_pruned`
-rebuilds any pruned model, including ones whose blocks differ.
+rebuilds any pruned model, including ones whose blocks differ. For those, :func:`save_pruned`
+also writes a small ``modeling_depgraph.py`` and an ``auto_map`` entry, so that
+``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` loads it too (through
+:func:`load_pruned`; depgraph must be installed where it is loaded).
 """
 
 from __future__ import annotations
@@ -41,9 +44,57 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bo
         info = {"plans": record.get("plans", []), "config_exact": record.get("config_exact"),
                 **(extra or {})}
         (tmp / "pruning.json").write_text(json.dumps(info, indent=1, default=str))
+        if record and not record.get("config_exact", True):
+            _write_remote_code(tmp, model)
         if writer is not None:
             writer(tmp)
     return out
+
+
+REMOTE_MODULE = "modeling_depgraph"
+
+_REMOTE_CODE = '''"""Loads this folder, pruned by depgraph with blocks of different widths.
+
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` lands here; the
+shapes of each block are rebuilt from the plans recorded in config.json by depgraph's
+``pruning.load_pruned``, so depgraph must be installed.
+"""
+
+from transformers import {base} as _Base
+
+
+class {name}(_Base):
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            from pruning.io import load_pruned
+        except ImportError:
+            load_pruned = None
+        if load_pruned is None:
+            raise ImportError("this model was pruned by depgraph with blocks of different "
+                              "widths; install depgraph to load it")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        device = kwargs.get("device_map")
+        return load_pruned(pretrained_model_name_or_path,
+                           dtype=None if dtype in (None, "auto") else dtype,
+                           device=device if isinstance(device, str) and device != "auto" else "cpu")
+'''
+
+
+def _write_remote_code(folder: Path, model: nn.Module) -> None:
+    """``modeling_depgraph.py`` and the ``auto_map`` that points at it (see the module doc)."""
+    import transformers
+
+    base = _model_class(type(model.config).from_dict(getattr(model.config, RECORD_KEY)["original_config"]))
+    if getattr(transformers, base.__name__, None) is not base:
+        return  # not a class transformers exports by name: load_pruned still works
+    name = f"Depgraph{base.__name__}"
+    (folder / f"{REMOTE_MODULE}.py").write_text(_REMOTE_CODE.format(base=base.__name__, name=name))
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {**config.get("auto_map", {}),
+                          "AutoModelForCausalLM": f"{REMOTE_MODULE}.{name}"}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_pruning_info(path: str | Path) -> dict:
@@ -67,12 +118,12 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
+    path = _local_folder(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{str(path)!r} is not a model folder (expected a config.json in it)")
     config = AutoConfig.from_pretrained(path)
     record = getattr(config, RECORD_KEY, None)
-    dtype = dtype or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     if not record or record.get("config_exact", True):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     original = type(config).from_dict(record["original_config"])
@@ -90,6 +141,19 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
     model = pruned_class.from_pretrained(path, config=original, dtype=dtype)
     setattr(model.config, RECORD_KEY, record)
     return model.to(device).eval()
+
+
+def _local_folder(path: str | Path) -> Path:
+    """``path`` itself, or the local snapshot of a hub repository id (downloaded when online)."""
+    if Path(path).exists() or not isinstance(path, str) or path.count("/") > 1:
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path))
+    except Exception as exc:  # offline, unknown repo, ...: say what was asked for
+        raise ValueError(f"{path!r} is neither a model folder nor a reachable Hugging Face "
+                         f"repository ({type(exc).__name__})") from None
 
 
 def _model_class(config) -> type:

@@ -298,7 +298,8 @@ def select_plan(groups: Sequence[Any], scores: Mapping[str, Any], *,
     layers : blocks that may shrink (:func:`parse_layers`); ``None`` = all. Groups without a
         block (``hidden``) are eligible whenever their kind is.
     kinds : kinds that may shrink; default :data:`DEFAULT_KINDS` (with ``kind_ratios``: its
-        keys, which must lie within ``kinds`` when both are given).
+        keys, which must lie within ``kinds`` when both are given; a kind of ``kinds`` that
+        ``kind_ratios`` does not name keeps all its units).
     ranking : ``"global"``, ``"global_raw"`` or ``"local"`` (ignored with ``kind_ratios``).
     round_to : kept widths of channel groups are multiples of it.
     min_keep : units every group keeps at least (never fewer than 1).
@@ -321,7 +322,7 @@ def select_plan(groups: Sequence[Any], scores: Mapping[str, Any], *,
     values = _check_scores(eligible, scores)
     allowed = [_allowed_counts(g, round_to, min_keep) for g in eligible]
     if kind_ratios is not None:
-        counts = [_nearest_count(int(g.num_units), steps, kind_ratios[g.kind])
+        counts = [_nearest_count(int(g.num_units), steps, kind_ratios.get(g.kind, 0.0))
                   for g, steps in zip(eligible, allowed, strict=True)]
     else:
         target = ratio * total_params

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from depgraph import build_graph
 from depgraph.cli import main
 from depgraph.paths import models_dir
-from pruning import load_pruned, prune
+from pruning import load_pruned, prune, save_pruned
 
 torch.set_num_threads(1)
 STORIES = models_dir() / "stories260K"
@@ -85,6 +85,29 @@ def test_non_uniform_plan_loads_with_load_pruned(tmp_path):
     ids = tokenizer("The cat sat", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, result.model(ids).logits, atol=1e-6)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "nonuniform")
+
+
+def test_non_uniform_plan_loads_with_trust_remote_code(tmp_path):
+    model, tokenizer = _stories()
+    result = prune(model, ratio=0.2, importance="l2", ranking="global")
+    assert not result.model.config.depgraph["config_exact"]
+    save_pruned(result.model, tmp_path / "out", tokenizer=tokenizer)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_depgraph.")
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True,
+                                                  dtype=torch.float64)
+    assert next(remote.parameters()).dtype == torch.float64
+    ids = tokenizer("The cat sat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(remote(ids).logits.float(), result.model(ids).logits, atol=1e-5)
+    # a uniform plan needs no remote code
+    uniform = prune(_stories()[0], importance="l2", ratio=None, kind_ratios={"mlp": 0.25},
+                    ranking="local")
+    save_pruned(uniform.model, tmp_path / "uniform")
+    assert "auto_map" not in json.loads((tmp_path / "uniform" / "config.json").read_text())
+    assert not (tmp_path / "uniform" / "modeling_depgraph.py").exists()
 
 
 def test_prune_on_another_architecture_with_self_generated_calibration():

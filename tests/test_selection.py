@@ -191,6 +191,10 @@ def test_kind_ratios_per_group():
     rounded = select_plan(groups, scores, kind_ratios={"mlp": 0.3}, total_params=10_000,
                           round_to=8)
     assert {k: len(v) for k, v in rounded.items()} == {"a": 8, "b": 2}  # 12 is as near 8 as 16
+    # kinds allowed but not named by kind_ratios keep all their units
+    only_mlp = select_plan(groups, scores, kind_ratios={"mlp": 0.3}, total_params=10_000,
+                           kinds={"mlp", "kv_group"})
+    assert set(only_mlp) == {"a", "b"}
     with pytest.raises(ValueError, match=r"kind_ratios names kinds \['hidden'\] that are not in"):
         select_plan(groups, scores, kind_ratios={"hidden": 0.1}, total_params=10_000,
                     kinds={"mlp"})
