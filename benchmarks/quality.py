@@ -16,7 +16,10 @@ windows of 128 tokens. A cell is
   squares before and after each block, :mod:`recovery.sequential`), ``lora``
   (``--lora-steps`` steps of LoRA on the calibration prose) or ``reconstruct+lora``;
 * ``torch-pruning``: LLM-Pruner's Taylor pruning through torch-pruning (``tp_baseline.py``),
-  on the same block range, at the channel fraction that removes the same share.
+  on the same block range, at the channel fraction that removes the same share: ``--tp``
+  configured as torch-pruning's ``prune_llm.py`` (heads, MLP and hidden channels),
+  ``--tp-mlp`` LLM-Pruner's block-wise setting on the MLP channels only (compare it with
+  depgraph cells run with ``--kinds mlp``).
 
 Printed: a markdown table with perplexity, the share of parameters removed, and wall time
 and peak RSS of each step. ``--json FILE`` keeps every number.
@@ -87,7 +90,8 @@ def worker(spec: dict) -> dict:
 
         blocks = _blocks(spec["layers"], model.config.num_hidden_layers)
         with step(record, "prune"):
-            model, info = torch_pruning_taylor(model, calib, spec["ratio"], blocks)
+            model, info = torch_pruning_taylor(model, calib, spec["ratio"], blocks,
+                                               mlp_only=spec["kinds"] == "mlp")
         record.update(info)
     elif spec["tool"] == "depgraph":
         recon_tokens = None
@@ -99,6 +103,7 @@ def worker(spec: dict) -> dict:
         with step(record, "prune"):
             result = prune(model, spec["ratio"], spec["criterion"], tokenizer=tokenizer,
                            tokens=calib, layers=layers, seed=spec["seed"],
+                           kinds=None if spec["kinds"] == "default" else spec["kinds"],
                            reconstruct="both" if recon_tokens is not None else None,
                            recon_tokens=recon_tokens)
         model = result.model
@@ -116,7 +121,8 @@ def worker(spec: dict) -> dict:
 def _cells(args) -> list[dict]:
     base = {"model": args.model, "calib": args.calib, "calib_samples": args.calib_samples,
             "recon_samples": args.recon_samples, "lora_steps": args.lora_steps,
-            "ppl_tokens": args.ppl_tokens, "threads": args.threads, "seed": args.seed}
+            "ppl_tokens": args.ppl_tokens, "threads": args.threads, "seed": args.seed,
+            "kinds": args.kinds}
     cells = [{**base, "tool": "dense", "criterion": "-", "ratio": 0.0, "layers": "-"}]
     for ratio in args.ratios:
         for layers in args.layers:
@@ -124,9 +130,11 @@ def _cells(args) -> list[dict]:
                 for recovery in args.recovery:
                     cells.append({**base, "tool": "depgraph", "criterion": criterion,
                                   "ratio": ratio, "layers": layers, "recovery": recovery})
-            if args.tp:
-                cells.append({**base, "tool": "torch-pruning", "criterion": "taylor (LLM-Pruner)",
-                              "ratio": ratio, "layers": layers, "recovery": "none"})
+            for wanted, kinds in ((args.tp, "default"), (args.tp_mlp, "mlp")):
+                if wanted:
+                    cells.append({**base, "tool": "torch-pruning", "kinds": kinds,
+                                  "criterion": "taylor (LLM-Pruner)", "ratio": ratio,
+                                  "layers": layers, "recovery": "none"})
     return cells
 
 
@@ -140,18 +148,25 @@ def _peak(cell: dict, name: str) -> str:
     return "" if value is None else f"{value / 1024:.2f}"
 
 
+def _kinds(cell: dict) -> str:
+    if cell["tool"] == "dense":
+        return "-"
+    return "mlp" if cell.get("kinds") == "mlp" else "heads+mlp" + (
+        "+hidden" if cell["tool"] == "torch-pruning" else "")
+
+
 def table(cells: list[dict]) -> str:
-    header = ["tool", "criterion", "ratio", "blocks", "recovery", "removed", "ppl",
+    header = ["tool", "criterion", "ratio", "blocks", "kinds", "recovery", "removed", "ppl",
               "prune s", "prune GiB", "LoRA s", "LoRA GiB"]
     rows = []
     for cell in cells:
         if "error" in cell:
             rows.append([cell["tool"], cell["criterion"], cell["ratio"], cell["layers"],
-                         cell.get("recovery", ""), "", f"error: {cell['error'][:120]}", "", "",
-                         "", ""])
+                         _kinds(cell), cell.get("recovery", ""), "",
+                         f"error: {cell['error'][:120]}", "", "", "", ""])
             continue
         rows.append([cell["tool"], cell["criterion"], cell["ratio"], cell["layers"],
-                     cell.get("recovery", "-"), f"{cell['ratio_removed']:.1%}",
+                     _kinds(cell), cell.get("recovery", "-"), f"{cell['ratio_removed']:.1%}",
                      f"{cell['ppl']:.2f}", _seconds(cell, "prune"), _peak(cell, "prune"),
                      _seconds(cell, "lora"), _peak(cell, "lora")])
     return markdown_table(header, rows)
@@ -170,7 +185,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ratios", type=_list(float), default=[0.2])
     parser.add_argument("--layers", type=_list(str), default=["all"])
     parser.add_argument("--recovery", type=_list(str), default=["none"])
-    parser.add_argument("--tp", action="store_true", help="add the torch-pruning baseline")
+    parser.add_argument("--kinds", default="default",
+                        help="group kinds depgraph may shrink, comma-separated (default: "
+                             "MLP channels and (KV) heads)")
+    parser.add_argument("--tp", action="store_true",
+                        help="add torch-pruning configured as its prune_llm.py")
+    parser.add_argument("--tp-mlp", action="store_true",
+                        help="add torch-pruning on the MLP channels only (LLM-Pruner block-wise)")
     parser.add_argument("--calib", default="bundled")
     parser.add_argument("--calib-samples", type=int, default=10)
     parser.add_argument("--recon-samples", type=int, default=32)

@@ -42,6 +42,15 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "No retraining, no reconstruction. Same calibration (10 x 128 tokens of the bundled "
         "prose) for every row; `3:-2` keeps the first 3 and the last 2 blocks whole as "
         "LLM-Pruner does."),
+    "vs_llm_pruner": (
+        "SmolLM2-135M at 20%, MLP channels only: depgraph next to torch-pruning's LLM-Pruner",
+        ["quality.py", "--criteria", "taylor,second_moment", "--kinds", "mlp", "--ratios", "0.2",
+         "--layers", "all,3:-2", "--tp-mlp"],
+        "torch-pruning's own head pruning fails on SmolLM2's 9 query / 3 KV heads (the "
+        "criteria section's error rows; see tp_baseline.py), so the like-for-like comparison "
+        "is LLM-Pruner's block-wise setting on the MLP channels, which torch-pruning handles: "
+        "same calibration (10 x 128), same criterion (Taylor) and same share of parameters. "
+        "No retraining, no reconstruction."),
     "recovery": (
         "Recovery on SmolLM2-135M: pruned, + reconstruction, + LoRA",
         ["quality.py", "--criteria", "second_moment", "--ratios", "0.2,0.3", "--recovery",
