@@ -64,7 +64,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "the number of blocks (issue 4)."),
     "sweep": (
         "Ratio sweep on SmolLM2-135M: 10/20/30/50% per criterion, with and without reconstruction",
-        ["quality.py", "--criteria", "taylor,second_moment,retraining_free", "--ratios",
+        ["quality.py", "--criteria", "taylor,second_moment", "--ratios",
          "0.1,0.3,0.5", "--recovery", "none,reconstruct", "--ppl-tokens", "8192"],
         "20%: see the criteria and recovery sections; LoRA for these ratios: see the recovery "
         "section (one criterion). Perplexity on the first 8192 tokens here, so the dense row "
