@@ -91,7 +91,7 @@ def worker(spec: dict) -> dict:
         blocks = _blocks(spec["layers"], model.config.num_hidden_layers)
         with step(record, "prune"):
             model, info = torch_pruning_taylor(model, calib, spec["ratio"], blocks,
-                                               mlp_only=spec["kinds"] == "mlp")
+                                               mlp_only=spec.get("kinds") == "mlp")
         record.update(info)
     elif spec["tool"] == "depgraph":
         recon_tokens = None
@@ -103,7 +103,8 @@ def worker(spec: dict) -> dict:
         with step(record, "prune"):
             result = prune(model, spec["ratio"], spec["criterion"], tokenizer=tokenizer,
                            tokens=calib, layers=layers, seed=spec["seed"],
-                           kinds=None if spec["kinds"] == "default" else spec["kinds"],
+                           kinds=None if spec.get("kinds", "default") == "default"
+                           else spec["kinds"],
                            reconstruct="both" if recon_tokens is not None else None,
                            recon_tokens=recon_tokens)
         model = result.model
