@@ -104,7 +104,7 @@ def worker(spec: dict) -> dict:
             result = prune(model, spec["ratio"], spec["criterion"], tokenizer=tokenizer,
                            tokens=calib, layers=layers, seed=spec["seed"],
                            kinds=None if spec.get("kinds", "default") == "default"
-                           else spec["kinds"],
+                           else spec["kinds"], ranking=spec.get("ranking", "global"),
                            reconstruct="both" if recon_tokens is not None else None,
                            recon_tokens=recon_tokens)
         model = result.model
@@ -123,7 +123,7 @@ def _cells(args) -> list[dict]:
     base = {"model": args.model, "calib": args.calib, "calib_samples": args.calib_samples,
             "recon_samples": args.recon_samples, "lora_steps": args.lora_steps,
             "ppl_tokens": args.ppl_tokens, "threads": args.threads, "seed": args.seed,
-            "kinds": args.kinds}
+            "kinds": args.kinds, "ranking": args.ranking}
     cells = [{**base, "tool": "dense", "criterion": "-", "ratio": 0.0, "layers": "-"}]
     for ratio in args.ratios:
         for layers in args.layers:
@@ -189,6 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="default",
                         help="group kinds depgraph may shrink, comma-separated (default: "
                              "MLP channels and (KV) heads)")
+    parser.add_argument("--ranking", default="global", choices=["global", "global_raw", "local"],
+                        help="how depgraph compares units across groups")
     parser.add_argument("--tp", action="store_true",
                         help="add torch-pruning configured as its prune_llm.py")
     parser.add_argument("--tp-mlp", action="store_true",

@@ -51,6 +51,14 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "is LLM-Pruner's block-wise setting on the MLP channels, which torch-pruning handles: "
         "same calibration (10 x 128), same criterion (Taylor) and same share of parameters. "
         "No retraining, no reconstruction."),
+    "vs_llm_pruner_local": (
+        "SmolLM2-135M at 20%, MLP channels only, ranked per block as torch-pruning does",
+        ["quality.py", "--criteria", "taylor_element", "--kinds", "mlp", "--ranking", "local",
+         "--ratios", "0.2", "--layers", "3:-2", "--recovery", "none,reconstruct", "--tp-mlp"],
+        "torch-pruning prunes the same fraction of every block (`global_pruning=False`, as in "
+        "LLM-Pruner) with element-wise Taylor scores; depgraph with the same criterion and "
+        "`ranking=local` chooses the same channels. Least-squares reconstruction (sequential, "
+        "pre and post, 32 x 128 tokens; no training) then goes below it."),
     "recovery": (
         "Recovery on SmolLM2-135M: pruned, + reconstruction, + LoRA",
         ["quality.py", "--criteria", "second_moment", "--ratios", "0.2,0.3", "--recovery",
