@@ -41,7 +41,10 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         ["quality.py", "--criteria", "all", "--ratios", "0.2", "--layers", "all,3:-2", "--tp"],
         "No retraining, no reconstruction. Same calibration (10 x 128 tokens of the bundled "
         "prose) for every row; `3:-2` keeps the first 3 and the last 2 blocks whole as "
-        "LLM-Pruner does."),
+        "LLM-Pruner does. depgraph ranks globally (scores normalised per group). The "
+        "torch-pruning rows are configured as its `prune_llm.py` (heads, MLP and hidden "
+        "channels): on SmolLM2's 9 query / 3 KV heads `pruner.step()` fails with `shape "
+        "'[9, -1]' is invalid for input of size 192`; the MLP-only comparisons follow."),
     "vs_llm_pruner": (
         "SmolLM2-135M at 20%, MLP channels only: depgraph next to torch-pruning's LLM-Pruner",
         ["quality.py", "--criteria", "taylor,second_moment", "--kinds", "mlp", "--ratios", "0.2",
