@@ -103,7 +103,7 @@ def worker(spec: dict) -> dict:
         with step(record, "prune"):
             result = prune(model, spec["ratio"], spec["criterion"], tokenizer=tokenizer,
                            tokens=calib, layers=layers, seed=spec["seed"],
-                           kinds=None if spec.get("kinds", "default") == "default"
+                           kinds="mlp,attention" if spec.get("kinds", "default") == "default"
                            else spec["kinds"], ranking=spec.get("ranking", "global"),
                            reconstruct="both" if recon_tokens is not None else None,
                            recon_tokens=recon_tokens)
