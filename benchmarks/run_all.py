@@ -115,13 +115,12 @@ def _run(name: str, timeout: float) -> str:
 
 
 def _split(text: str) -> dict[str, str]:
-    parts = re.split(r"(?=^## )", text, flags=re.M)
-    found = {}
-    for part in parts:
-        match = re.search(r"<!-- section: (\w+) -->", part)
-        if match:
-            found[match.group(1)] = part.rstrip() + "\n"
-    return found
+    """Sections by name. A section runs from its heading (the ``## `` line just before its
+    marker) to the next section's heading, so headings in a script's output stay inside."""
+    heads = list(re.finditer(r"^## [^\n]*\n\n<!-- section: (\w+) -->", text, flags=re.M))
+    ends = [m.start() for m in heads[1:]] + [len(text)]
+    return {m.group(1): text[m.start():end].rstrip() + "\n"
+            for m, end in zip(heads, ends, strict=True)}
 
 
 def main(argv=None) -> int:
