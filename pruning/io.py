@@ -69,10 +69,8 @@ class {name}(_Base):
         try:
             from pruning.io import load_pruned
         except ImportError:
-            load_pruned = None
-        if load_pruned is None:
             raise ImportError("this model was pruned by depgraph with blocks of different "
-                              "widths; install depgraph to load it")
+                              "widths; install depgraph to load it") from None
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         device = kwargs.get("device_map")
         return load_pruned(pretrained_model_name_or_path,
@@ -85,7 +83,7 @@ def _write_remote_code(folder: Path, model: nn.Module) -> None:
     """``modeling_depgraph.py`` and the ``auto_map`` that points at it (see the module doc)."""
     import transformers
 
-    base = _model_class(type(model.config).from_dict(getattr(model.config, RECORD_KEY)["original_config"]))
+    base = _model_class(model.config)  # the class depends only on the config's type
     if getattr(transformers, base.__name__, None) is not base:
         return  # not a class transformers exports by name: load_pruned still works
     name = f"Depgraph{base.__name__}"
