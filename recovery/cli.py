@@ -45,8 +45,11 @@ def add_recover(subparsers) -> None:
                        help="tokens per calibration window (default 128)")
     group.add_argument("--targets", default="all", choices=["all", "level2"],
                        help="refit every linear layer, or only those reading pruned channels")
-    group.add_argument("--damping", type=positive_float, default=1.0,
-                       help="how strongly layers stay near their weights (default 1.0)")
+    group.add_argument("--damping", type=positive_float, default=4.0,
+                       help="how strongly layers stay near their weights (default 4.0)")
+    group.add_argument("--correction", type=float, default=1.0,
+                       help="share (0-1) of each block's output error that its last "
+                            "projection is refit to cancel (default 1.0)")
     lora = parser.add_argument_group("lora")
     lora.add_argument("--data", default="bundled",
                       help="Alpaca JSON/JSONL, hf:NAME, a text file or folder (default: bundled)")
@@ -95,7 +98,8 @@ def _reconstruct(model, tokenizer, info: dict, args: argparse.Namespace) -> tupl
                                 seq_len=args.calib_len, seed=args.seed)
     print(f"reconstructing against {dense_spec} on {args.samples} x {args.calib_len} tokens "
           f"of {args.calib} ...", flush=True)
-    stats = reconstruct(model, dense, tokens, targets=args.targets, damping=args.damping)
+    stats = reconstruct(model, dense, tokens, targets=args.targets, damping=args.damping,
+                        correction=args.correction)
     stats.pop("blocks")
     return model, stats, None
 

@@ -29,7 +29,8 @@ from torch import nn
 from .blocks import batches, capture_calls, find_blocks
 from .refit import Refit, block_outputs, dense_targets, linear_layers, refit_block
 
-__all__ = ["TARGETS", "kept_channels", "reconstruct", "check_tokens", "check_damping"]
+__all__ = ["TARGETS", "kept_channels", "reconstruct", "check_tokens", "check_damping",
+           "check_correction"]
 
 TARGETS = ("all", "level2")
 
@@ -38,6 +39,12 @@ def check_damping(damping: float) -> float:
     if not isinstance(damping, (int, float)) or not damping > 0 or damping != damping:
         raise ValueError(f"damping must be a positive number, got {damping!r}")
     return float(damping)
+
+
+def check_correction(correction: float) -> float:
+    if not isinstance(correction, (int, float)) or not 0 <= correction <= 1:
+        raise ValueError(f"correction must be a number in [0, 1], got {correction!r}")
+    return float(correction)
 
 
 def check_tokens(tokens) -> torch.Tensor:
@@ -96,8 +103,8 @@ def post_refits(block_path: str, block: nn.Module, kept: dict, targets: str) -> 
 
 
 def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
-                plan: dict | None = None, targets: str = "all", damping: float = 1.0,
-                batch_size: int = 8, progress=None) -> dict:
+                plan: dict | None = None, targets: str = "all", damping: float = 4.0,
+                correction: float = 1.0, batch_size: int = 8, progress=None) -> dict:
     """Refit ``pruned`` in place so that each block reproduces ``dense``; returns numbers.
 
     Parameters
@@ -110,8 +117,15 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
     targets : ``"all"`` linear layers of every block, or ``"level2"`` (only those reading
         pruned channels).
     damping : how strongly each layer is held to its present weights, relative to each input
-        channel's energy (see :func:`recovery.lstsq.solve`). 1.0 was best of 0.01, 0.1 and 1
-        on SmolLM2 with the bundled calibration prose (benchmarks/RESULTS.md).
+        channel's energy (see :func:`recovery.lstsq.solve`). With the output correction, 4
+        was best of 0.1, 1, 4 and 12 on SmolLM2 with the bundled calibration prose (measured
+        with the sequential pass, benchmarks/RESULTS.md); less damping fits the 4096
+        calibration tokens better and WikiText-2 worse.
+    correction : the share of each block's output error (dense output minus pruned output)
+        that the layers whose output passes straight into the block's output (a residual
+        branch's last projection) take up in their targets, 0 to 1 (see
+        :func:`recovery.refit.refit_block`): without it the error the pruned inputs carry
+        flows on down the residual stream.
 
     Raises
     ------
@@ -123,6 +137,7 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     damping, tokens = check_damping(damping), check_tokens(tokens)
+    correction = check_correction(correction)
     start = time.perf_counter()
     plans = [plan] if plan is not None else _recorded_plans(pruned)
     kept = kept_channels(dense, plans)
@@ -140,13 +155,15 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
         block_calls, block_dense_calls = [c[index] for c in calls], [c[index] for c in dense_calls]
         dense_states, outputs = dense_targets(dense_block, dense_states, block_dense_calls,
                                               list(refits))
-        layers = refit_block(block, states, block_calls, refits, outputs, damping)
+        layers = refit_block(block, states, block_calls, refits, outputs, damping,
+                             dense_states, correction)
         states = block_outputs(block, states, block_calls)
         del outputs
         report.append({"block": index, "layers": layers})
         if progress is not None:
             progress.update(1)
     return {"method": "reconstruct", "targets": targets, "damping": damping,
+            "correction": correction,
             "samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
             "seconds": round(time.perf_counter() - start, 3), "blocks": report,
             **summarize(report)}

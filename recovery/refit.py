@@ -9,6 +9,13 @@ outputs ``Y`` on the dense inputs: ``W = (X̂ᵀX̂ + λI)⁻¹X̂ᵀY``. The ne
 refit layers' outputs: level-1 layers (q/k/v, gate/up) first, then, on the recomputed inner
 activations, the level-2 layers (o, down).
 
+A layer whose output passes unchanged into the block's output (a residual branch's last
+projection: down_proj; found by probing, :func:`passes_through`) can also take up the
+block's output error: its target becomes the dense block's output minus the rest of the
+pruned block's output, so each block cancels the error its pruned inputs bring along instead
+of handing it on (``correction``; on SmolLM2 at 20% it took reconstruction from 132.6 to
+124.1 WikiText-2 perplexity, pruned only 143.8).
+
 The refit is damped towards the layer's present weights (:func:`recovery.lstsq.solve` with
 the weights as prior, each input channel damped by its own energy): where the calibration
 data says little, the layer stays as it was instead of drifting to fit it. (Measured on
@@ -32,7 +39,7 @@ from .blocks import BlockCall, StopForward, run_block, stop_after
 from .lstsq import NormalEquations, solve
 
 __all__ = ["Refit", "linear_layers", "block_outputs", "dense_targets", "refit_block",
-           "weight_rows"]
+           "weight_rows", "passes_through"]
 
 
 @dataclass(frozen=True)
@@ -152,27 +159,97 @@ def _share_key(module: nn.Module, refit: Refit) -> tuple:
     return (module.bias is not None, cols)
 
 
+def _full_run(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
+              modules: dict[str, nn.Module]) -> tuple[dict, dict, torch.Tensor]:
+    """Run the whole block, keeping the named layers' inputs and outputs and its output."""
+    inputs, in_handles = _record(modules, "input")
+    outputs, out_handles = _record(modules, "output")
+    try:
+        with torch.no_grad():
+            result = run_block(block, hidden, call)
+    finally:
+        for handle in in_handles + out_handles:
+            handle.remove()
+    return inputs, outputs, result
+
+
+def passes_through(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
+                   layer: nn.Module) -> bool:
+    """Whether ``layer``'s output reaches the block's output unchanged (added to it), as a
+    residual branch's last projection does (Llama's down_proj; GPT-J's out_proj and fc_out).
+
+    Probed, not assumed: a small random change of the layer's output must change the
+    block's output by exactly that much.
+    """
+    generator = torch.Generator().manual_seed(0)
+    delta: list[torch.Tensor] = []
+
+    def nudge(_module, _args, output):
+        if delta:  # called more than once per forward: not a single pass-through
+            delta.append(delta[0])
+            return output
+        noise = torch.randn(output.shape, generator=generator, dtype=torch.float32)
+        delta.append((noise * output.float().std().clamp_min(1e-6) * 1e-2).to(output))
+        return output + delta[0]
+
+    with torch.no_grad():
+        base = run_block(block, hidden, call)
+        handle = layer.register_forward_hook(nudge)
+        try:
+            moved = run_block(block, hidden, call)
+        finally:
+            handle.remove()
+    if len(delta) != 1 or moved.shape != delta[0].shape:
+        return False
+    change, expected = (moved - base).float(), delta[0].float()
+    return bool((change - expected).norm() <= 1e-3 * expected.norm())
+
+
 def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Module,
                      layers: dict[str, nn.Module], states: list[torch.Tensor],
-                     calls: list[BlockCall], targets: dict, end: tuple[str, int]
+                     calls: list[BlockCall], targets: dict, end: tuple[str, int],
+                     corrected: dict[str, list[torch.Tensor]], correction: float
                      ) -> dict[str, NormalEquations]:
     """Normal equations of a stage's layers (shared where they read the same design matrix),
-    accumulated batch by batch: the pruned block's inputs against the dense layers' outputs."""
+    accumulated batch by batch: the pruned block's inputs against the dense layers' outputs.
+
+    ``corrected[name]``: the dense block's outputs per batch, for layers whose output passes
+    through to the block's output. Their target also takes up the block's present output
+    error: with ``R = out - Y`` the rest of the dense block's output and ``R̂`` the same for
+    the pruned block with the layer's present weights, the target is
+    ``Y + correction · (R - R̂)``: the refit layer cancels (a share of) the error that the
+    pruned inputs bring along instead of passing it on down the residual stream.
+    """
     members: dict[tuple, list[str]] = {}
     for name in names:
         members.setdefault(_share_key(layers[name], refits[name]), []).append(name)
     shared = {key: NormalEquations(group[0], bias=key[0]) for key, group in members.items()}
+    modules = {n: layers[n] for n in names}
     for index, (hidden, call) in enumerate(zip(states, calls, strict=True)):
-        inputs = _partial_run(block, hidden, call, {n: layers[n] for n in names}, "input",
-                              layers[end[0]], end[1])
+        if any(n in corrected for n in names):
+            inputs, present, result = _full_run(block, hidden, call, modules)
+        else:
+            inputs = _partial_run(block, hidden, call, modules, "input", layers[end[0]], end[1])
         for key, group in members.items():
             cols = refits[group[0]].cols
             for number, x in enumerate(inputs[group[0]]):  # a group's layers read one x
                 if cols is not None:
                     x = x.index_select(-1, cols.to(x.device))
-                shared[key].add(x, {name: _wanted(targets[name][index][number], refits[name])
-                                    for name in group})
+                wanted = {}
+                for name in group:
+                    y = _wanted(targets[name][index][number], refits[name])
+                    if name in corrected:  # dense residual minus the pruned one
+                        residual = _wanted(corrected[name][index], refits[name]) - y
+                        pruned = _rows(result, refits[name]) - _rows(present[name][number],
+                                                                      refits[name])
+                        y = y + correction * (residual - pruned)
+                    wanted[name] = y
+                shared[key].add(x, wanted)
     return {name: shared[key] for key, group in members.items() for name in group}
+
+
+def _rows(y: torch.Tensor, refit: Refit) -> torch.Tensor:
+    return y if refit.rows is None else y.index_select(-1, refit.rows.to(y.device))
 
 
 def _wanted(y: torch.Tensor, refit: Refit) -> torch.Tensor:
@@ -207,15 +284,21 @@ def _residual(equations: NormalEquations, key: str, weight: torch.Tensor,
 
 def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
                 refits: dict[str, Refit], targets: dict[str, list[list[torch.Tensor]]],
-                damping: float) -> dict[str, dict[str, float]]:
+                damping: float, outputs: list[torch.Tensor] | None = None,
+                correction: float = 0.0) -> dict[str, dict[str, float]]:
     """Refit the layers named in ``refits`` (paths inside the block), stage by stage.
 
     ``states``/``calls``: the pruned model's inputs to this block, per batch;
     ``targets[name][batch]``: the dense layer's outputs (:func:`dense_targets`). For each
     stage the block runs batch by batch up to the stage's end; the stage's layers are
-    solved before the next stage reads their outputs. Returns, per layer, the relative
-    output error before and after the refit.
+    solved before the next stage reads their outputs. ``outputs``: the dense block's outputs
+    per batch; with ``correction > 0`` the layers whose output passes through to the block's
+    output (:func:`passes_through`) also take up that share of the block's output error
+    (:func:`_stage_equations`). Returns, per layer, the relative output error before and
+    after the refit.
     """
+    if not 0.0 <= correction <= 1.0:
+        raise ValueError(f"correction must be in [0, 1], got {correction!r}")
     if not refits:
         return {}
     layers = linear_layers(block)
@@ -224,12 +307,16 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
         raise ValueError(f"no linear layer {unknown[0]!r} in the block")
     report: dict[str, dict[str, float]] = {}
     stages, counts = _stages(block, states[0], calls[0])
+    corrected = {}
+    if correction > 0 and outputs is not None:
+        corrected = {name: outputs for name in refits if counts.get(name) == 1
+                     and passes_through(block, states[0], calls[0], layers[name])}
     for stage in stages:
         names = [n for n in stage if n in refits]
         if not names:
             continue
         owners = _stage_equations(names, refits, block, layers, states, calls, targets,
-                                  (stage[-1], counts[stage[-1]]))
+                                  (stage[-1], counts[stage[-1]]), corrected, correction)
         for name in names:
             module, refit, equations = layers[name], refits[name], owners[name]
             before = _current(module, refit)

@@ -14,7 +14,7 @@ from pruning import apply_plan
 from recovery import ReconstructionError, kept_channels, reconstruct
 from recovery.blocks import BlockCall, batches, capture_calls, find_blocks
 from recovery.lstsq import NormalEquations, solve
-from recovery.refit import Refit, dense_targets, refit_block
+from recovery.refit import Refit, dense_targets, passes_through, refit_block
 
 torch.set_num_threads(1)
 
@@ -130,6 +130,50 @@ def test_level2_refit_is_the_least_squares_solution_on_kept_channels():
     assert report["down"]["error_after"] < report["down"]["error_before"]
 
 
+class _Gated(nn.Module):
+    """x + down(x * up(x)): ``down``'s output reaches the block's output; ``up``'s does not."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, hidden):
+        return hidden + self.down(hidden * self.up(hidden))
+
+
+def test_pass_through_layers_are_probed_not_assumed():
+    states = torch.randn(2, 3, 6, generator=_gen(0))
+    mlp, gated = _Mlp(6, 10), _Gated(6)
+    assert passes_through(mlp, states, BlockCall((), {}), mlp.down)
+    assert not passes_through(mlp, states, BlockCall((), {}), mlp.up)
+    assert passes_through(gated, states, BlockCall((), {}), gated.down)
+    assert not passes_through(gated, states, BlockCall((), {}), gated.up)
+
+
+@pytest.mark.parametrize("correction", [0.0, 0.5, 1.0])
+def test_residual_correction_fits_the_block_output_error(correction):
+    """With the pruned inputs off the dense ones, the pass-through layer is fit to
+    ``Y + c·(R - R̂)``; c = 1 makes the block output match the dense one as well as it can."""
+    torch.manual_seed(2)
+    dense = _Mlp(6, 10).double()
+    pruned = copy.deepcopy(dense)
+    dense_states = [torch.randn(3, 5, 6, generator=_gen(s), dtype=torch.float64) for s in range(4)]
+    states = [x + 0.3 * torch.randn(x.shape, generator=_gen(10 + i), dtype=torch.float64)
+              for i, x in enumerate(dense_states)]
+    calls = [BlockCall((), {}) for _ in states]
+    outputs, targets = dense_targets(dense, dense_states, calls, ["down"])
+    refit_block(pruned, states, calls, {"down": Refit()}, targets, damping=1e-9,
+                outputs=outputs, correction=correction)
+    inner = torch.cat([torch.relu(pruned.up(x)).reshape(-1, 10) for x in states])
+    wanted = torch.cat([(dense.down(torch.relu(dense.up(x))) + correction * (x - xh)).reshape(-1, 6)
+                        for x, xh in zip(dense_states, states, strict=True)])
+    reference = torch.linalg.lstsq(inner, wanted).solution.T
+    assert torch.allclose(pruned.down.weight, reference, atol=1e-6)
+    with pytest.raises(ValueError, match="correction must be in"):
+        refit_block(pruned, states, calls, {"down": Refit()}, targets, damping=1.0,
+                    outputs=outputs, correction=2.0)
+
+
 def test_masked_refit_keeps_pruned_rows_and_columns_zero():
     torch.manual_seed(1)
     dense = _Mlp(6, 10).double()
@@ -218,3 +262,5 @@ def test_bad_arguments_are_refused():
         reconstruct(dense, dense, torch.zeros(2, 4, dtype=torch.long), damping=-1)
     with pytest.raises(ValueError, match="calibration tokens must be"):
         reconstruct(dense, dense, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"correction must be a number in \[0, 1\], got 1.5"):
+        reconstruct(dense, dense, torch.zeros(2, 4, dtype=torch.long), correction=1.5)
