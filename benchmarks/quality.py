@@ -31,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -201,6 +202,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-steps", type=int, default=60)
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells run at once (use --threads 1 --jobs 2 on 2 cores: more "
+                             "cells per hour, but each cell's seconds are then measured "
+                             "under contention)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", type=Path)
@@ -212,19 +217,26 @@ def main(argv=None) -> int:
     bad = [r for r in args.recovery if r not in RECOVERY]
     if bad:
         parser.error(f"--recovery {bad[0]!r}: expected some of {', '.join(RECOVERY)}")
-    cells = []
+    if args.jobs < 1:
+        parser.error(f"--jobs must be a positive integer, got {args.jobs}")
     start = time.perf_counter()
-    for spec in _cells(args):
+
+    def run(spec: dict) -> dict:
         label = f"{spec['tool']} {spec['criterion']} {spec['ratio']} {spec['layers']} " \
                 f"{spec.get('recovery', '')}"
         print(f"[{time.perf_counter() - start:7.0f} s] {label}", file=sys.stderr, flush=True)
-        cells.append(run_worker(__file__, spec, args.timeout))
-        if "error" in cells[-1]:
-            print(f"    {cells[-1]['error']}", file=sys.stderr, flush=True)
+        cell = run_worker(__file__, spec, args.timeout)
+        if "error" in cell:
+            print(f"    {label}: {cell['error']}", file=sys.stderr, flush=True)
+        return cell
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each cell is its own process
+        cells = list(pool.map(run, _cells(args)))
     print(table(cells))
     print(f"\n{len(cells)} cells in {time.perf_counter() - start:.0f} s; WikiText-2 raw test, "
           f"first {args.ppl_tokens} tokens, windows of 128; calibration {args.calib} "
-          f"{args.calib_samples} x 128 (seed {args.seed}); {args.threads} threads.")
+          f"{args.calib_samples} x 128 (seed {args.seed}); {args.threads} thread(s) per cell, "
+          f"{args.jobs} cell(s) at a time.")
     if args.json:
         args.json.write_text(json.dumps(cells, indent=1, default=str))
     return 0

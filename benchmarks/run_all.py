@@ -74,12 +74,22 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "Target: the memory a reconstruction step needs beyond the weights does not grow with "
         "the number of blocks (issue 4)."),
     "sweep": (
-        "Ratio sweep on SmolLM2-135M: 10/20/30/50% per criterion, with and without reconstruction",
-        ["quality.py", "--criteria", "taylor,second_moment", "--ratios",
-         "0.1,0.3,0.5", "--recovery", "none,reconstruct", "--ppl-tokens", "8192"],
-        "20%: see the criteria and recovery sections; LoRA for these ratios: see the recovery "
-        "section (one criterion). Perplexity on the first 8192 tokens here, so the dense row "
-        "differs slightly from the other sections."),
+        "Ratio sweep on SmolLM2-135M: every criterion at 10/30/50%, no recovery",
+        ["quality.py", "--criteria", "all", "--ratios", "0.1,0.3,0.5", "--ppl-tokens", "8192",
+         "--threads", "1", "--jobs", "2"],
+        "One-shot pruning, global ranking, same calibration (10 x 128 tokens of the bundled "
+        "prose) for every row; 20% is the criteria section. Perplexity on the first 8192 "
+        "tokens here, so the dense row differs slightly from the other sections. Two cells "
+        "run at a time on one thread each, so the seconds are measured under contention."),
+    "sweep_recovery": (
+        "Ratio sweep on SmolLM2-135M: reconstruction and LoRA at 10% and 50%",
+        ["quality.py", "--criteria", "second_moment,taylor", "--ratios", "0.1,0.5",
+         "--recovery", "reconstruct,lora", "--lora-steps", "60", "--ppl-tokens", "8192",
+         "--threads", "1", "--jobs", "2"],
+        "The two criteria that lead the one-shot sweep, with the recovery settings of the "
+        "recovery section (which has 20% and 30%); the pruned-only rows are in the sweep "
+        "section. Perplexity on the first 8192 tokens; two cells at a time on one thread "
+        "each."),
     "speed": (
         "Speed and memory of SmolLM2-135M pruned by 20% next to dense",
         ["speed.py", "--ratio", "0.2", "--batch", "16", "--round-to", "64"],
