@@ -65,9 +65,12 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
     "recovery": (
         "Recovery on SmolLM2-135M: pruned, + reconstruction, + LoRA",
         ["quality.py", "--criteria", "second_moment", "--ratios", "0.2,0.3", "--recovery",
-         "none,reconstruct,lora,reconstruct+lora", "--lora-steps", "60"],
-        "Reconstruction: the sequential least-squares pass (pre and post, 32 x 128 tokens); "
-        "LoRA: 60 steps of batch 4 x 128 tokens of the calibration prose, rank 8."),
+         "none,reconstruct,lora,reconstruct+lora", "--lora-steps", "60", "--threads", "1",
+         "--jobs", "2"],
+        "Reconstruction: the sequential least-squares pass (pre and post, damping 4, output "
+        "correction on, 32 x 128 tokens of the calibration prose); LoRA: 60 steps of batch "
+        "4 x 128 tokens of the same prose, rank 8. Two cells run at a time on one thread each "
+        "(both kinds of cell under the same contention), so seconds are longer than alone."),
     "recovery_memory": (
         "Reconstruction memory against depth",
         ["recon_memory.py", "--layers", "4,8,16"],
