@@ -78,21 +78,21 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "the number of blocks (issue 4)."),
     "sweep": (
         "Ratio sweep on SmolLM2-135M: every criterion at 10/30/50%, no recovery",
-        ["quality.py", "--criteria", "all", "--ratios", "0.1,0.3,0.5", "--ppl-tokens", "8192",
+        ["quality.py", "--criteria", "all", "--ratios", "0.1,0.3,0.5", "--ppl-tokens", "4096",
          "--threads", "1", "--jobs", "2"],
         "One-shot pruning, global ranking, same calibration (10 x 128 tokens of the bundled "
-        "prose) for every row; 20% is the criteria section. Perplexity on the first 8192 "
-        "tokens here, so the dense row differs slightly from the other sections. Two cells "
-        "run at a time on one thread each, so the seconds are measured under contention."),
+        "prose) for every row; 20% is the criteria section. Perplexity on the first 4096 "
+        "tokens here (enough to rank; the dense row differs from the other sections'). Two "
+        "cells run at a time on one thread each, so the seconds are measured under "
+        "contention."),
     "sweep_recovery": (
         "Ratio sweep on SmolLM2-135M: reconstruction and LoRA at 10% and 50%",
-        ["quality.py", "--criteria", "second_moment,taylor", "--ratios", "0.1,0.5",
-         "--recovery", "reconstruct,lora", "--lora-steps", "60", "--ppl-tokens", "8192",
+        ["quality.py", "--criteria", "second_moment", "--ratios", "0.1,0.5",
+         "--recovery", "none,reconstruct,lora", "--lora-steps", "60", "--ppl-tokens", "4096",
          "--threads", "1", "--jobs", "2"],
-        "The two criteria that lead the one-shot sweep, with the recovery settings of the "
-        "recovery section (which has 20% and 30%); the pruned-only rows are in the sweep "
-        "section. Perplexity on the first 8192 tokens; two cells at a time on one thread "
-        "each."),
+        "The recovery section's settings (which has 20% and 30%) at the ends of the sweep, "
+        "for the criterion that leads it. Perplexity on the first 4096 tokens; two cells at "
+        "a time on one thread each."),
     "speed": (
         "Speed and memory of SmolLM2-135M pruned by 20% next to dense",
         ["speed.py", "--ratio", "0.2", "--batch", "16", "--round-to", "64"],
