@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import markdown_table, run_worker, step  # noqa: E402
+from quality import _list  # noqa: E402
 
 
 def worker(spec: dict) -> dict:
@@ -55,10 +56,6 @@ def worker(spec: dict) -> dict:
     with step(record, "eval"):
         record["ppl"] = _perplexity(result.model, tokenizer, spec["ppl_tokens"])
     return record
-
-
-def _list(kind):
-    return lambda text: [kind(item) for item in text.split(",") if item]
 
 
 def main(argv=None) -> int:
