@@ -208,13 +208,13 @@ def passes_through(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
 def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Module,
                      layers: dict[str, nn.Module], states: list[torch.Tensor],
                      calls: list[BlockCall], targets: dict, end: tuple[str, int],
-                     corrected: dict[str, list[torch.Tensor]], correction: float
-                     ) -> dict[str, NormalEquations]:
+                     corrected: set[str], outputs: list[torch.Tensor] | None,
+                     correction: float) -> dict[str, NormalEquations]:
     """Normal equations of a stage's layers (shared where they read the same design matrix),
     accumulated batch by batch: the pruned block's inputs against the dense layers' outputs.
 
-    ``corrected[name]``: the dense block's outputs per batch, for layers whose output passes
-    through to the block's output. Their target also takes up the block's present output
+    ``corrected``: the layers whose output passes through to the block's output;
+    ``outputs``: the dense block's outputs per batch. Their target also takes up the block's present output
     error: with ``R = out - Y`` the rest of the dense block's output and ``R̂`` the same for
     the pruned block with the layer's present weights, the target is
     ``Y + correction · (R - R̂)``: the refit layer cancels (a share of) the error that the
@@ -239,7 +239,7 @@ def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Modul
                 for name in group:
                     y = _wanted(targets[name][index][number], refits[name])
                     if name in corrected:  # dense residual minus the pruned one
-                        residual = _wanted(corrected[name][index], refits[name]) - y
+                        residual = _wanted(outputs[index], refits[name]) - y
                         pruned = _rows(result, refits[name]) - _rows(present[name][number],
                                                                       refits[name])
                         y = y + correction * (residual - pruned)
@@ -307,16 +307,17 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
         raise ValueError(f"no linear layer {unknown[0]!r} in the block")
     report: dict[str, dict[str, float]] = {}
     stages, counts = _stages(block, states[0], calls[0])
-    corrected = {}
+    corrected: set[str] = set()
     if correction > 0 and outputs is not None:
-        corrected = {name: outputs for name in refits if counts.get(name) == 1
+        corrected = {name for name in refits if counts.get(name) == 1
                      and passes_through(block, states[0], calls[0], layers[name])}
     for stage in stages:
         names = [n for n in stage if n in refits]
         if not names:
             continue
         owners = _stage_equations(names, refits, block, layers, states, calls, targets,
-                                  (stage[-1], counts[stage[-1]]), corrected, correction)
+                                  (stage[-1], counts[stage[-1]]), corrected, outputs,
+                                  correction)
         for name in names:
             module, refit, equations = layers[name], refits[name], owners[name]
             before = _current(module, refit)
