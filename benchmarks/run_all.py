@@ -93,6 +93,15 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "The recovery section's settings (which has 20% and 30%) at the ends of the sweep, "
         "for the criterion that leads it. Perplexity on the first 4096 tokens; two cells at "
         "a time on one thread each."),
+    "sweep_lora": (
+        "Ratio sweep on SmolLM2-135M: LoRA after the other activation-based criteria",
+        ["quality.py", "--criteria", "retraining_free,taylor,taylor_element",
+         "--ratios", "0.1,0.2,0.3,0.5", "--recovery", "lora", "--lora-steps", "60",
+         "--ppl-tokens", "4096", "--threads", "1", "--jobs", "2"],
+        "The recovery section's LoRA (60 steps of 4 x 128 tokens of the calibration prose, "
+        "rank 8) after each criterion that leads the one-shot sweep besides second_moment "
+        "(which the recovery and sweep_recovery sections cover). Perplexity on the first "
+        "4096 tokens; two cells at a time on one thread each."),
     "speed": (
         "Speed and memory of SmolLM2-135M pruned by 20% next to dense",
         ["speed.py", "--ratio", "0.2", "--batch", "16", "--round-to", "64"],
