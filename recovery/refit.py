@@ -38,8 +38,8 @@ from torch import nn
 from .blocks import BlockCall, StopForward, run_block, stop_after
 from .lstsq import NormalEquations, solve
 
-__all__ = ["Refit", "linear_layers", "block_outputs", "dense_targets", "refit_block",
-           "weight_rows", "passes_through"]
+__all__ = ["Refit", "BlockStructure", "block_structure", "linear_layers", "block_outputs",
+           "dense_targets", "refit_block", "weight_rows", "passes_through"]
 
 
 @dataclass(frozen=True)
@@ -79,23 +79,48 @@ def _record(modules: dict[str, nn.Module], take: str) -> tuple[dict[str, list], 
     return seen, handles
 
 
-def _stages(block: nn.Module, hidden: torch.Tensor, call: BlockCall
-            ) -> tuple[list[list[str]], dict[str, int]]:
-    """Linear layers in call order, grouped by the input tensor they read; calls per layer."""
+@dataclass(frozen=True)
+class BlockStructure:
+    """How a block calls its linear layers, found once per block by running it.
+
+    ``stages``: layer names in call order, grouped by the input tensor they read;
+    ``counts``: calls per layer in one forward; ``through``: the layers whose output passes
+    unchanged into the block's output (:func:`passes_through`; probed only when asked).
+    """
+
+    stages: list[list[str]]
+    counts: dict[str, int]
+    through: frozenset[str] = frozenset()
+
+
+def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
+                    probe: bool = True) -> BlockStructure:
+    """The block's stages and call counts, and with ``probe`` its pass-through layers.
+
+    Only layers called once whose output has the block output's shape can pass through, so
+    only those are probed (one nudged run each, against one shared unchanged run).
+    """
     order: list[tuple[str, int]] = []
+    shapes: dict[str, tuple[int, ...]] = {}
     alive: list[torch.Tensor] = []  # held so that no id is reused during the pass
 
-    def hook(name):
-        def note(_module, args):
+    def note(name):
+        def before(_module, args):
             alive.append(args[0])
             order.append((name, id(args[0])))
-        return note
+
+        def after(_module, _args, output):
+            shapes[name] = tuple(output.shape)
+        return before, after
 
     layers = linear_layers(block)
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    handles = []
+    for name, module in layers.items():
+        before, after = note(name)
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         with torch.no_grad():
-            run_block(block, hidden, call)
+            base = run_block(block, hidden, call)
     finally:
         for handle in handles:
             handle.remove()
@@ -108,7 +133,12 @@ def _stages(block: nn.Module, hidden: torch.Tensor, call: BlockCall
             stages.append([name])
         last_input = source
     counts = {name: sum(1 for n, _ in order if n == name) for name, _ in order}
-    return stages, counts
+    through: set[str] = set()
+    if probe:
+        through = {name for name in counts if counts[name] == 1
+                   and shapes.get(name) == tuple(base.shape)
+                   and _moves_output(block, hidden, call, layers[name], base)}
+    return BlockStructure(stages, counts, frozenset(through))
 
 
 def block_outputs(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall]
@@ -181,6 +211,14 @@ def passes_through(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
     Probed, not assumed: a small random change of the layer's output must change the
     block's output by exactly that much.
     """
+    with torch.no_grad():
+        base = run_block(block, hidden, call)
+    return _moves_output(block, hidden, call, layer, base)
+
+
+def _moves_output(block: nn.Module, hidden: torch.Tensor, call: BlockCall, layer: nn.Module,
+                  base: torch.Tensor) -> bool:
+    """:func:`passes_through` given the block's unchanged output ``base``."""
     generator = torch.Generator().manual_seed(0)
     delta: list[torch.Tensor] = []
 
@@ -192,13 +230,12 @@ def passes_through(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
         delta.append((noise * output.float().std().clamp_min(1e-6) * 1e-2).to(output))
         return output + delta[0]
 
-    with torch.no_grad():
-        base = run_block(block, hidden, call)
-        handle = layer.register_forward_hook(nudge)
-        try:
+    handle = layer.register_forward_hook(nudge)
+    try:
+        with torch.no_grad():
             moved = run_block(block, hidden, call)
-        finally:
-            handle.remove()
+    finally:
+        handle.remove()
     if len(delta) != 1 or moved.shape != delta[0].shape:
         return False
     change, expected = (moved - base).float(), delta[0].float()
@@ -285,7 +322,8 @@ def _residual(equations: NormalEquations, key: str, weight: torch.Tensor,
 def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
                 refits: dict[str, Refit], targets: dict[str, list[list[torch.Tensor]]],
                 damping: float, outputs: list[torch.Tensor] | None = None,
-                correction: float = 0.0) -> dict[str, dict[str, float]]:
+                correction: float = 0.0, structure: BlockStructure | None = None
+                ) -> dict[str, dict[str, float]]:
     """Refit the layers named in ``refits`` (paths inside the block), stage by stage.
 
     ``states``/``calls``: the pruned model's inputs to this block, per batch;
@@ -294,8 +332,9 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
     solved before the next stage reads their outputs. ``outputs``: the dense block's outputs
     per batch; with ``correction > 0`` the layers whose output passes through to the block's
     output (:func:`passes_through`) also take up that share of the block's output error
-    (:func:`_stage_equations`). Returns, per layer, the relative output error before and
-    after the refit.
+    (:func:`_stage_equations`). ``structure``: the block's :func:`block_structure` when the
+    caller already has it (the sequential pass refits each block twice). Returns, per layer,
+    the relative output error before and after the refit.
     """
     if not 0.0 <= correction <= 1.0:
         raise ValueError(f"correction must be in [0, 1], got {correction!r}")
@@ -306,11 +345,11 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
     if unknown:
         raise ValueError(f"no linear layer {unknown[0]!r} in the block")
     report: dict[str, dict[str, float]] = {}
-    stages, counts = _stages(block, states[0], calls[0])
-    corrected: set[str] = set()
-    if correction > 0 and outputs is not None:
-        corrected = {name for name in refits if counts.get(name) == 1
-                     and passes_through(block, states[0], calls[0], layers[name])}
+    correcting = correction > 0 and outputs is not None
+    if structure is None:
+        structure = block_structure(block, states[0], calls[0], probe=correcting)
+    stages, counts = structure.stages, structure.counts
+    corrected = set(refits) & structure.through if correcting else set()
     for stage in stages:
         names = [n for n in stage if n in refits]
         if not names:

@@ -40,7 +40,7 @@ from torch import nn
 
 from .blocks import BlockCall, batches, capture_calls, find_blocks, truncated
 from .reconstruct import TARGETS, check_correction, check_damping, check_tokens, summarize
-from .refit import Refit, block_outputs, dense_targets, linear_layers, refit_block
+from .refit import Refit, block_outputs, block_structure, dense_targets, linear_layers, refit_block
 
 __all__ = ["SequentialSettings", "prune_sequential", "masked_refits"]
 
@@ -176,11 +176,17 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
         dense_block, names = copy.deepcopy(block), list(linear_layers(block))
         next_dense, targets = dense_targets(dense_block, dense_states, recon.at(index), names)
         layers = {}
-        if settings.pre and not _same(recon.states, dense_states):
-            pre = refit_block(block, recon.states, recon.at(index), {n: Refit() for n in names},
-                              targets, settings.damping, next_dense, settings.correction)
-            layers.update({f"pre:{k}": v for k, v in pre.items()})
         groups = [g for g in by_block.get(index, []) if counts[g.id] > 0]
+        pre = settings.pre and not _same(recon.states, dense_states)
+        structure = None  # one for both refits: zeroing units changes weights, not wiring
+        if pre or (groups and settings.post):
+            structure = block_structure(block, recon.states[0], recon.at(index)[0],
+                                        probe=settings.correction > 0)
+        if pre:
+            fitted = refit_block(block, recon.states, recon.at(index),
+                                 {n: Refit() for n in names}, targets, settings.damping,
+                                 next_dense, settings.correction, structure)
+            layers.update({f"pre:{k}": v for k, v in fitted.items()})
         if groups:
             block_scores = _scores(model, graph, groups, criterion, tokens, score, path, index,
                                    context)
@@ -192,7 +198,7 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
                 refits = masked_refits(f"{path}.{index}", block, plan_slices(graph, local),
                                        settings.targets)
                 post = refit_block(block, recon.states, recon.at(index), refits, targets,
-                                   settings.damping, next_dense, settings.correction)
+                                   settings.damping, next_dense, settings.correction, structure)
                 layers.update({f"post:{k}": v for k, v in post.items()})
         recon.states, dense_states = recon.run(block, index), next_dense
         if score is not None:

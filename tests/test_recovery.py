@@ -14,7 +14,7 @@ from pruning import apply_plan
 from recovery import ReconstructionError, kept_channels, reconstruct
 from recovery.blocks import BlockCall, batches, capture_calls, find_blocks
 from recovery.lstsq import NormalEquations, solve
-from recovery.refit import Refit, dense_targets, passes_through, refit_block
+from recovery.refit import Refit, block_structure, dense_targets, passes_through, refit_block
 
 torch.set_num_threads(1)
 
@@ -148,6 +148,35 @@ def test_pass_through_layers_are_probed_not_assumed():
     assert not passes_through(mlp, states, BlockCall((), {}), mlp.up)
     assert passes_through(gated, states, BlockCall((), {}), gated.down)
     assert not passes_through(gated, states, BlockCall((), {}), gated.up)
+
+
+def test_block_structure_finds_stages_and_the_pass_through_layers_in_one_pass():
+    states = torch.randn(2, 3, 6, generator=_gen(0))
+    gated = _Gated(6)  # up has the output's shape too, so it is probed and refused
+    found = block_structure(gated, states, BlockCall((), {}))
+    assert found.stages == [["up"], ["down"]] and found.counts == {"up": 1, "down": 1}
+    assert found.through == {"down"}
+    assert block_structure(gated, states, BlockCall((), {}), probe=False).through == set()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi"])
+def test_block_structure_of_real_blocks(arch):
+    """Sequential residual blocks pass only the MLP's last projection through; parallel
+    ones (GPT-NeoX, Phi: attention and MLP both added to the input) also the attention's."""
+    model = tiny_model(arch)
+    path, blocks = find_blocks(model)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 7), generator=_gen(1))
+    states, calls = capture_calls(model, blocks, batches(tokens, 2))
+    found = block_structure(blocks[0], states[0], calls[0][0])
+    flat = [name for stage in found.stages for name in stage]
+    assert sorted(flat) == sorted(n for n, m in blocks[0].named_modules()
+                                  if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+    last_mlp = found.stages[-1][-1]
+    expected = {last_mlp}
+    if arch in ("gpt_neox", "phi"):
+        expected.add(next(n for n in flat if n.endswith(".dense")
+                          and n.startswith(("attention", "self_attn"))))
+    assert found.through == expected
 
 
 @pytest.mark.parametrize("correction", [0.0, 0.5, 1.0])
