@@ -123,6 +123,12 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "Speed and memory of SmolLM2-135M pruned by 20% next to dense",
         ["speed.py", "--ratio", "0.2", "--batch", "16", "--round-to", "64"],
         "Target: at least 1.2x generation tokens/s on the CPU and a matching drop in memory."),
+    "summary": (
+        "SmolLM2-135M quality at a glance: every criterion and ratio, with and without recovery",
+        ["summary.py", "--tokens", "4096"],
+        "The sweep sections' cells (all evaluated on the first 4096 tokens) in one table; "
+        "run after them. The recovery and criteria sections, on 16384 tokens, are not mixed "
+        "in."),
 }
 
 

@@ -1,0 +1,60 @@
+"""benchmarks/summary.py: the pivot of quality cells gathered from RESULTS.md sections."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import summary  # noqa: E402
+
+HEADER = ("| tool | criterion | ratio | blocks | kinds | recovery | removed | ppl | prune s |\n"
+          "|---|---|---|---|---|---|---|---|---|\n")
+
+
+def _section(name: str, rows: list[str], tokens: int) -> str:
+    return (f"## {name} title\n\n<!-- section: {name} -->\n\nCommand: `x`\n\n" + HEADER
+            + "\n".join(rows) + f"\n\n3 cells in 9 s; WikiText-2 raw test, first {tokens} "
+            "tokens, windows of 128; calibration bundled.\n")
+
+
+TEXT = "# Benchmark results\n\n" + "\n".join([
+    _section("one", ["| dense | - | 0.0 | - | - | - | 0.0% | 55.00 |  |",
+                     "| depgraph | taylor | 0.1 | all | heads+mlp | none | 10.0% | 90.00 | 5 |",
+                     "| depgraph | taylor | 0.1 | all | heads+mlp | reconstruct | 10.0% | 80.00 | 5 |",
+                     "| depgraph | taylor | 0.1 | 3:-2 | heads+mlp | none | 10.0% | 70.00 | 5 |",
+                     "| depgraph | taylor | 0.1 | all | mlp | none | 10.0% | 60.00 | 5 |"], 4096),
+    _section("two", ["| depgraph | taylor | 0.1 | all | heads+mlp | reconstruct | 10.0% | 75.00 | 5 |",
+                     "| depgraph | l1 | 0.1 | all | heads+mlp | none | 10.0% | 12345.00 | 5 |",
+                     "| depgraph | l1 | 0.1 | all | heads+mlp | lora |  | error: boom |  |"], 4096),
+    _section("other", ["| depgraph | taylor | 0.1 | all | heads+mlp | none | 10.0% | 1.00 | 5 |"],
+             16384),
+])
+
+
+def test_cells_keep_the_default_setting_on_one_evaluation_and_the_later_section_wins():
+    found, source, dense = summary.cells(TEXT, 4096)
+    assert found == {("taylor", 0.1, "none"): 90.0, ("taylor", 0.1, "reconstruct"): 75.0,
+                     ("l1", 0.1, "none"): 12345.0}
+    assert source[("taylor", 0.1, "reconstruct")] == "two"
+    assert dense == {"one": 55.0}
+
+
+def test_pivot_has_a_column_per_ratio_and_recovery_and_bolds_the_best():
+    found, _, _ = summary.cells(TEXT, 4096)
+    table = summary.pivot(found).splitlines()
+    assert table[0] == "| criterion | 10% pruned | 10% + recon. |"
+    assert table[2] == "| l1 | 1.23e+04 | - |"  # criteria in the benchmark's order
+    assert table[3] == "| taylor | **90.0** | **75.0** |"
+
+
+def test_no_cells_on_that_evaluation_is_an_error(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    results.write_text(TEXT)
+    with pytest.raises(SystemExit):
+        summary.main(["--results", str(results), "--tokens", "7"])
+    assert "no quality table evaluated on the first 7 tokens" in capsys.readouterr().err
+    assert summary.main(["--results", str(results), "--tokens", "16384"]) == 0
+    assert "| taylor | **1.0** |" in capsys.readouterr().out
