@@ -103,22 +103,21 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "(which the recovery and sweep_recovery sections cover). Perplexity on the first "
         "4096 tokens; two cells at a time on one thread each."),
     "sweep_reconstruct": (
-        "Ratio sweep on SmolLM2-135M: reconstruction after the other activation-based criteria",
-        ["quality.py", "--criteria", "retraining_free,taylor,taylor_element",
-         "--ratios", "0.1,0.2,0.3,0.5", "--recovery", "reconstruct", "--ppl-tokens", "4096",
+        "Ratio sweep on SmolLM2-135M: reconstruction after each activation-based criterion",
+        ["quality.py", "--criteria", "second_moment,retraining_free,taylor,taylor_element",
+         "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", "--ppl-tokens", "4096",
          "--threads", "1", "--jobs", "2"],
         "The recovery section's reconstruction (sequential, pre and post, damping 4, output "
-        "correction, 32 x 128 tokens of the calibration prose) after each criterion of the "
-        "sweep_lora section. Perplexity on the first 4096 tokens; two cells at a time on one "
-        "thread each."),
+        "correction, 32 x 128 tokens of the calibration prose) after the criteria that lead "
+        "the one-shot sweep; 20% is the criteria_reconstruct section. Perplexity on the first "
+        "4096 tokens; two cells at a time on one thread each."),
     "criteria_reconstruct": (
-        "SmolLM2-135M at 20%: can reconstruction rescue the remaining criteria?",
-        ["quality.py", "--criteria", "random,l1,l2,second_moment_datafree,taylor_second",
-         "--ratios", "0.2", "--recovery", "none,reconstruct", "--ppl-tokens", "4096",
-         "--threads", "1", "--jobs", "2"],
-        "The data-free criteria (unusable one-shot from 10% on) and the Fisher second-order "
-        "Taylor (which picks the units element-wise Taylor picks at 10% and 30%), pruned and "
-        "reconstructed as above. Perplexity on the first 4096 tokens."),
+        "SmolLM2-135M at 20%: every criterion, pruned and reconstructed",
+        ["quality.py", "--criteria", "all", "--ratios", "0.2", "--recovery", "none,reconstruct",
+         "--ppl-tokens", "4096", "--threads", "1", "--jobs", "2"],
+        "The criteria section again on the sweep's evaluation (the first 4096 tokens), each "
+        "criterion also followed by the sequential reconstruction: can it rescue the "
+        "data-free criteria?"),
     "speed": (
         "Speed and memory of SmolLM2-135M pruned by 20% next to dense",
         ["speed.py", "--ratio", "0.2", "--batch", "16", "--round-to", "64"],
