@@ -77,5 +77,7 @@ def run_worker(script: str, spec: dict, timeout: float) -> dict:
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    # a '|' inside a cell (an error message) would end the cell: escape it
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |"
+              for row in rows]
     return "\n".join(lines)
