@@ -91,12 +91,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.results.is_file():
         parser.error(f"--results {str(args.results)!r}: no such file (run run_all.py first)")
-    found, source, dense = cells(args.results.read_text(), args.tokens)
+    text = args.results.read_text()
+    found, source, dense = cells(text, args.tokens)
     if not found:
         parser.error(f"no quality table evaluated on the first {args.tokens} tokens in "
                      f"{args.results}")
     print(pivot(found))
-    used = sorted(set(source.values()), key=list(_split(args.results.read_text())).index)
+    used = sorted(set(source.values()), key=list(_split(text)).index)
     denses = sorted({f"{v:.2f}" for n, v in dense.items() if n in used})
     print(f"\nWikiText-2 perplexity, first {args.tokens} tokens, windows of 128 (dense "
           f"{', '.join(denses)}); best of each column in bold; '-' not measured. From the "
