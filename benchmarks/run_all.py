@@ -110,9 +110,9 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "The recovery section's reconstruction (sequential, pre and post, damping 4, output "
         "correction, 32 x 128 tokens of the calibration prose) after the criterion that "
         "leads the one-shot sweep at 30% (second_moment: sweep_recovery; 20%: "
-        "criteria_reconstruct). Taylor criteria re-score the whole model once per block in "
-        "the sequential pass (about 15 min a cell here), so they are reconstructed at 20% "
-        "only. Perplexity on the first 4096 tokens; two cells at a time on one thread each."),
+        "criteria_reconstruct; the other criteria: sweep_taylor_reconstruct and "
+        "sweep_datafree_reconstruct). Perplexity on the first 4096 tokens; two cells at a "
+        "time on one thread each."),
     "criteria_reconstruct": (
         "SmolLM2-135M at 20%: every criterion, pruned and reconstructed",
         ["quality.py", "--criteria", "all", "--ratios", "0.2", "--recovery", "none,reconstruct",
@@ -120,6 +120,39 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "The criteria section again on the sweep's evaluation (the first 4096 tokens), each "
         "criterion also followed by the sequential reconstruction: can it rescue the "
         "data-free criteria?"),
+    "sweep_taylor_reconstruct": (
+        "Ratio sweep on SmolLM2-135M: reconstruction after the Taylor criteria",
+        ["quality.py", "--criteria", "taylor,taylor_element,taylor_second",
+         "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", "--ppl-tokens", "4096",
+         "--threads", "1", "--jobs", "2"],
+        "LLM-Pruner's criteria followed by the recovery section's reconstruction (20%: "
+        "criteria_reconstruct). The sequential pass re-scores a Taylor criterion on the "
+        "model pruned so far before each block (a forward and a backward to that block per "
+        "calibration sample), which makes these the slowest cells. Perplexity on the first "
+        "4096 tokens; two cells at a time on one thread each."),
+    "sweep_datafree_reconstruct": (
+        "Ratio sweep on SmolLM2-135M: reconstruction after the data-free criteria",
+        ["quality.py", "--criteria", "random,l1,l2,second_moment_datafree",
+         "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", "--ppl-tokens", "4096",
+         "--threads", "1", "--jobs", "2"],
+        "The criteria that read no data, followed by the recovery section's reconstruction "
+        "(which does read the calibration prose; 20%: criteria_reconstruct). Perplexity on "
+        "the first 4096 tokens; two cells at a time on one thread each."),
+    "sweep_lora_taylor_second": (
+        "Ratio sweep on SmolLM2-135M: LoRA after taylor_second",
+        ["quality.py", "--criteria", "taylor_second", "--ratios", "0.1,0.2,0.3,0.5",
+         "--recovery", "lora", "--lora-steps", "60", "--ppl-tokens", "4096",
+         "--threads", "1", "--jobs", "2"],
+        "sweep_lora's LoRA (60 steps of 4 x 128 tokens, rank 8) after LLM-Pruner's "
+        "second-order criterion. Perplexity on the first 4096 tokens; two cells at a time "
+        "on one thread each."),
+    "sweep_lora_datafree": (
+        "Ratio sweep on SmolLM2-135M: LoRA after the data-free criteria",
+        ["quality.py", "--criteria", "random,l1,l2,second_moment_datafree",
+         "--ratios", "0.1,0.2,0.3,0.5", "--recovery", "lora", "--lora-steps", "60",
+         "--ppl-tokens", "4096", "--threads", "1", "--jobs", "2"],
+        "sweep_lora's LoRA after the criteria that read no data. Perplexity on the first "
+        "4096 tokens; two cells at a time on one thread each."),
     "speed": (
         "Speed and memory of SmolLM2-135M pruned by 20% next to dense",
         ["speed.py", "--ratio", "0.2", "--batch", "16", "--round-to", "64"],
