@@ -4,9 +4,10 @@
 
 The dense model (default: SmolLM2-135M, float32 on the CPU) and a copy pruned to ``--ratio``
 of its parameters are timed in alternation, ``--rounds`` times, so that both see the same
-machine state; each figure is the median over rounds of :func:`evaluation.measure_latency`'s
-medians. Printed: parameters, weight bytes, MACs per token, peak forward memory, prefill and
-generation tokens/s at batch 1 and ``--batch``, each as dense, pruned and pruned/dense.
+machine state (:func:`evaluation.measure_latency_side_by_side`); each figure is the median
+over rounds of :func:`evaluation.measure_latency`'s medians. Printed: parameters, weight
+bytes, MACs per token, peak forward memory, prefill and generation tokens/s at batch 1 and
+``--batch``, each as dense, pruned and pruned/dense.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +34,7 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from depgraph.models import load_model, load_tokenizer
-    from evaluation import measure_latency
+    from evaluation import measure_latency_side_by_side
     from pruning import prune
 
     tokenizer = load_tokenizer(args.model)
@@ -42,15 +42,10 @@ def run(args) -> dict:
     pruned = prune(copy.deepcopy(dense), args.ratio, args.criterion, tokenizer=tokenizer,
                    n_samples=args.samples, ranking=args.ranking, round_to=args.round_to).model
     models = {"dense": dense, "pruned": pruned}
-    report = {"static": {name: _static(m, args.seq_len) for name, m in models.items()},
-              "timings": {name: [] for name in models}}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            report["timings"][name].append(measure_latency(
-                model, prompt_len=args.seq_len, batch_sizes=(1, args.batch),
-                new_tokens=args.new_tokens, repeats=args.repeats))
-    report["median"] = {name: {key: statistics.median(t[key] for t in rows) for key in rows[0]}
-                        for name, rows in report["timings"].items()}
+    report = {"static": {name: _static(m, args.seq_len) for name, m in models.items()}}
+    report["median"] = measure_latency_side_by_side(
+        models, rounds=args.rounds, batch_sizes=(1, args.batch), prompt_len=args.seq_len,
+        new_tokens=args.new_tokens, repeats=args.repeats)
     return report
 
 

@@ -11,13 +11,17 @@ Steps, each announced on one line with its time (tqdm bars on a terminal):
 4. reconstruct: refit the pruned model's linear layers block by block against the dense
    model (:func:`recovery.reconstruct`, least squares, no training; ``--no-reconstruct``);
 5. evaluate the dense and 6. the pruned model: WikiText-2 perplexity, zero-shot accuracy,
-   parameters, weight bytes, MACs, peak forward memory, prefill / generation tokens/s at
-   batch 1 and 4, and next-token agreement with the dense model;
-7. sweep: the same scores, other ratios (``--sweep``): perplexity and tokens/s per ratio;
-8. save the pruned model (``model/``, :func:`pruning.save_pruned`);
-9. write ``kept_width.png``, ``sweep.png``, ``importance.png`` (:mod:`evaluation.plots`),
-   ``scores.npz`` (raw scores and plan), ``report.json`` and ``report.md``
-   (:mod:`evaluation.report`).
+   parameters, weight bytes, MACs, peak forward memory, and next-token agreement with the
+   dense model;
+7. sweep: the same scores, other ratios (``--sweep``): perplexity per ratio;
+8. time the dense, the pruned (prefill / generation tokens/s at batch 1 and 4) and each
+   sweep model (batch 1) in alternating rounds
+   (:func:`evaluation.measure_latency_side_by_side`), so that a speed-up is not the
+   difference between two moments of a shared machine;
+9. save the pruned model (``model/``, :func:`pruning.save_pruned`);
+10. write ``kept_width.png``, ``sweep.png``, ``importance.png`` (:mod:`evaluation.plots`),
+    ``scores.npz`` (raw scores and plan), ``report.json`` and ``report.md``
+    (:mod:`evaluation.report`).
 
 Everything is written into a temporary folder beside ``--out`` that is renamed to ``--out``
 at the end, so a failed run leaves no half-written report. The perplexity text is tokenized
@@ -67,7 +71,7 @@ class DemoSettings:
     zeroshot_limit: int = 60
     batch_size: int = 8
     new_tokens: int = 16
-    repeats: int = 2
+    rounds: int = 3
     agreement_windows: int = 16
     reconstruct: bool = True
     recon_samples: int = 32
@@ -89,12 +93,13 @@ FULL = DemoSettings()
 #: Tiny settings for tests (``--fast``).
 FAST = DemoSettings(sweep=(0.2, 0.4), samples=2, calib_len=32, seq_len=32, ppl_tokens=512,
                     sweep_tokens=256, tasks=("piqa", "winogrande"), zeroshot_limit=4,
-                    batch_size=4, new_tokens=4, repeats=1, agreement_windows=4,
+                    batch_size=4, new_tokens=4, rounds=1, agreement_windows=4,
                     recon_samples=4)
 
 _STEPS = ("load model and tokenizer", "trace the dependency graph, write graph.html",
           "score and prune", "reconstruct", "evaluate the dense model",
-          "evaluate the pruned model", "ratio sweep", "save the pruned model",
+          "evaluate the pruned model", "ratio sweep", "time every model side by side",
+          "save the pruned model",
           "plots and report")
 
 
@@ -255,9 +260,12 @@ def _steps(spec: str, work: Path, settings: DemoSettings, out: Path) -> dict:
         pruned_results = _evaluate(pruned, tokenizer, ids, settings)
         agreement = _agreement(dense, pruned, ids, settings)
     with step(_STEPS[6], f" ({', '.join(str(r) for r in _sweep_ratios(settings))})"):
-        sweep = _sweep(dense, pruned, result, dense_results, pruned_results, ids, settings,
-                       reuse_main=recon["status"] != "applied")
-    with step(_STEPS[7]):
+        sweep, sweep_models = _sweep(dense, pruned, result, dense_results, pruned_results, ids,
+                                     settings, reuse_main=recon["status"] != "applied")
+    with step(_STEPS[7], f" ({settings.rounds} round{'s' * (settings.rounds != 1)})"):
+        _timings(dense, pruned, sweep_models, dense_results, pruned_results, sweep, settings)
+        del sweep_models
+    with step(_STEPS[8]):
         from pruning.io import save_pruned
 
         extra = {k: v for k, v in result["stats"].items() if k != "kept_widths"}
@@ -269,7 +277,7 @@ def _steps(spec: str, work: Path, settings: DemoSettings, out: Path) -> dict:
               "dense": dense_results, "pruned": pruned_results, "agreement": agreement,
               "sweep": sweep, "kept_widths": result["kept_rows"],
               "kinds_summary": result["kinds_summary"]}
-    with step(_STEPS[8]):
+    with step(_STEPS[9]):
         report["files"] = _figures(work, report, result)
         report["files"].update(graph_html="graph.html", model="model", report_md="report.md",
                                report_json="report.json")
@@ -413,9 +421,8 @@ def _evaluate(model, tokenizer, ids: dict, settings: DemoSettings) -> dict:
         results["zeroshot"] = evaluate_zeroshot(model, tokenizer, settings.tasks,
                                                 limit=settings.zeroshot_limit,
                                                 batch_size=settings.batch_size)
-    results["efficiency"] = efficiency_report(model, seq_len=settings.seq_len, batch_sizes=(1, 4),
-                                              new_tokens=settings.new_tokens,
-                                              repeats=settings.repeats)
+    # timed later, next to the other models: see _timings
+    results["efficiency"] = efficiency_report(model, seq_len=settings.seq_len, repeats=0)
     return results
 
 
@@ -431,39 +438,61 @@ def _sweep_ratios(settings: DemoSettings) -> list[float]:
 
 
 def _sweep(dense, pruned, result, dense_results, pruned_results, ids, settings: DemoSettings,
-           reuse_main: bool) -> list[dict]:
-    """Dense, then each ratio: the main plan's scores re-selected, applied to a dense copy."""
-    from evaluation import count_parameters, measure_latency, perplexity
+           reuse_main: bool) -> tuple[list[dict], dict[float, Any]]:
+    """Dense, then each ratio: the main plan's scores re-selected, applied to a dense copy.
+    Returns the points (speeds filled in by :func:`_timings`) and the model of each."""
+    from evaluation import count_parameters, perplexity
     from pruning.apply import apply_plan
     from pruning.selection import select_plan
 
     graph, total = result["graph"], count_parameters(dense)
     eligible = [g for g in graph.groups() if g.id in result["scores"]]
 
-    def point(ratio, model, ppl, speed):
+    def point(ratio, model, ppl):
         params = count_parameters(model)
         return {"ratio": ratio, "ratio_removed": 1 - params / total, "params": params,
-                "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"],
-                "prefill_tok_s": speed.get("prefill_b1_tok_s"), "gen_tok_s": speed.get("gen_b1_tok_s")}
+                "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"]}
 
-    points = [point(0.0, dense, dense_results["perplexity"]["sweep_part"],
-                    dense_results["efficiency"])]
+    points = [point(0.0, dense, dense_results["perplexity"]["sweep_part"])]
+    models = {0.0: dense}
     for ratio in _sweep_ratios(settings):
         if reuse_main and math.isclose(ratio, settings.ratio):
-            points.append(point(ratio, pruned, pruned_results["perplexity"]["sweep_part"],
-                                pruned_results["efficiency"]))
+            points.append(point(ratio, pruned, pruned_results["perplexity"]["sweep_part"]))
+            models[ratio] = pruned
             continue
-        print(f"      ratio {ratio}: select, apply, perplexity, speed", flush=True)
+        print(f"      ratio {ratio}: select, apply, perplexity", flush=True)
         plan = select_plan(eligible, result["scores"], ratio=ratio, total_params=total,
                            kinds={g.kind for g in eligible}, ranking=settings.ranking)
         model = apply_plan(copy.deepcopy(dense), plan, graph)
         ppl = perplexity(model, None, ids["sweep"], seq_len=settings.seq_len,
                          batch_size=settings.batch_size)
-        speed = measure_latency(model, prompt_len=settings.seq_len, batch_sizes=(1,),
-                                new_tokens=settings.new_tokens, repeats=settings.repeats)
-        points.append(point(ratio, model, ppl, speed))
-        del model
-    return points
+        points.append(point(ratio, model, ppl))
+        models[ratio] = model
+    return points, models
+
+
+def _timings(dense, pruned, sweep_models: dict, dense_results: dict, pruned_results: dict,
+             sweep: list[dict], settings: DemoSettings) -> None:
+    """Latency of the dense, the pruned (batch 1 and 4) and each sweep model (batch 1), timed
+    in alternating rounds so that their ratios do not mix two moments of the machine; fills
+    the ``efficiency`` entries and the sweep points in place."""
+    from evaluation import measure_latency_side_by_side
+
+    models = {"dense": dense, "pruned": pruned}
+    names = {}
+    for ratio, model in sweep_models.items():
+        names[ratio] = next((n for n, m in models.items() if m is model), f"sweep {ratio}")
+        models.setdefault(names[ratio], model)
+    batches = {name: (1, 4) if name in ("dense", "pruned") else (1,) for name in models}
+    speeds = measure_latency_side_by_side(models, rounds=settings.rounds, batch_sizes=batches,
+                                          prompt_len=settings.seq_len,
+                                          new_tokens=settings.new_tokens)
+    dense_results["efficiency"].update(speeds["dense"], timing_rounds=settings.rounds)
+    pruned_results["efficiency"].update(speeds["pruned"], timing_rounds=settings.rounds)
+    for point in sweep:
+        speed = speeds[names[point["ratio"]]]
+        point.update(prefill_tok_s=speed.get("prefill_b1_tok_s"),
+                     gen_tok_s=speed.get("gen_b1_tok_s"))
 
 
 def _figures(work: Path, report: dict, result: dict) -> dict:

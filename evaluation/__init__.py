@@ -18,6 +18,7 @@ from .efficiency import (
     efficiency_report,
     macs_per_token,
     measure_latency,
+    measure_latency_side_by_side,
     peak_forward_memory,
     weight_memory_bytes,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "loglikelihoods",
     "macs_per_token",
     "measure_latency",
+    "measure_latency_side_by_side",
     "next_token_agreement",
     "peak_forward_memory",
     "perplexity",

@@ -18,6 +18,9 @@
   scratch space and allocator overhead are not seen).
 * :func:`measure_latency`: median wall time of a prefill forward and of ``model.generate``
   (greedy, exactly ``new_tokens`` new tokens) for several batch sizes.
+* :func:`measure_latency_side_by_side`: the same for several models timed in alternation,
+  so that a ratio between two of them is not a difference between two moments of a noisy
+  machine.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +45,7 @@ __all__ = [
     "efficiency_report",
     "macs_per_token",
     "measure_latency",
+    "measure_latency_side_by_side",
     "peak_forward_memory",
     "weight_memory_bytes",
 ]
@@ -259,6 +263,44 @@ def measure_latency(
             if new_tokens > 1 and total > prefill:
                 out[f"decode_b{b}_tok_s"] = b * (new_tokens - 1) / (total - prefill)
     return out
+
+
+def measure_latency_side_by_side(
+    models: Mapping[str, nn.Module],
+    rounds: int = 3,
+    batch_sizes: Sequence[int] | Mapping[str, Sequence[int]] = (1, 4),
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 1,
+    warmup: int = 1,
+    device: str | torch.device | None = None,
+) -> dict[str, dict[str, float]]:
+    """:func:`measure_latency` of several models in alternation.
+
+    Each of ``rounds`` rounds times every model once, in order (``repeats`` timed runs, and
+    ``warmup`` untimed ones in the first round only), so all of them see the same machine
+    state, drifts and bursts of other load included. ``batch_sizes`` is one sequence for
+    every model or one per model name. Returns, per model name, the median over rounds of
+    each :func:`measure_latency` entry.
+    """
+    check_positive_int("rounds", rounds)
+    if isinstance(batch_sizes, Mapping):
+        missing = [name for name in models if name not in batch_sizes]
+        if missing:
+            raise ValueError(f"batch_sizes has no entry for model {missing[0]!r}; expected one "
+                             f"per model of {list(models)}")
+        per_model = {name: tuple(batch_sizes[name]) for name in models}
+    else:
+        per_model = {name: tuple(batch_sizes) for name in models}
+    timings: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for index in range(rounds):
+        for name, model in models.items():
+            timings[name].append(measure_latency(
+                model, prompt_len=prompt_len, batch_sizes=per_model[name], new_tokens=new_tokens,
+                repeats=repeats, warmup=warmup if index == 0 else 0, device=device))
+    return {name: {key: statistics.median(row[key] for row in rows) for key in rows[0]
+                   if all(key in row for row in rows)}  # decode_* can be missing in a round
+            for name, rows in timings.items()}
 
 
 def efficiency_report(

@@ -116,9 +116,12 @@ def _comparison(data: Mapping[str, Any]) -> str:
         rows.append(["next-token KL(dense ‖ pruned), nats", "0", _fmt(agreement.get("kl"), ".3f"),
                      ""])
     table = markdown_table(["metric", "dense", "pruned", "pruned vs dense"], rows)
-    note = ("Speeds are medians of a few runs of random-token prompts of "
-            f"{d_eff.get('seq_len', '?')} tokens (generation: {data['settings'].get('new_tokens')}"
-            " new tokens, greedy, KV cache on); on a shared machine they are noisy.")
+    rounds = d_eff.get("timing_rounds")
+    timed = (f"medians of {rounds} round{'s' * (rounds != 1)} in which the dense, the pruned "
+             "and the sweep models were timed in turn" if rounds else "medians of a few runs")
+    note = (f"Speeds are {timed}, on random-token prompts of {d_eff.get('seq_len', '?')} "
+            f"tokens (generation: {data['settings'].get('new_tokens')} new tokens, greedy, KV "
+            "cache on); on a shared machine they are noisy.")
     return "## Dense vs pruned\n\n" + table + "\n\n" + note
 
 

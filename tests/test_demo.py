@@ -45,7 +45,14 @@ def test_report_json_numbers(report_dir):
     assert recon["status"] == "applied" and recon["samples"] == 4
     assert recon["mean_error_after"] < recon["mean_error_before"]
     assert [s["name"] for s in data["steps"]][0] == "load model and tokenizer"
-    assert len(data["steps"]) == 9
+    assert len(data["steps"]) == 10
+    for side in ("dense", "pruned"):  # timed side by side, after the sweep
+        efficiency = data[side]["efficiency"]
+        assert efficiency["timing_rounds"] == 1
+        for key in ("prefill_b1_tok_s", "prefill_b4_tok_s", "gen_b1_tok_s", "gen_b4_tok_s"):
+            assert efficiency[key] > 0, (side, key)
+    assert data["sweep"][0]["gen_tok_s"] == data["dense"]["efficiency"]["gen_b1_tok_s"]
+    assert all(p["prefill_tok_s"] > 0 and p["gen_tok_s"] > 0 for p in data["sweep"])
 
 
 def test_pngs_are_valid(report_dir):

@@ -270,6 +270,34 @@ def test_efficiency_numbers(tiny) -> None:
         assert report[key] > 0, key
 
 
+def test_side_by_side_latency_alternates_models_and_takes_medians(tiny, monkeypatch) -> None:
+    from evaluation import efficiency
+
+    calls = []
+
+    def fake(model, prompt_len, batch_sizes, new_tokens, repeats, warmup, device):
+        calls.append((model, tuple(batch_sizes), warmup))
+        return {"prefill_b1_tok_s": float(len(calls)), **({"decode_b1_tok_s": 1.0}
+                                                          if len(calls) != 3 else {})}
+
+    monkeypatch.setattr(efficiency, "measure_latency", fake)
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    out = efficiency.measure_latency_side_by_side({"a": a, "b": b}, rounds=3,
+                                                  batch_sizes={"a": (1, 4), "b": (1,)})
+    assert [(m is a, bs, w) for m, bs, w in calls] == [
+        (True, (1, 4), 1), (False, (1,), 1), (True, (1, 4), 0), (False, (1,), 0),
+        (True, (1, 4), 0), (False, (1,), 0)]
+    assert out == {"a": {"prefill_b1_tok_s": 3.0}, "b": {"prefill_b1_tok_s": 4.0,
+                                                         "decode_b1_tok_s": 1.0}}
+    with pytest.raises(ValueError, match="no entry for model 'b'"):
+        efficiency.measure_latency_side_by_side({"a": a, "b": b}, batch_sizes={"a": (1,)})
+    monkeypatch.undo()
+    model, _ = tiny
+    real = efficiency.measure_latency_side_by_side({"x": model, "y": model}, rounds=2,
+                                                   batch_sizes=(1,), prompt_len=8, new_tokens=2)
+    assert set(real) == {"x", "y"} and real["x"]["gen_b1_tok_s"] > 0
+
+
 # ---------------------------------------------------------------- tables
 
 def test_format_table_and_compare() -> None:
