@@ -147,12 +147,20 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "second-order criterion. Perplexity on the first 4096 tokens; two cells at a time "
         "on one thread each."),
     "sweep_lora_datafree": (
-        "Ratio sweep on SmolLM2-135M: LoRA after the data-free criteria",
+        "Ratio sweep on SmolLM2-135M: LoRA after the data-free criteria at 10% and 20%",
         ["quality.py", "--criteria", "random,l1,l2,second_moment_datafree",
-         "--ratios", "0.1,0.2,0.3,0.5", "--recovery", "lora", "--lora-steps", "60",
+         "--ratios", "0.1,0.2", "--recovery", "lora", "--lora-steps", "60",
          "--ppl-tokens", "4096", "--threads", "1", "--jobs", "2"],
-        "sweep_lora's LoRA after the criteria that read no data. Perplexity on the first "
-        "4096 tokens; two cells at a time on one thread each."),
+        "sweep_lora's LoRA after the criteria that read no data (30% and 50%: "
+        "sweep_lora_datafree_high; two sections of about 35 minutes rather than one). "
+        "Perplexity on the first 4096 tokens; two cells at a time on one thread each."),
+    "sweep_lora_datafree_high": (
+        "Ratio sweep on SmolLM2-135M: LoRA after the data-free criteria at 30% and 50%",
+        ["quality.py", "--criteria", "random,l1,l2,second_moment_datafree",
+         "--ratios", "0.3,0.5", "--recovery", "lora", "--lora-steps", "60",
+         "--ppl-tokens", "4096", "--threads", "1", "--jobs", "2"],
+        "sweep_lora_datafree at the two higher ratios. Perplexity on the first 4096 tokens; "
+        "two cells at a time on one thread each."),
     "speed": (
         "Speed and memory of SmolLM2-135M pruned by 20% next to dense",
         ["speed.py", "--ratio", "0.2", "--batch", "16", "--round-to", "64"],
