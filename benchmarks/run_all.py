@@ -146,6 +146,14 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "sweep_lora's LoRA (60 steps of 4 x 128 tokens, rank 8) after LLM-Pruner's "
         "second-order criterion. Perplexity on the first 4096 tokens; two cells at a time "
         "on one thread each."),
+    "sweep_second_moment_fill": (
+        "Ratio sweep on SmolLM2-135M: second_moment at 20% and 30% with reconstruction or LoRA",
+        ["quality.py", "--criteria", "second_moment", "--ratios", "0.2,0.3",
+         "--recovery", "reconstruct,lora", "--lora-steps", "60", "--ppl-tokens", "4096",
+         "--threads", "1", "--jobs", "2"],
+        "The recovery section's cells (measured there on 16384 tokens) again on the sweep's "
+        "first 4096 tokens, so that the summary table has them. Two cells at a time on one "
+        "thread each."),
     "sweep_lora_datafree": (
         "Ratio sweep on SmolLM2-135M: LoRA after the data-free criteria at 10% and 20%",
         ["quality.py", "--criteria", "random,l1,l2,second_moment_datafree",
