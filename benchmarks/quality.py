@@ -13,7 +13,9 @@ windows of 128 tokens. A cell is
 * a depgraph criterion at a ratio of parameters, on a block range (``all`` or ``3:-2``,
   LLM-Pruner's choice: the first 3 and last 2 blocks stay), global ranking of the MLP
   channels and (KV) heads, with recovery ``none``, ``reconstruct`` (sequential least
-  squares before and after each block, :mod:`recovery.sequential`), ``lora``
+  squares before and after each block, :mod:`recovery.sequential`), ``refit`` (one-shot
+  pruning, then :func:`recovery.reconstruct` against the dense model, as ``depgraph demo``
+  does), ``lora``
   (``--lora-steps`` steps of LoRA on the calibration prose) or ``reconstruct+lora``;
 * ``torch-pruning``: LLM-Pruner's Taylor pruning through torch-pruning (``tp_baseline.py``),
   on the same block range, at the channel fraction that removes the same share: ``--tp``
@@ -28,6 +30,7 @@ and peak RSS of each step. ``--json FILE`` keeps every number.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -40,7 +43,7 @@ from measure import markdown_table, run_worker, step  # noqa: E402
 
 ALL_CRITERIA = ("random", "l1", "l2", "second_moment_datafree", "taylor", "taylor_element",
                 "taylor_second", "second_moment", "retraining_free")
-RECOVERY = ("none", "reconstruct", "lora", "reconstruct+lora")
+RECOVERY = ("none", "reconstruct", "refit", "lora", "reconstruct+lora")
 
 
 # ------------------------------------------------------------------------------ worker
@@ -96,18 +99,23 @@ def worker(spec: dict) -> dict:
         record.update(info)
     elif spec["tool"] == "depgraph":
         recon_tokens = None
-        if "reconstruct" in recovery:
+        if "reconstruct" in recovery or recovery == "refit":
             recon_tokens = calibration_tokens(tokenizer, spec["calib"],
                                               n_samples=spec["recon_samples"], seq_len=128,
                                               seed=spec["seed"] + 1)
         layers = None if spec["layers"] == "all" else spec["layers"]
+        dense = copy.deepcopy(model) if recovery == "refit" else None
         with step(record, "prune"):
             result = prune(model, spec["ratio"], spec["criterion"], tokenizer=tokenizer,
                            tokens=calib, layers=layers, seed=spec["seed"],
                            kinds="mlp,attention" if spec.get("kinds", "default") == "default"
                            else spec["kinds"], ranking=spec.get("ranking", "global"),
-                           reconstruct="both" if recon_tokens is not None else None,
-                           recon_tokens=recon_tokens)
+                           reconstruct="both" if "reconstruct" in recovery else None,
+                           recon_tokens=recon_tokens if "reconstruct" in recovery else None)
+            if recovery == "refit":
+                from recovery import reconstruct
+
+                reconstruct(result.model, dense, recon_tokens, plan=result.plan)
         model = result.model
         if "reconstruction" in result.stats:
             record["reconstruction_seconds"] = result.stats["reconstruction"]["seconds"]

@@ -120,6 +120,15 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "The criteria section again on the sweep's evaluation (the first 4096 tokens), each "
         "criterion also followed by the sequential reconstruction: can it rescue the "
         "data-free criteria?"),
+    "demo_criterion": (
+        "SmolLM2-135M at 20%, the demo's pipeline: one-shot pruning, then reconstruction",
+        ["quality.py", "--criteria", "second_moment,retraining_free", "--ratios", "0.2",
+         "--recovery", "none,refit", "--threads", "1", "--jobs", "2"],
+        "`depgraph demo` prunes in one shot and then refits the pruned model against the "
+        "dense one (`refit`: recovery.reconstruct, 32 x 128 tokens, damping 4, output "
+        "correction); the two leading retraining-free criteria of the sections above in that "
+        "pipeline choose its default. Perplexity on the first 16384 tokens (the demo's); two "
+        "cells at a time on one thread each."),
     "sweep_taylor_reconstruct": (
         "Ratio sweep on SmolLM2-135M: reconstruction after the Taylor criteria",
         ["quality.py", "--criteria", "taylor,taylor_element,taylor_second",
