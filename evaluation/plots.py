@@ -87,7 +87,8 @@ def plot_kept_width(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
 
 def plot_sweep(points: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
                highlight: float | None = None, title: str = "") -> Path:
-    """Two panels against the fraction of parameters removed: perplexity and tokens/s.
+    """Two panels against the fraction of parameters removed: perplexity and tokens/s
+    (relative to the dense point when there is one; the legend gives the dense figures).
 
     ``points``: ``{"ratio_removed": float, "ppl": float, "prefill_tok_s": float,
     "gen_tok_s": float | None}`` (the dense model is the point at 0). ``highlight``: the
@@ -109,15 +110,28 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]
         left.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.set_ylabel("WikiText-2 perplexity (lower is better)")
     left.set_title("Quality")
+    # relative to the dense point, so that prefill (hundreds of tokens/s) and generation
+    # (tens) share one axis; the legend gives the dense figures, report.md every figure
+    series = []
     for key, label, style in (("prefill_tok_s", "prefill, batch 1", "s-"),
                               ("gen_tok_s", "generation, batch 1", "^-")):
         ys = np.array([p.get(key) if _finite(p.get(key)) else np.nan for p in points])
         if np.isfinite(ys).any():
-            right.plot(xs, ys, style, label=label)
-    right.set_ylabel("tokens / s (higher is better)")
-    right.set_title("Speed")
-    right.set_ylim(bottom=0)
-    right.legend(fontsize=9)
+            series.append((label, style, ys))
+    relative = bool(series) and xs[0] == 0 and all(np.isfinite(ys[0]) and ys[0] > 0
+                                                   for _, _, ys in series)
+    for label, style, ys in series:
+        shown = ys / ys[0] if relative else ys
+        right.plot(xs, shown, style, label=label + (f" (dense {ys[0]:.1f} tokens/s)"
+                                                    if relative else ""))
+    if relative:
+        right.axhline(1.0, color="#999999", linewidth=0.8)
+        right.set_ylabel("tokens / s relative to dense (higher is better)")
+    else:
+        right.set_ylabel("tokens / s (higher is better)")
+        right.set_ylim(bottom=0)
+    right.set_title("Speed (medians of alternating rounds)")
+    right.legend(fontsize=8, loc="upper left")
     for ax in (left, right):
         ax.set_xlabel("parameters removed (%)")
         ax.grid(alpha=0.3)
