@@ -186,9 +186,9 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "SmolLM2-135M quality at a glance: every criterion and ratio, with and without recovery",
         ["summary.py", "--tokens", "4096"],
         "The cells of the sweep sections and of criteria_reconstruct (all evaluated on the "
-        "first 4096 tokens) in one table; run after them. The recovery and criteria "
-        "sections, on 16384 tokens, are not mixed in: second_moment with LoRA at 20% and "
-        "with reconstruction, LoRA and both at 20% and 30% are there."),
+        "first 4096 tokens) in one table; run after them. The sections evaluated on 16384 "
+        "tokens (criteria, recovery, demo_criterion) are not mixed in; reconstruction and "
+        "LoRA together are in the recovery section."),
 }
 
 
