@@ -98,8 +98,9 @@ def worker(spec: dict) -> dict:
                                                mlp_only=spec.get("kinds") == "mlp")
         record.update(info)
     elif spec["tool"] == "depgraph":
+        sequential = "reconstruct" in recovery  # refit: one-shot, then recovery.reconstruct
         recon_tokens = None
-        if "reconstruct" in recovery or recovery == "refit":
+        if sequential or recovery == "refit":
             recon_tokens = calibration_tokens(tokenizer, spec["calib"],
                                               n_samples=spec["recon_samples"], seq_len=128,
                                               seed=spec["seed"] + 1)
@@ -110,8 +111,8 @@ def worker(spec: dict) -> dict:
                            tokens=calib, layers=layers, seed=spec["seed"],
                            kinds="mlp,attention" if spec.get("kinds", "default") == "default"
                            else spec["kinds"], ranking=spec.get("ranking", "global"),
-                           reconstruct="both" if "reconstruct" in recovery else None,
-                           recon_tokens=recon_tokens if "reconstruct" in recovery else None)
+                           reconstruct="both" if sequential else None,
+                           recon_tokens=recon_tokens if sequential else None)
             if recovery == "refit":
                 from recovery import reconstruct
 

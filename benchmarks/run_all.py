@@ -25,6 +25,10 @@ RESULTS = HERE / "RESULTS.md"
 PY = "python"
 
 #: name -> (title, script and arguments, what the section shows)
+#: two cells at a time on one thread each (2 cores), and the sweep's evaluation text
+_TWO_CELLS = ["--threads", "1", "--jobs", "2"]
+_SWEEP_EVAL = ["--ppl-tokens", "4096", *_TWO_CELLS]
+
 SECTIONS: dict[str, tuple[str, list[str], str]] = {
     "graph_scale": (
         "Graph of a Llama-3-70B-shaped model on the meta device",
@@ -78,8 +82,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "the number of blocks (issue 4)."),
     "sweep": (
         "Ratio sweep on SmolLM2-135M: every criterion at 10/30/50%, no recovery",
-        ["quality.py", "--criteria", "all", "--ratios", "0.1,0.3,0.5", "--ppl-tokens", "4096",
-         "--threads", "1", "--jobs", "2"],
+        ["quality.py", "--criteria", "all", "--ratios", "0.1,0.3,0.5", *_SWEEP_EVAL],
         "One-shot pruning, global ranking, same calibration (10 x 128 tokens of the bundled "
         "prose) for every row; 20% is the criteria section. Perplexity on the first 4096 "
         "tokens here (enough to rank; the dense row differs from the other sections'). Two "
@@ -88,8 +91,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
     "sweep_recovery": (
         "Ratio sweep on SmolLM2-135M: reconstruction and LoRA at 10% and 50%",
         ["quality.py", "--criteria", "second_moment", "--ratios", "0.1,0.5",
-         "--recovery", "none,reconstruct,lora", "--lora-steps", "60", "--ppl-tokens", "4096",
-         "--threads", "1", "--jobs", "2"],
+         "--recovery", "none,reconstruct,lora", "--lora-steps", "60", *_SWEEP_EVAL],
         "The recovery section's settings (which has 20% and 30%) at the ends of the sweep, "
         "for the criterion that leads it. Perplexity on the first 4096 tokens; two cells at "
         "a time on one thread each."),
@@ -97,7 +99,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "Ratio sweep on SmolLM2-135M: LoRA after the other activation-based criteria",
         ["quality.py", "--criteria", "retraining_free,taylor,taylor_element",
          "--ratios", "0.1,0.2,0.3,0.5", "--recovery", "lora", "--lora-steps", "60",
-         "--ppl-tokens", "4096", "--threads", "1", "--jobs", "2"],
+         *_SWEEP_EVAL],
         "The recovery section's LoRA (60 steps of 4 x 128 tokens of the calibration prose, "
         "rank 8) after each criterion that leads the one-shot sweep besides second_moment "
         "(which the recovery and sweep_recovery sections cover). Perplexity on the first "
@@ -105,8 +107,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
     "sweep_reconstruct": (
         "Ratio sweep on SmolLM2-135M: reconstruction after retraining_free",
         ["quality.py", "--criteria", "retraining_free",
-         "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", "--ppl-tokens", "4096",
-         "--threads", "1", "--jobs", "2"],
+         "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", *_SWEEP_EVAL],
         "The recovery section's reconstruction (sequential, pre and post, damping 4, output "
         "correction, 32 x 128 tokens of the calibration prose) after the criterion that "
         "leads the one-shot sweep at 30% (second_moment: sweep_recovery; 20%: "
@@ -116,14 +117,14 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
     "criteria_reconstruct": (
         "SmolLM2-135M at 20%: every criterion, pruned and reconstructed",
         ["quality.py", "--criteria", "all", "--ratios", "0.2", "--recovery", "none,reconstruct",
-         "--ppl-tokens", "4096", "--threads", "1", "--jobs", "2"],
+         *_SWEEP_EVAL],
         "The criteria section again on the sweep's evaluation (the first 4096 tokens), each "
         "criterion also followed by the sequential reconstruction: can it rescue the "
         "data-free criteria?"),
     "demo_criterion": (
         "SmolLM2-135M at 20%, the demo's pipeline: one-shot pruning, then reconstruction",
         ["quality.py", "--criteria", "second_moment,retraining_free", "--ratios", "0.2",
-         "--recovery", "none,refit", "--threads", "1", "--jobs", "2"],
+         "--recovery", "none,refit", *_TWO_CELLS],
         "`depgraph demo` prunes in one shot and then refits the pruned model against the "
         "dense one (`refit`: recovery.reconstruct, 32 x 128 tokens, damping 4, output "
         "correction); the two leading retraining-free criteria of the sections above in that "
@@ -132,8 +133,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
     "sweep_taylor_reconstruct": (
         "Ratio sweep on SmolLM2-135M: reconstruction after the Taylor criteria",
         ["quality.py", "--criteria", "taylor,taylor_element,taylor_second",
-         "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", "--ppl-tokens", "4096",
-         "--threads", "1", "--jobs", "2"],
+         "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", *_SWEEP_EVAL],
         "LLM-Pruner's criteria followed by the recovery section's reconstruction (20%: "
         "criteria_reconstruct). The sequential pass re-scores a Taylor criterion on the "
         "model pruned so far before each block (a forward and a backward to that block per "
@@ -142,24 +142,21 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
     "sweep_datafree_reconstruct": (
         "Ratio sweep on SmolLM2-135M: reconstruction after the data-free criteria",
         ["quality.py", "--criteria", "random,l1,l2,second_moment_datafree",
-         "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", "--ppl-tokens", "4096",
-         "--threads", "1", "--jobs", "2"],
+         "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", *_SWEEP_EVAL],
         "The criteria that read no data, followed by the recovery section's reconstruction "
         "(which does read the calibration prose; 20%: criteria_reconstruct). Perplexity on "
         "the first 4096 tokens; two cells at a time on one thread each."),
     "sweep_lora_taylor_second": (
         "Ratio sweep on SmolLM2-135M: LoRA after taylor_second",
         ["quality.py", "--criteria", "taylor_second", "--ratios", "0.1,0.2,0.3,0.5",
-         "--recovery", "lora", "--lora-steps", "60", "--ppl-tokens", "4096",
-         "--threads", "1", "--jobs", "2"],
+         "--recovery", "lora", "--lora-steps", "60", *_SWEEP_EVAL],
         "sweep_lora's LoRA (60 steps of 4 x 128 tokens, rank 8) after LLM-Pruner's "
         "second-order criterion. Perplexity on the first 4096 tokens; two cells at a time "
         "on one thread each."),
     "sweep_second_moment_fill": (
         "Ratio sweep on SmolLM2-135M: second_moment at 20% and 30% with reconstruction or LoRA",
         ["quality.py", "--criteria", "second_moment", "--ratios", "0.2,0.3",
-         "--recovery", "reconstruct,lora", "--lora-steps", "60", "--ppl-tokens", "4096",
-         "--threads", "1", "--jobs", "2"],
+         "--recovery", "reconstruct,lora", "--lora-steps", "60", *_SWEEP_EVAL],
         "The recovery section's cells (measured there on 16384 tokens) again on the sweep's "
         "first 4096 tokens, so that the summary table has them. Two cells at a time on one "
         "thread each."),
@@ -167,7 +164,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "Ratio sweep on SmolLM2-135M: LoRA after the data-free criteria at 10% and 20%",
         ["quality.py", "--criteria", "random,l1,l2,second_moment_datafree",
          "--ratios", "0.1,0.2", "--recovery", "lora", "--lora-steps", "60",
-         "--ppl-tokens", "4096", "--threads", "1", "--jobs", "2"],
+         *_SWEEP_EVAL],
         "sweep_lora's LoRA after the criteria that read no data (30% and 50%: "
         "sweep_lora_datafree_high; two sections of about 35 minutes rather than one). "
         "Perplexity on the first 4096 tokens; two cells at a time on one thread each."),
@@ -175,7 +172,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "Ratio sweep on SmolLM2-135M: LoRA after the data-free criteria at 30% and 50%",
         ["quality.py", "--criteria", "random,l1,l2,second_moment_datafree",
          "--ratios", "0.3,0.5", "--recovery", "lora", "--lora-steps", "60",
-         "--ppl-tokens", "4096", "--threads", "1", "--jobs", "2"],
+         *_SWEEP_EVAL],
         "sweep_lora_datafree at the two higher ratios. Perplexity on the first 4096 tokens; "
         "two cells at a time on one thread each."),
     "speed": (
