@@ -121,10 +121,11 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
         raise ValueError(f"{str(path)!r} is not a model folder (expected a config.json in it)")
     config = AutoConfig.from_pretrained(path)
     record = getattr(config, RECORD_KEY, None)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or "auto")
     if not record or record.get("config_exact", True):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     original = type(config).from_dict(record["original_config"])
+    original.dtype = config.dtype  # the dtype the folder was saved in ("auto" reads it)
     base = _model_class(original)
     plans = record["plans"]
 
