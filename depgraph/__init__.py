@@ -5,9 +5,16 @@
 >>> [g.id for g in graph.groups()][:3]          # doctest: +SKIP
 """
 
-from .errors import DepGraphError, LayoutError, PlanError, TraceError, UnsupportedOpError
+from .errors import (
+    DepGraphError,
+    LayoutError,
+    PlanError,
+    RuleError,
+    TraceError,
+    UnsupportedOpError,
+)
 from .graph import DependencyGraph, build_graph
 from .groups import Group
 
-__all__ = ["build_graph", "DependencyGraph", "Group", "DepGraphError", "UnsupportedOpError",
+__all__ = ["build_graph", "DependencyGraph", "Group", "DepGraphError", "UnsupportedOpError", "RuleError",
            "LayoutError", "TraceError", "PlanError"]

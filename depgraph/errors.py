@@ -7,7 +7,8 @@ User mistakes (a bad plan, a bad argument) raise ``ValueError`` subclasses so th
 
 from __future__ import annotations
 
-__all__ = ["DepGraphError", "UnsupportedOpError", "LayoutError", "TraceError", "PlanError"]
+__all__ = ["DepGraphError", "UnsupportedOpError", "RuleError", "LayoutError", "TraceError",
+           "PlanError"]
 
 
 class DepGraphError(Exception):
@@ -16,6 +17,11 @@ class DepGraphError(Exception):
 
 class UnsupportedOpError(DepGraphError, NotImplementedError):
     """An aten op has no coupling rule; the message names the op, node, module and source."""
+
+
+class RuleError(DepGraphError):
+    """A coupling rule crashed on a node (a bug in depgraph, not in the model): the message
+    names the rule's error, the node, the module and the source line."""
 
 
 class LayoutError(DepGraphError):

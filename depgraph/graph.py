@@ -17,6 +17,7 @@ that an op makes identical (the operands of ``add``, the contracted dims of ``li
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,12 +25,13 @@ import networkx as nx
 import torch
 from torch import nn
 
+from .dimmap import SELECTS
 from .groups import ZERO_UNSAFE_TAGS, Group, Member, classify
 from .layout import AxisStore
 from .propagate import Propagator, Value
 from .trace import Trace, trace_model
 
-__all__ = ["DependencyGraph", "build_graph"]
+__all__ = ["DependencyGraph", "build_graph", "graph_of_trace"]
 
 REPEAT_REASON = "query heads that share one KV head: prune whole KV groups instead"
 CREATED_REASON = ("meets a tensor the model creates at run time from this size (e.g. ALiBi "
@@ -96,18 +98,27 @@ class DependencyGraph:
         return self._name_groups(raw), fixed
 
     def _name_groups(self, raw: list) -> list[Group]:
-        prefixes = [_common_prefix([m.param for m in item[4]]) for item in raw]
+        """Ids are a function of the architecture, the config and the current shapes only:
+        the common module path of the members (``model.layers.3.mlp``), with the kind
+        appended where several groups share it and ``#n`` for repeats; model-wide groups
+        are named by their kind alone (``hidden``), since their members (a tied
+        ``lm_head`` or not) differ between builds of the same model."""
+        prefixes = [_common_prefix([m.param for m in item[4]]) if item[2] is not None else ""
+                    for item in raw]
         counts = defaultdict(int)
         for prefix in prefixes:
             counts[prefix] += 1
+        stacked = _stacked_expert_params(self.store, self._param_layouts)
         groups, seen = [], defaultdict(int)
         for (root, kind, layer, zero_eq, members), prefix in zip(raw, prefixes, strict=True):
             base = prefix if counts[prefix] == 1 and prefix else f"{prefix}.{kind}" if prefix else kind
             seen[base] += 1
             group_id = base if seen[base] == 1 else f"{base}#{seen[base]}"
-            groups.append(Group(id=group_id, kind=kind, layer=layer, num_units=store_size(self.store, root),
-                                zero_equivalent=zero_eq, members=members, store=self.store,
-                                root=root, param_shapes=self.trace.param_shapes))
+            group = Group(id=group_id, kind=kind, layer=layer, num_units=store_size(self.store, root),
+                          zero_equivalent=zero_eq, members=members, store=self.store,
+                          root=root, param_shapes=self.trace.param_shapes)
+            _constrain(group, self.store, stacked)
+            groups.append(group)
         return groups
 
     def _annotate(self) -> None:
@@ -188,6 +199,44 @@ class DependencyGraph:
         return plain
 
 
+#: Elements a row of a stacked-experts weight is aligned to: grouped-GEMM kernels
+#: (``torch._grouped_mm``, cuBLAS) need 16-byte strides, 8 elements at 16-bit precision.
+EXPERT_ROW_ALIGN = 8
+
+
+def _stacked_expert_params(store: AxisStore, param_layouts: dict) -> set[str]:
+    """Parameters that stack one weight per expert (3-d or more, one dim looked up by
+    routing indices): kernels run them as grouped GEMMs."""
+    found = set()
+    for (param, _dim), layout in param_layouts.items():
+        if any("looked_up" in store.tags.get(a, ()) for a in store.atoms(layout)
+               if store.sizes[a] > 1):
+            found.add(param)
+    rank = defaultdict(int)
+    for param, _dim in param_layouts:
+        rank[param] += 1
+    return {param for param in found if rank[param] >= 3}
+
+
+def _constrain(group: Group, store: AxisStore, stacked: set[str]) -> None:
+    """Set ``min_units`` and ``multiple`` of ``group`` from what its axes meet."""
+    for tag in store.tags.get(group.root, ()):
+        if tag.startswith(SELECTS):
+            picked = int(tag[len(SELECTS):])
+            group.min_units = max(group.min_units, picked)
+            group.constraints.append(f"it must keep at least {picked} units (topk picks {picked})")
+    multiple = 1
+    for member, per_unit in zip(group.members, group.channels_per_unit, strict=True):
+        if member.param not in stacked or "looked_up" in store.tags.get(group.root, ()):
+            continue
+        align = math.gcd(EXPERT_ROW_ALIGN, member.size)
+        multiple = math.lcm(multiple, align // math.gcd(align, per_unit))
+    if multiple > 1:
+        group.multiple = multiple
+        group.constraints.append(f"it must keep a multiple of {multiple} units (stacked expert "
+                                 f"weights run through grouped-GEMM kernels that need 16-byte rows)")
+
+
 def store_size(store: AxisStore, root: int) -> int:
     return store.sizes[root]
 
@@ -245,7 +294,11 @@ def build_graph(model: nn.Module, seq_len: int = 7) -> DependencyGraph:
     UnsupportedOpError
         When the graph holds an op without a coupling rule (names op, node, module, source).
     """
-    trace = trace_model(model, seq_len=seq_len)
+    return graph_of_trace(trace_model(model, seq_len=seq_len), type(model).__name__)
+
+
+def graph_of_trace(trace: Trace, model_name: str) -> DependencyGraph:
+    """The dependency graph of an exported model (:func:`build_graph` after tracing)."""
     store, graph = AxisStore(), nx.MultiDiGraph()
     inputs, param_layouts = _placeholder_layouts(trace, store)
     module = trace.program.graph_module
@@ -258,7 +311,7 @@ def build_graph(model: nn.Module, seq_len: int = 7) -> DependencyGraph:
         param = _placeholder_param(trace, data["value"])
         if param is not None:
             data["param"] = param
-    return DependencyGraph(trace, store, graph, param_layouts, type(model).__name__)
+    return DependencyGraph(trace, store, graph, param_layouts, model_name)
 
 
 def _placeholder_layouts(trace: Trace, store: AxisStore):

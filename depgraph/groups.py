@@ -61,6 +61,17 @@ class Group:
     store: AxisStore = field(repr=False)
     root: int = field(repr=False)
     param_shapes: dict[str, tuple[int, ...]] = field(repr=False, default_factory=dict)
+    min_units: int = 1
+    multiple: int = 1
+    constraints: list[str] = field(default_factory=list)
+
+    def allows(self, kept: int) -> bool:
+        """Whether keeping ``kept`` units satisfies the group's constraints: at least
+        ``min_units`` (e.g. the experts a router picks per token) and, unless nothing is
+        removed, a multiple of ``multiple`` (e.g. rows a grouped-GEMM kernel needs aligned)."""
+        if kept == self.num_units:
+            return True
+        return kept >= self.min_units and kept % self.multiple == 0
 
     @cached_property
     def _coords(self) -> list[np.ndarray]:
@@ -103,6 +114,8 @@ class Group:
         return {
             "id": self.id, "kind": self.kind, "layer": self.layer, "num_units": self.num_units,
             "zero_equivalent": self.zero_equivalent, "params_per_unit": self.params_per_unit,
+            "min_units": self.min_units, "multiple": self.multiple,
+            "constraints": list(self.constraints),
             "members": [{"param": m.param, "dim": m.dim, "size": m.size,
                          "channels_per_unit": c, "layout": str(self.store.resolve(m.layout))}
                         for m, c in zip(self.members, self.channels_per_unit, strict=True)],

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from .dimmap import Broadcast, Concat, Coupling, Flatten, InputDim, Slice, Split, ValueAxis
-from .errors import UnsupportedOpError
+from .errors import RuleError, UnsupportedOpError
 from .layout import AxisStore, Layout, make_cat, make_prod
 from .rules import lookup, op_name
 
@@ -115,8 +115,11 @@ class Propagator:
             return self._apply(node, coupling, env, prefix)
         except UnsupportedOpError:
             raise
+        except NotImplementedError as error:  # a rule that does not cover this use of its op
+            raise UnsupportedOpError(f"Operator {op_name(node.target)}: {error}; "
+                                     f"{describe_node(node)}") from error
         except Exception as error:
-            raise UnsupportedOpError(
+            raise RuleError(
                 f"Coupling rule for {op_name(node.target)} failed ({type(error).__name__}: "
                 f"{error}); {describe_node(node)}") from error
 

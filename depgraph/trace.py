@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import TraceError
 
-__all__ = ["Trace", "meta_copy", "trace_model"]
+__all__ = ["Trace", "meta_copy", "trace_model", "trace_copy", "forward_kwargs"]
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _sub_configs(config) -> list:
             and value.__class__.__name__.endswith("Config")]
 
 
-def _forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict:
+def forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict:
     params = inspect.signature(model.forward).parameters
     kwargs: dict[str, object] = {"input_ids": input_ids}
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -86,16 +86,22 @@ def _forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict:
 
 def trace_model(model: nn.Module, batch: int = 2, seq_len: int = 7) -> Trace:
     """Export a meta copy of ``model`` called with ``input_ids`` of shape (batch, seq_len)."""
-    clone = meta_copy(model)
+    return trace_copy(meta_copy(model), batch, seq_len, type(model).__name__)
+
+
+def trace_copy(clone: nn.Module, batch: int = 2, seq_len: int = 7, name: str | None = None) -> Trace:
+    """Export ``clone``, a :func:`meta_copy`; a ``TraceError`` keeps the export error as its
+    cause, whose traceback runs through ``clone``'s own modules."""
+    model_name = name or type(clone).__name__
     vocab = _vocab_size(clone)
     input_ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     if vocab is not None:
         input_ids = input_ids.clamp(max=vocab - 1)
     try:
         with torch.no_grad():
-            program = torch.export.export(clone, (), _forward_kwargs(clone, input_ids), strict=False)
+            program = torch.export.export(clone, (), forward_kwargs(clone, input_ids), strict=False)
     except Exception as error:  # noqa: BLE001 - re-raised with context
-        raise TraceError(f"torch.export could not trace {type(model).__name__}: "
+        raise TraceError(f"torch.export could not trace {model_name}: "
                          f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                          ) from error
     canonical = {id(p): name for name, p in clone.named_parameters()}

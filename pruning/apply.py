@@ -29,6 +29,7 @@ from depgraph.groups import block_index
 from .attributes import sync_by_extent
 from .config_solver import instantiate_meta, model_shapes, probe_config, solve_config
 from .extents import expected_signatures, plan_extents
+from .rollback import ModelState, check_runs
 
 __all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY"]
 
@@ -50,6 +51,10 @@ def plan_slices(graph: DependencyGraph, plan: dict[str, list[int]]) -> dict[tupl
         if len(unique) >= group.num_units:
             raise PlanError(f"plan removes all {group.num_units} units of group {group_id!r}; "
                             f"at least one must stay")
+        if unique and not group.allows(group.num_units - len(unique)):
+            raise PlanError(f"plan keeps {group.num_units - len(unique)} of the "
+                            f"{group.num_units} units of group {group_id!r}, but "
+                            f"{'; '.join(group.constraints)}")
         for param, dim, indices in group.slices(sorted(unique)):
             drops[(param, dim)].update(indices.tolist())
     return {key: torch.tensor(sorted(v), dtype=torch.long, device="cpu") for key, v in drops.items() if v}
@@ -68,7 +73,15 @@ def zero_plan(model: nn.Module, plan: dict[str, list[int]], graph: DependencyGra
 
 def apply_plan(model: nn.Module, plan: dict[str, list[int]],
                graph: DependencyGraph | None = None) -> nn.Module:
-    """Remove the plan's units from ``model`` in place and return it (see module docs)."""
+    """Remove the plan's units from ``model`` in place and return it (see module docs).
+
+    Raises
+    ------
+    PlanError
+        A bad plan (unknown group, unit out of range, every unit of a group, a count that
+        breaks a group's constraints), no attribute setting that fits, or a pruned model
+        that fails a forward pass of a few tokens; the model is then left exactly as it was.
+    """
     graph = graph or build_graph(model)
     drops = plan_slices(graph, plan)
     if not drops:
@@ -80,27 +93,34 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
     configs = _configs_for(model, {n: tuple(s) for n, s in target.items()}, graph, plan)
     exact = configs is not None
     original = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
-    previous = {}
-    with torch.no_grad():
-        for name, param in params.items():
-            dims = {dim: idx for (n, dim), idx in drops.items() if n == name}
-            if dims:
-                previous[name] = param.data
-                param.data = _keep(param.data, dims)
-                param.grad = None
+    state = ModelState(model)
     try:
+        with torch.no_grad():
+            for name, param in params.items():
+                dims = {dim: idx for (n, dim), idx in drops.items() if n == name}
+                if dims:
+                    param.data = _keep(param.data, dims)
+                    param.grad = None
         if exact:
             _sync_attributes(model, configs)
         else:
             _fix_standard_modules(model)
             sync_by_extent(model, graph, plan)
-    except BaseException:  # refused after slicing: put every tensor back as it was
-        for name, data in previous.items():
-            params[name].data = data
-        _fix_standard_modules(model)
+        _check_runs(model)
+    except BaseException:  # refused after slicing: put everything back as it was
+        state.restore()
         raise
     _record(model, original, plan, configs)
     return model
+
+
+def _check_runs(model: nn.Module) -> None:
+    try:
+        check_runs(model)
+    except Exception as error:  # noqa: BLE001 - any failure of the forward refuses the plan
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise PlanError(f"the pruned model fails a forward pass ({type(error).__name__}: "
+                        f"{message}); the plan was not applied") from error
 
 
 def _keep(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -195,15 +215,19 @@ def _sync_attributes(model: nn.Module, configs: dict) -> None:
     if not configs:
         _fix_standard_modules(model)
         return
+    first = min(configs, key=lambda b: -1 if b is None else b)
     for block, config in configs.items():
         fresh = dict(instantiate_meta(config).named_modules())
         for path, module in model.named_modules():
-            if block is not None and block_index(path + ".") != block:
+            own = block_index(path + ".")
+            # model-wide modules (embeddings, the final norm) follow the first config: every
+            # per-block config agrees on the model-wide sizes
+            if block is not None and own != block and not (own is None and block == first):
                 continue
             twin = fresh.get(path)
             if twin is None:
                 continue
-            if block is not None and hasattr(twin, "config") and hasattr(module, "config"):
+            if block is not None and own is not None and hasattr(twin, "config") and hasattr(module, "config"):
                 module.config = config  # modules that read their config at run time
             changed = False
             for key, value in vars(twin).items():
@@ -261,16 +285,22 @@ def _fix_standard_modules(model: nn.Module) -> None:
 
 
 def _record(model: nn.Module, original: dict, plan: dict, configs: dict) -> None:
+    """Record the plan in ``model.config.depgraph``: ``plans`` (every plan applied, for the
+    history), ``replay`` (the plans applied since the config last described the model: what
+    ``load_pruned`` applies to the folder's own config) and ``config_exact``."""
     config = getattr(model, "config", None)
     if config is None:
         return
     record = copy.deepcopy(getattr(config, RECORD_KEY, None) or {})
     if "original_config" not in record:
         base = {k: v for k, v in original.items() if k != RECORD_KEY}
-        record = {"original_config": base, "plans": []}
-    record["plans"].append({gid: sorted(int(u) for u in units) for gid, units in plan.items()
-                            if len(units)})
+        record = {"original_config": base, "plans": [], "replay": [], "config_exact": True}
+    if "replay" not in record:  # written before replay was recorded: load_pruned built
+        # such a model from the original config, so every plan replays on it
+        record["replay"] = [] if record.get("config_exact", True) else list(record["plans"])
+    applied = {gid: sorted(int(u) for u in units) for gid, units in plan.items() if len(units)}
+    record["plans"].append(applied)
     # config_exact: model.config alone describes the model (plain from_pretrained loads it)
     record["config_exact"] = configs is not None and None in configs
+    record["replay"] = [] if record["config_exact"] else [*record["replay"], applied]
     setattr(config, RECORD_KEY, record)
-

@@ -2,29 +2,38 @@
 
 GPT-2, OPT, Bloom, Falcon and GPT-NeoX derive ``head_dim = hidden / heads``, and Bloom fixes
 its MLP at ``4 × hidden``: no config says "10 heads of 64" or "an MLP of 2900". For those,
-the sizes that modules keep as integer attributes (``num_heads``, ``split_size`` ...) are
-updated from the graph itself (:mod:`pruning.extents`): each attribute of a module in a
-pruned group's scope that equals an old extent is a candidate for the new value.
+the sizes that modules keep as attributes (``num_heads``, ``split_size``, a parameter-free
+norm's ``normalized_shape`` ...) are updated from the graph itself (:mod:`pruning.extents`):
+each integer attribute (or tuple of integers) of a module in a pruned group's scope that
+equals an old extent may take the new value, or keep its own.
 
-Blocks are alike, so candidates are *patterns* (``transformer.h.*.attn.split_size``) tried
-on every block at once. Coincidences (``embed_dim == heads × head_dim``) make some
-candidates wrong, so each choice is verified: a forward pass on the meta device must run,
-and the re-traced graph must hold the old groups with exactly the removed units gone.
-Attributes of standard layers (``Linear``, ``Embedding``, ``LayerNorm``, ``Conv1D``) are
-set from their weights and are not candidates.
+Sizes coincide (GPT-2's ``split_size`` is the attention width, which equals the hidden size
+until one of them shrinks), so each choice is verified, and the search is guided by where
+verification fails:
+
+1. every attribute starts at its most specific candidate (the new value of the innermost
+   group whose scope holds the module; keeping the old value comes last);
+2. a meta copy is exported (as ``build_graph`` does); when that fails, the traceback names
+   the module that failed, and only the attributes of that block move to their next
+   combination (blocks run in order, so each block is settled before the next one fails);
+3. once the export runs, the graph must hold every parameter dim laid out as the
+   plan expects; blocks whose parameters differ move to their next combination.
+
+Attributes of layers that own their weights (``Linear``, ``Embedding``, ``Conv1D``, a
+``LayerNorm`` with a weight) are set from those weights and are not candidates.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 
-import torch
 from torch import nn
 
-from depgraph import DependencyGraph, build_graph
-from depgraph.errors import DepGraphError, PlanError
-from depgraph.trace import meta_copy
+from depgraph import DependencyGraph
+from depgraph.errors import DepGraphError, PlanError, TraceError
+from depgraph.graph import graph_of_trace
+from depgraph.groups import block_index
+from depgraph.trace import meta_copy, trace_copy
 
 from .extents import expected_signatures, group_extents
 
@@ -32,11 +41,7 @@ __all__ = ["sync_by_extent", "STANDARD_LAYERS"]
 
 STANDARD_LAYERS = ("Linear", "Embedding", "LayerNorm", "Conv1D")
 _MAX_TRIALS = 256
-_INDEX = re.compile(r"\.\d+(?=\.|$)")
-
-
-def _pattern(path: str) -> str:
-    return _INDEX.sub(".*", path)
+_Key = tuple[str, str]  # (module path, attribute)
 
 
 def _scope(graph: DependencyGraph, group_id: str) -> str:
@@ -50,86 +55,144 @@ def _scope(graph: DependencyGraph, group_id: str) -> str:
     return ".".join(prefix)
 
 
-def _candidates(model: nn.Module, graph: DependencyGraph, plan: dict) -> dict:
-    """``{(pattern, attr): {path: {new values}}}`` for attributes equal to an old extent."""
-    found: dict = {}
+def _owns_its_sizes(module: nn.Module) -> bool:
+    """Standard layers whose sizes follow their own weights (set by ``apply_plan``)."""
+    standard = isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)) or any(
+        cls.__name__ in STANDARD_LAYERS for cls in type(module).__mro__)
+    return standard and getattr(module, "weight", None) is not None
+
+
+def _new_value(value, extents: dict[int, int]):
+    """``value`` with every integer that is an old extent replaced, or ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return extents.get(value)
+    if isinstance(value, (tuple, list)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if not any(v in extents for v in value):
+            return None
+        return type(value)(extents.get(v, v) for v in value)
+    return None
+
+
+def _candidates(model: nn.Module, graph: DependencyGraph, plan: dict) -> dict[_Key, list]:
+    """``{(path, attr): [values to try, in order]}``: the innermost group's new value first,
+    the attribute's own value last."""
+    found: dict[_Key, list[tuple[int, object]]] = {}
     for group_id, units in plan.items():
         if not len(set(units)):
             continue
         extents = group_extents(graph, group_id, len(set(units)))
         scope = _scope(graph, group_id)
+        depth = scope.count(".") + 1 if scope else 0
         for path, module in model.named_modules():
-            if type(module).__name__ in STANDARD_LAYERS:
+            if _owns_its_sizes(module):
                 continue
             if scope and not (path == scope or path.startswith(scope + ".")):
                 continue
             for key, value in vars(module).items():
-                if key.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
-                    continue
-                if value in extents:
-                    slot = found.setdefault((_pattern(path), key), {})
-                    slot.setdefault(path, set()).add(extents[value])
-    return found
+                new = None if key.startswith("_") else _new_value(value, extents)
+                if new is not None:
+                    found.setdefault((path, key), []).append((-depth, new))
+    modules = dict(model.named_modules())
+    options = {}
+    for (path, key), ranked in found.items():
+        if _is_block_index(model, path, key):
+            continue
+        values = []
+        for _, value in sorted(ranked, key=lambda item: item[0]):
+            if value not in values:
+                values.append(value)
+        options[(path, key)] = [*values, getattr(modules[path], key)]
+    return options
+
+
+def _pattern(path: str) -> str:
+    return ".".join("*" if part.isdigit() else part for part in path.split("."))
+
+
+def _is_block_index(model: nn.Module, path: str, key: str) -> bool:
+    """Whether ``key`` holds each block's own index in every block (``layer_idx``): never a
+    size, however often an index coincides with an extent."""
+    pattern = _pattern(path)
+    seen = [(block_index(p + "."), getattr(m, key, None)) for p, m in model.named_modules()
+            if _pattern(p) == pattern]
+    return len(seen) > 1 and all(block is not None and value == block for block, value in seen)
+
+
+class _Search:
+    """One odometer over the attribute combinations of each block (``None``: model-wide)."""
+
+    def __init__(self, options: dict[_Key, list]):
+        self.options = options
+        self.blocks: dict[int | None, list[_Key]] = {}
+        for key in sorted(options):
+            self.blocks.setdefault(block_index(key[0] + "."), []).append(key)
+        self.combos = {block: itertools.product(*[range(len(options[k])) for k in keys])
+                       for block, keys in self.blocks.items()}
+        self.choice = {block: next(combo) for block, combo in self.combos.items()}
+
+    def assignment(self) -> dict[_Key, object]:
+        return {key: self.options[key][index] for block, keys in self.blocks.items()
+                for key, index in zip(keys, self.choice[block], strict=True)}
+
+    def advance(self, block: int | None) -> bool:
+        """Move ``block`` to its next combination; ``False`` when it has none left."""
+        if block not in self.combos:
+            return False
+        following = next(self.combos[block], None)
+        if following is None:
+            return False
+        self.choice[block] = following
+        return True
 
 
 def sync_by_extent(model: nn.Module, graph: DependencyGraph, plan: dict) -> None:
     """Set module attributes after slicing (see module docs); ``PlanError`` if none verify."""
-    candidates = _candidates(model, graph, plan)
+    options = _candidates(model, graph, plan)
     modules = dict(model.named_modules())
-    original = {(path, key): getattr(modules[path], key)
-                for (_, key), paths in candidates.items() for path in paths}
     expected = expected_signatures(graph, plan)
-    patterns = sorted(candidates)
-    choices = [[None, *_assignments(candidates[p])] for p in patterns]
-    trials = sorted(itertools.product(*choices), key=lambda combo: -sum(c is not None for c in combo))
-    for combo in trials[:_MAX_TRIALS]:
-        for (path, key), value in original.items():
+    search = _Search(options)
+    for _ in range(_MAX_TRIALS):
+        for (path, key), value in search.assignment().items():
             setattr(modules[path], key, value)
-        for (_, attr), assignment in zip(patterns, combo, strict=True):
-            for path, value in (assignment or {}).items():
-                setattr(modules[path], attr, value)
-        if _runs(model) and _same_groups(model, expected):
+        failing = _failing_blocks(model, expected)
+        if not failing:
             return
-    for (path, key), value in original.items():
-        setattr(modules[path], key, value)
+        # a block with nothing left to try may be failing for a model-wide attribute
+        if not all(search.advance(block) or search.advance(None) for block in failing):
+            break
+    for (path, key), values in options.items():
+        setattr(modules[path], key, values[-1])
     raise PlanError("no setting of module attributes makes the pruned model trace with the "
                     "expected groups; this plan cannot be applied to this architecture")
 
 
-def _assignments(allowed: dict[str, set[int]]) -> list[dict[str, int]]:
-    """Ways to set one attribute pattern: the k-th smallest new value in every block.
-
-    Blocks pruned differently have different new values, so an assignment gives each
-    block its own; where a block has several candidates (coincident extents), the k-th
-    assignment takes its k-th (or its largest).
-    """
-    ordered = {path: sorted(values) for path, values in allowed.items()}
-    depth = max(len(values) for values in ordered.values())
-    found: list[dict[str, int]] = []
-    for rank in range(depth):
-        assignment = {path: values[min(rank, len(values) - 1)] for path, values in ordered.items()}
-        if assignment not in found:
-            found.append(assignment)
-    return found
-
-
-def _runs(model: nn.Module) -> bool:
-    """A forward pass of a meta copy (cheap) works."""
+def _failing_blocks(model: nn.Module, expected: dict[tuple[str, int], str]) -> set:
+    """Blocks whose attributes are wrong: the block the export fails in, else the blocks
+    whose re-traced parameters differ from ``expected``; empty when all is right."""
+    clone = meta_copy(model)
+    paths = {id(m): path for path, m in clone.named_modules()}
     try:
-        clone = meta_copy(model)
-        with torch.no_grad():
-            clone(input_ids=torch.zeros(1, 5, dtype=torch.long, device="meta"))
-        return True
-    except Exception:  # noqa: BLE001 - any failure rejects the candidate
-        return False
-
-
-def _same_groups(model: nn.Module, expected: dict[tuple[str, int], str]) -> bool:
-    """The re-traced model has every parameter dim laid out as expected (sizes included):
-    this rejects attribute choices that run but split heads or rotary dims differently."""
-    try:
-        rebuilt = build_graph(model)
+        found = expected_signatures(graph_of_trace(trace_copy(clone), type(model).__name__), {})
+    except TraceError as error:  # the export's traceback runs through the clone's modules
+        return {_failing_block(error.__cause__ or error, paths)}
     except (DepGraphError, RuntimeError, ValueError):
-        return False
-    found = expected_signatures(rebuilt, {})
-    return found == expected
+        return {None}
+    wrong = {block_index(param) for (param, dim), sig in expected.items() if found.get((param, dim)) != sig}
+    return wrong | ({None} if set(found) != set(expected) else set())
+
+
+def _failing_block(error: BaseException, paths: dict[int, str]) -> int | None:
+    """The block of the innermost module of the model in ``error``'s traceback."""
+    block = None
+    frame = error.__traceback__
+    while frame is not None:
+        owner = frame.tb_frame.f_locals.get("self")
+        path = paths.get(id(owner)) if owner is not None else None
+        if path is not None:
+            found = block_index(path + ".")
+            block = found if found is not None else block
+        frame = frame.tb_next
+    return block

@@ -12,6 +12,7 @@ also writes a small ``modeling_depgraph.py`` and an ``auto_map`` entry, so that
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -106,13 +107,23 @@ def read_pruning_info(path: str | Path) -> dict:
         raise ValueError(f"{str(file)!r} is not valid JSON: {exc}") from None
 
 
-def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
+def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
+                device: str = "cpu") -> nn.Module:
     """Load a folder written after :func:`pruning.apply_plan`, whatever the plan.
 
     When the config describes the model, this is plain ``from_pretrained``. Otherwise the
-    model class is subclassed so that its constructor applies the recorded plans to the
-    freshly built (meta) model; ``from_pretrained`` then loads the saved weights into those
-    shapes with its usual checkpoint renaming and strict shape checks.
+    model class is subclassed so that its constructor applies the plans recorded since the
+    config last described the model (``replay``) to the freshly built (meta) model;
+    ``from_pretrained`` then loads the saved weights into those shapes with its usual
+    checkpoint renaming and strict shape checks. The config is the folder's own
+    ``config.json`` (edits to it are kept), and the dtype the one it was saved in unless
+    ``dtype`` is given.
+
+    Every tensor in the folder ends up in the model: one that the model class does not
+    create (a bias added after pruning, e.g. by compensation) is added to its layer when
+    that layer is a standard one that reads it (``Linear``, ``Conv1D``, ``LayerNorm``);
+    otherwise, and when a weight of the model is missing from the folder, ``ValueError``
+    names the keys instead of dropping or inventing them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -122,24 +133,86 @@ def load_pruned(path: str | Path, dtype: torch.dtype | None = None, device: str 
     config = AutoConfig.from_pretrained(path)
     record = getattr(config, RECORD_KEY, None)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or "auto")
+    replay = _replay(config, record)
+    if not replay:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                           output_loading_info=True)
+    else:
+        base_config, plans = replay
+        base = _model_class(base_config)
+
+        def __init__(self, cfg, *args, **kwargs):  # noqa: N807 - a constructor for the subclass
+            base.__init__(self, cfg, *args, **kwargs)
+            for plan in plans:
+                apply_plan(self, plan)
+
+        # same name and module as the library class, so checkpoint renamings still apply
+        pruned_class = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
+                                                     "__qualname__": base.__qualname__})
+        model, info = pruned_class.from_pretrained(path, config=base_config, dtype=dtype,
+                                                   output_loading_info=True)
+        setattr(model.config, RECORD_KEY, record)
+    _restore_every_tensor(model, path, info)
+    return model.to(device).eval()
+
+
+def _replay(config, record: dict | None):
+    """``(config to build, plans to apply to it)``, or ``None`` when ``config`` describes
+    the model. Folders written before ``replay`` was recorded rebuild from the original
+    config and every plan."""
     if not record or record.get("config_exact", True):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        return None
+    base = copy.deepcopy(config)
+    if hasattr(base, RECORD_KEY):
+        delattr(base, RECORD_KEY)
+    if "replay" in record:
+        return base, record["replay"]
     original = type(config).from_dict(record["original_config"])
     original.dtype = config.dtype  # the dtype the folder was saved in ("auto" reads it)
-    base = _model_class(original)
-    plans = record["plans"]
+    return original, record["plans"]
 
-    def __init__(self, cfg, *args, **kwargs):  # noqa: N807 - a constructor for the subclass
-        base.__init__(self, cfg, *args, **kwargs)
-        for plan in plans:
-            apply_plan(self, plan)
 
-    # same name and module as the library class, so checkpoint renamings still apply
-    pruned_class = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
-                                                 "__qualname__": base.__qualname__})
-    model = pruned_class.from_pretrained(path, config=original, dtype=dtype)
-    setattr(model.config, RECORD_KEY, record)
-    return model.to(device).eval()
+def _restore_every_tensor(model: nn.Module, path: Path, info: dict) -> None:
+    """Add the folder's tensors that the model class does not create (see load_pruned)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {len(missing)} weight(s) of the model, e.g. "
+                         f"{missing[:3]}; refusing to leave them randomly initialised")
+    extra = sorted(info.get("unexpected_keys") or ())
+    if not extra:
+        return
+    tensors = _read_tensors(path, extra)
+    modules = dict(model.named_modules())
+    refused = []
+    for key in extra:
+        owner, _, name = key.rpartition(".")
+        module = modules.get(owner)
+        if key not in tensors or module is None or not _reads(module, name):
+            refused.append(key)
+            continue
+        template = next(module.parameters())
+        module.register_parameter(name, nn.Parameter(
+            tensors[key].to(device=template.device), requires_grad=template.requires_grad))
+    if refused:
+        raise ValueError(f"{str(path)!r} holds {len(refused)} tensor(s) that the model has no "
+                         f"place for, e.g. {refused[:3]}; refusing to drop them")
+
+
+def _reads(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` is a standard layer whose forward reads attribute ``name`` (None now)."""
+    standard = isinstance(module, (nn.Linear, nn.LayerNorm)) or type(module).__name__ == "Conv1D"
+    return standard and name in ("bias", "weight") and getattr(module, name, None) is None
+
+
+def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    wanted, found = set(keys), {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in wanted & set(handle.keys()):
+                found[key] = handle.get_tensor(key)
+    return found
 
 
 def _local_folder(path: str | Path) -> Path:

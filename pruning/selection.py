@@ -22,7 +22,9 @@ out) that :func:`pruning.apply_plan` consumes. Three rankings:
 ``kind_ratios={"mlp": 0.3, "kv_group": 0.25}`` replaces ``ratio``: each eligible group of
 that kind removes that fraction of its units (rounded to the nearest realisable count).
 
-Constraints on every group: at least ``max(min_keep, 1)`` units stay; in channel-level
+Constraints on every group: at least ``max(min_keep, 1)`` units stay, and the kept count
+satisfies the group's own constraints (``Group.allows``: the experts a router picks per
+token, rows that grouped-GEMM kernels need aligned); in channel-level
 groups (kinds ``mlp`` and ``hidden``) the kept count is a multiple of ``round_to`` (a group
 whose width is not a multiple may stay untouched). Whole units (heads, KV groups, experts)
 ignore ``round_to``. With ``round_to > 1`` the global rankings move in *chunks*: a group's
@@ -126,8 +128,13 @@ def _allowed_counts(group: Any, round_to: int, min_keep: int) -> np.ndarray:
     n, floor = int(group.num_units), max(min_keep, 1)
     if group.kind in CHANNEL_KINDS and round_to > 1:
         kept = np.arange(math.ceil(floor / round_to) * round_to, n, round_to)
-        return (n - kept)[::-1].astype(np.int64)
-    return np.arange(1, max(n - floor, 0) + 1, dtype=np.int64)
+        counts = (n - kept)[::-1].astype(np.int64)
+    else:
+        counts = np.arange(1, max(n - floor, 0) + 1, dtype=np.int64)
+    allows = getattr(group, "allows", None)  # the group's own constraints (Group.allows)
+    if allows is not None:
+        counts = counts[[bool(allows(n - int(c))) for c in counts]] if counts.size else counts
+    return counts
 
 
 def _ascending_units(values: np.ndarray) -> np.ndarray:

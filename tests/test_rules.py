@@ -555,6 +555,15 @@ _MORE = [
     ("cat_self", lambda x: torch.cat([x, x], 0), [(2, 3)], False),
     ("heads_view_transpose", lambda x: x.view(2, 3, 2, 2).transpose(1, 2).reshape(2, 2, 6),
      [(2, 3, 4)], True),
+    ("min_other", torch.min, [(3, 4), (4,)], False),
+    ("max_other", torch.max, [(3, 1), (3, 4)], False),
+    ("conv1d_depthwise", lambda x, w, b: F.conv1d(x, w, b, padding=2, groups=4),
+     [(2, 4, 7), (4, 1, 3), (4,)], False),
+    ("conv1d_dense", lambda x, w, b: F.conv1d(x, w, b), [(2, 4, 7), (6, 4, 3), (6,)], False),
+    ("conv1d_groups", lambda x, w: F.conv1d(x, w, groups=2), [(2, 4, 7), (6, 2, 3)], False),
+    ("complex_rotary", lambda x, a: torch.view_as_real(
+        torch.view_as_complex(x.reshape(3, 4, 2)) * torch.polar(torch.ones_like(a), a)).flatten(-2),
+     [(3, 8), (3, 4)], False),
 ]
 
 

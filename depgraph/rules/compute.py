@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 import torch.fx
 
-from ..dimmap import Broadcast, Coupling, DimSpec, InputDim, Slice, Split, normalize_dim
+from ..dimmap import SELECTS, Broadcast, Coupling, DimSpec, InputDim, Slice, Split, normalize_dim
 from .common import arg, broadcast_dims, dims_of, is_tensor, ndim, shape
 from .registry import register, register_pointwise
 
@@ -22,7 +23,8 @@ NORMALIZING = "normalizing"
           "aten::floor_divide", "aten::remainder", "aten::fmod", "aten::bitwise_and",
           "aten::bitwise_or", "aten::bitwise_xor", "aten::bitwise_not", "aten::logical_and",
           "aten::logical_or", "aten::logical_xor", "aten::eq", "aten::ne", "aten::lt", "aten::le",
-          "aten::gt", "aten::ge", "aten::maximum", "aten::minimum")
+          "aten::gt", "aten::ge", "aten::maximum", "aten::minimum", "aten::polar",
+          "aten::complex")
 def pointwise(node: torch.fx.Node) -> Coupling:
     """Elementwise with broadcasting: equal-sized dims aligned from the right are one."""
     operands = [a for a in [*node.args, *node.kwargs.values()] if is_tensor(a)]
@@ -258,6 +260,8 @@ def softmax(node: torch.fx.Node) -> Coupling:
           "aten::argsort", "aten::kthvalue", "aten::median", "aten::mode")
 def select_by_value(node: torch.fx.Node) -> Coupling:
     """Ops whose integer outputs point at channels of the reduced dim."""
+    if torch.Tag.pointwise in getattr(node.target, "tags", ()):  # max/min(a, b): elementwise
+        return pointwise(node)
     x = node.args[0]
     name = node.target._schema.name
     rank = ndim(x)
@@ -276,8 +280,11 @@ def select_by_value(node: torch.fx.Node) -> Coupling:
         outputs.append([d for d in dims if d is not None])
     value_axes = [None] * count
     value_axes[-1] = InputDim(x, dim)  # the indices output (argmax's only output)
-    return Coupling(outputs=outputs, reduced=[(InputDim(x, dim), NORMALIZING)],
-                    value_axes=value_axes, edge_kind="select_by_value")
+    reduced = [(InputDim(x, dim), NORMALIZING)]
+    if name == "aten::topk":  # k channels are picked: at least k must stay (experts per token)
+        reduced.append((InputDim(x, dim), f"{SELECTS}{int(arg(node, 1, 'k'))}"))
+    return Coupling(outputs=outputs, reduced=reduced, value_axes=value_axes,
+                    edge_kind="select_by_value")
 
 
 @register("aten::glu")

@@ -239,3 +239,15 @@ def stack(node: torch.fx.Node) -> Coupling:
     same = [(InputDim(first, d), InputDim(t, d)) for t in tensors[1:] for d in range(ndim(first))
             if shape(first)[d] != 1]
     return Coupling(outputs=[outputs], same=same, edge_kind="stack")
+
+
+@register("aten::view_as_complex")
+def view_as_complex(node: torch.fx.Node) -> Coupling:
+    """``(..., n, 2)`` reals as ``(...,  n)`` complex numbers: the pair dim goes into the dtype."""
+    return Coupling(outputs=[dims_of(node.args[0])[:-1]], edge_kind="view")
+
+
+@register("aten::view_as_real")
+def view_as_real(node: torch.fx.Node) -> Coupling:
+    """``(..., n)`` complex numbers as ``(..., n, 2)`` reals (a fresh real/imaginary dim)."""
+    return Coupling(outputs=[[*dims_of(node.args[0]), Broadcast(2)]], edge_kind="view")

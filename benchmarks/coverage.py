@@ -1,0 +1,125 @@
+"""Coverage sweep: the whole prune / run / save / reload cycle on every causal-LM type.
+
+For every model type in transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, a tiny random
+config from one generic shrinking function (:mod:`evaluation.tiny_config`), then
+:func:`evaluation.cycle.cycle_row`: zero-equivalence oracle, random plans over every group
+kind, both save paths, plain ``from_pretrained`` for uniform plans. One row per type:
+``pass`` / ``refused`` (the tool's one-line reason) / ``unconstructible`` / ``FAIL``.
+
+Each type runs in its own interpreter (a crash or a hang costs one row, not the sweep)::
+
+    python benchmarks/coverage.py --jobs 2 --json out/coverage.json > coverage.md
+    python benchmarks/coverage.py --types llama,gpt2,mixtral      # a few types
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# the encoder-decoder, recurrent and non-text families: the tool must refuse them in one line
+# or pass; "decoder-only attention families" are all other types (see `attention_family`)
+
+
+def all_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def attention_family(model_type: str) -> bool:
+    """Decoder-only with attention: not an encoder(-decoder) config, not attention-free."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    text = getattr(config, "text_config", None) or config
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
+        return False
+    keys = set(text.to_dict())
+    heads = any("head" in k and ("num" in k or k.startswith("n_")) for k in keys)
+    return heads and "bert" not in model_type and not model_type.startswith(("xlm", "roberta"))
+
+
+def _run_one(model_type: str, seed: int, timeout: float, threads: int) -> dict:
+    code = ("import json,sys,logging,warnings;warnings.filterwarnings('ignore');"
+            f"logging.disable(logging.WARNING);import torch;torch.set_num_threads({threads});"
+            "from evaluation.cycle import cycle_row;"
+            f"r=cycle_row({model_type!r}, seed={seed});print('ROW'+json.dumps(r.__dict__))")
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=timeout,
+                              capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"model_type": model_type, "status": "FAIL", "reason": f"timed out after {timeout:.0f} s",
+                "groups": "", "seconds": timeout}
+    rows = [line[3:] for line in done.stdout.splitlines() if line.startswith("ROW")]
+    if rows:
+        row = json.loads(rows[-1])
+    else:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        row = {"model_type": model_type, "status": "FAIL", "groups": "",
+               "reason": f"interpreter died (exit {done.returncode}): {tail[:300]}"}
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model type | attention family | result | groups / reason | s |", "|---|---|---|---|---|"]
+    for row in rows:
+        detail = row.get("groups") if row["status"] == "pass" else row.get("reason", "")
+        lines.append(f"| {row['model_type']} | {'yes' if row['attention'] else 'no'} | "
+                     f"{row['status']} | {_cell(detail)} | {row['seconds']} |")
+    counts = Counter(r["status"] for r in rows)
+    attention = [r for r in rows if r["attention"]]
+    passed = sum(r["status"] == "pass" for r in attention)
+    lines += ["", "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+              + f" (of {len(rows)} types).",
+              f"Decoder-only attention families: {passed} of {len(attention)} pass "
+              f"({100 * passed / max(1, len(attention)):.1f}%)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", help="comma-separated model types (default: all)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    types = args.types.split(",") if args.types else all_types()
+    rows = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {t: pool.submit(_run_one, t, args.seed, args.timeout, args.threads) for t in types}
+        for model_type in types:
+            row = futures[model_type].result()
+            row["attention"] = attention_family(model_type)
+            print(f"{model_type}: {row['status']} {row.get('reason') or row.get('groups')} "
+                  f"({row['seconds']} s)", file=sys.stderr, flush=True)
+            rows.append(row)
+    print(markdown(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
