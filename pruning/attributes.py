@@ -121,6 +121,18 @@ def _is_block_index(model: nn.Module, path: str, key: str) -> bool:
     return len(seen) > 1 and all(block is not None and value == block for block, value in seen)
 
 
+def _nearest_first(sizes: list[int]):
+    """Index tuples over ``sizes`` options, fewest departures from the first option first
+    (one wrong guess among many attributes is found in a few trials, not a full product)."""
+    for count in range(len(sizes) + 1):
+        for positions in itertools.combinations(range(len(sizes)), count):
+            for values in itertools.product(*[range(1, sizes[p]) for p in positions]):
+                choice = [0] * len(sizes)
+                for position, value in zip(positions, values, strict=True):
+                    choice[position] = value
+                yield tuple(choice)
+
+
 class _Search:
     """One odometer over the attribute combinations of each block (``None``: model-wide)."""
 
@@ -129,7 +141,7 @@ class _Search:
         self.blocks: dict[int | None, list[_Key]] = {}
         for key in sorted(options):
             self.blocks.setdefault(block_index(key[0] + "."), []).append(key)
-        self.combos = {block: itertools.product(*[range(len(options[k])) for k in keys])
+        self.combos = {block: _nearest_first([len(options[k]) for k in keys])
                        for block, keys in self.blocks.items()}
         self.choice = {block: next(combo) for block, combo in self.combos.items()}
 
