@@ -156,14 +156,29 @@ def test_zeroshot_hand_computed_acc_and_acc_norm(tmp_path) -> None:
             {"query": "Q:", "choices": ["aaaa", "b"], "gold": 1}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tok = CharTokenizer()
-    assert evaluate_task(model, tok, str(path)) == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
+    both = evaluate_task(model, tok, str(path))
+    assert both == {"acc": 0.5, "acc_norm": 0.5, "acc_stderr": 0.5, "acc_norm_stderr": 0.5, "n": 2}
     first = score_items(model, tok, [MCItem(("Q:", "Q:"), ("aaaa", "b"), 0)])
-    assert first == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    assert {k: first[k] for k in ("acc", "acc_norm", "n")} == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    assert math.isnan(first["acc_stderr"])  # one item: no standard error
     scores = loglikelihoods(model, tok, [("Q:", " aaaa"), ("Q:", " b")])
     assert scores[0][0] == pytest.approx(math.log(0.25) + 4 * math.log(0.5), abs=1e-5)
     assert scores[1][0] == pytest.approx(math.log(0.25) + math.log(0.125), abs=1e-5)
     results = evaluate_zeroshot(model, tok, [path], limit=1)
-    assert results == {"mytask": {"acc": 0.0, "acc_norm": 1.0, "n": 1}}
+    assert {k: results["mytask"][k] for k in ("acc", "acc_norm", "n")} == \
+        {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+@pytest.mark.parametrize("correct, n", [(27, 60), (1, 7), (0, 5), (400, 1000)])
+def test_accuracy_stderr_is_lm_eval_mean_stderr(correct, n) -> None:
+    """lm-evaluation-harness: sample standard deviation of the 0/1 scores over sqrt(n)."""
+    import numpy as np
+
+    from evaluation import accuracy_stderr
+
+    scores = np.array([1.0] * correct + [0.0] * (n - correct))
+    expected = scores.std(ddof=1) / math.sqrt(n)
+    assert accuracy_stderr(correct / n, n) == pytest.approx(expected, abs=1e-12)
 
 
 def test_loglikelihood_alignment_and_batching() -> None:
