@@ -45,8 +45,10 @@ import torch
 from torch import nn
 
 from depgraph.paths import data_dir
+from depgraph.progress import progress_bar
 
-__all__ = ["PAPER_DEFAULTS", "SELF_SAMPLING", "calibration_tokens", "describe_source"]
+__all__ = ["MAX_UNDECODABLE", "PAPER_DEFAULTS", "SELF_SAMPLING", "calibration_tokens",
+           "check_source", "describe_source"]
 
 #: Calibration set sizes of the two papers this project implements. LLM-Pruner (arXiv
 #: 2305.11627) estimates importance from 10 BookCorpus samples of 128 tokens; Greedy Output
@@ -65,6 +67,25 @@ _START_WORDS = ("The", "A", "In", "It", "When", "This", "He", "She", "We", "Ther
 _SOURCE_FORMS = ("'bundled'", "'wikitext2'", "'self'", "'hf:NAME[:CONFIG[:SPLIT]]'",
                  "a text file", "a folder of .txt files")
 _MAX_TRIES = 48  # reads per sample before giving up (each failed read doubles the chunk)
+#: Largest share of a file's bytes that may fail to decode as UTF-8 (checked on its first
+#: 64 KiB and on every chunk read); binary files are refused instead of silently decoded.
+MAX_UNDECODABLE = 0.05
+_HEAD_BYTES = 1 << 16
+
+
+def _undecodable(raw: bytes) -> tuple[str, float]:
+    """The text in ``raw`` and the share of its bytes that are not UTF-8 (or are NUL)."""
+    text = raw.decode("utf-8", errors="ignore")
+    dropped = len(raw) - len(text.encode("utf-8")) + text.count("\0")
+    return text, dropped / max(len(raw), 1)
+
+
+def _check_text(path: Path, raw: bytes, where: str) -> str:
+    text, share = _undecodable(raw)
+    if share > MAX_UNDECODABLE:
+        raise ValueError(f"calibration file {str(path)!r} is not UTF-8 text: {share:.0%} of "
+                         f"{where} do not decode")
+    return text
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,9 @@ def _parse_source(source: str | os.PathLike[str]) -> _Source:
         return _Source("file", str(path))
     if path.is_dir():
         return _Source("folder", str(path))
+    if path.suffix or os.sep in str(source) or "/" in str(source):
+        raise ValueError(f"calibration text {str(source)!r} does not exist (no such file or "
+                         "folder)")
     raise ValueError(f"unknown calibration source {str(source)!r}: expected one of "
                      f"{', '.join(_SOURCE_FORMS)}")
 
@@ -132,6 +156,10 @@ class _FileCorpus:
         self.paths = [p for p in paths if p.stat().st_size > 0]
         if not self.paths:
             raise ValueError(f"calibration source {label!r} holds no text")
+        for path in self.paths:
+            with open(path, "rb") as handle:
+                head = handle.read(_HEAD_BYTES)
+            _check_text(path, head, f"its first {len(head):,} bytes")
         sizes = np.array([p.stat().st_size for p in self.paths], dtype=np.int64)
         # only bytes [start, start + size) of each file are read (see ``region``)
         self.starts = (sizes * region[0]).astype(np.int64)
@@ -151,8 +179,9 @@ class _FileCorpus:
         with open(self.paths[index], "rb") as handle:
             handle.seek(start + offset)
             raw = handle.read(min(chars, size - offset))
-        # errors="ignore" drops the halves of multi-byte characters cut at either end
-        text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
+        # decoding drops the halves of multi-byte characters cut at either end
+        text = _check_text(self.paths[index], raw, f"{len(raw):,} bytes at offset "
+                           f"{start + offset:,}").replace("\r\n", "\n")
         return text, start + offset > 0, offset + chars < size
 
     def exhausted(self, chars: int) -> bool:
@@ -263,10 +292,11 @@ def _window(corpus, tokenizer, rng: np.random.Generator, seq_len: int,
                      f"the longest piece read gave {best} tokens (need {seq_len})")
 
 
-def _sample_windows(corpus, tokenizer, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def _sample_windows(corpus, tokenizer, n_samples: int, seq_len: int, seed: int,
+                    progress: bool | None = None) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     rows, ratios = [], []
-    for _ in range(n_samples):
+    for _ in progress_bar(range(n_samples), desc="calibration windows", enabled=progress):
         chars_per_token = max(ratios) if ratios else 6.0  # a guess until one window is read
         chars = math.ceil(chars_per_token * (seq_len + 1) * 1.25) + 32
         ids, seen = _window(corpus, tokenizer, rng, seq_len, chars)
@@ -301,7 +331,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 @torch.no_grad()
 def _self_generated(model: nn.Module, tokenizer: Any, n_samples: int, seq_len: int,
-                    seed: int) -> torch.Tensor:
+                    seed: int, progress: bool | None = None) -> torch.Tensor:
     """``n_samples`` rows of ``seq_len`` tokens that the model writes itself (seeded).
 
     Each row starts with a start token; when the model ends a text (EOS), a start token
@@ -322,6 +352,8 @@ def _self_generated(model: nn.Module, tokenizer: Any, n_samples: int, seq_len: i
     ended = torch.zeros(n_samples, 1, dtype=torch.bool)  # the last token was a sampled EOS
     was_training = model.training
     model.eval()
+    bar = progress_bar(total=seq_len, desc="self-generated calibration", enabled=progress)
+    bar.update(1)
     try:
         cache = None
         while tokens.shape[1] < seq_len:
@@ -337,7 +369,9 @@ def _self_generated(model: nn.Module, tokenizer: Any, n_samples: int, seq_len: i
             sampled = torch.where(ended, restart, sampled)
             ended = (sampled == eos) & ~ended if restart_after_eos else ended
             tokens = torch.cat([tokens, sampled], dim=1)
+            bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)
     return tokens
 
@@ -352,7 +386,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled",
                        n_samples: int = 10, seq_len: int = 128, seed: int = 0,
                        model: nn.Module | None = None,
-                       region: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+                       region: tuple[float, float] = (0.0, 1.0),
+                       progress: bool | None = None) -> torch.Tensor:
     """Calibration windows: a ``(n_samples, seq_len)`` LongTensor of token ids.
 
     Parameters
@@ -372,6 +407,8 @@ def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled
     region : (float, float)
         Windows come only from this fraction of every document (bytes of a file, rows of a
         dataset): ``(0, 0.9)`` and ``(0.9, 1)`` give disjoint training and validation text.
+    progress : bool, optional
+        Show a progress bar while sampling (default: only when stderr is a terminal).
 
     Returns
     -------
@@ -382,7 +419,8 @@ def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled
     ------
     ValueError
         ``n_samples < 1``, ``seq_len < 2``, an unknown source that is not an existing path,
-        ``"self"`` without ``model``, or text too short for a window of ``seq_len`` tokens.
+        ``"self"`` without ``model``, text too short for a window of ``seq_len`` tokens, or a
+        file that is not UTF-8 text (more than :data:`MAX_UNDECODABLE` of its bytes).
 
     Example
     -------
@@ -402,6 +440,16 @@ def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled
         if model is None:
             raise ValueError("source='self' needs the model that generates the text: pass "
                              "model=<the causal LM>")
-        return _self_generated(model, tokenizer, n_samples, seq_len, seed)
+        return _self_generated(model, tokenizer, n_samples, seq_len, seed, progress)
     corpus = _open_corpus(parsed, str(source), (float(region[0]), float(region[1])))
-    return _sample_windows(corpus, tokenizer, n_samples, seq_len, seed)
+    return _sample_windows(corpus, tokenizer, n_samples, seq_len, seed, progress)
+
+
+def check_source(source: str | os.PathLike[str]) -> None:
+    """Raise ``ValueError`` now for a source :func:`calibration_tokens` would refuse later:
+    an unknown name, a missing path, a folder without ``.txt`` files, a file that is not
+    UTF-8 text. ``"self"`` and ``"hf:"`` datasets are checked only by name (no download)."""
+    parsed = _parse_source(source)
+    if parsed.kind in ("file", "folder", "bundled") or (
+            parsed.kind == "wikitext2" and _wikitext_file().is_file()):
+        _open_corpus(parsed, str(source), (0.0, 1.0))
