@@ -52,9 +52,8 @@ def _file_digest(path: Path, size: int) -> tuple[str, bool]:
                 digest.update(chunk)
             return digest.hexdigest(), False
         digest.update(handle.read(HEAD_BYTES))
-        step = (size - SAMPLE_BYTES) // (SAMPLES - 1)
-        for index in range(SAMPLES):
-            handle.seek(index * step)
+        for index in range(SAMPLES):  # evenly spaced, the last one ending at the end
+            handle.seek(index * (size - SAMPLE_BYTES) // (SAMPLES - 1))
             digest.update(handle.read(SAMPLE_BYTES))
     return digest.hexdigest(), True
 
@@ -82,17 +81,16 @@ def fingerprint_difference(recorded: dict, actual: dict) -> str | None:
         return (f"fingerprint version {recorded.get('version')!r} cannot be compared with "
                 f"{actual.get('version')!r}")
     old, new = recorded.get("files", {}), actual.get("files", {})
-    for name in sorted(old.keys() | new.keys()):
+    for name in sorted(old):
         if name not in new:
             return f"weight file {name} is missing (recorded {old[name]['bytes']:,} bytes)"
-        if name not in old:
-            return f"weight file {name} was not there when it was pruned"
         if old[name]["bytes"] != new[name]["bytes"]:
             return f"{name} has {new[name]['bytes']:,} bytes, recorded {old[name]['bytes']:,}"
         if old[name]["sha256"] != new[name]["sha256"]:
             return (f"{name} has other contents (sha256 {new[name]['sha256'][:12]}..., recorded "
                     f"{old[name]['sha256'][:12]}...)")
-    return None
+    extra = sorted(new.keys() - old.keys())
+    return f"weight file {extra[0]} was not there when it was pruned" if extra else None
 
 
 def dense_record(source: str | os.PathLike[str]) -> dict:

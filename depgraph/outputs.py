@@ -13,6 +13,10 @@ is a folder) and its local inputs (model folders, data files), then calls
   the folder holds neither ``config.json`` nor ``report.json`` (it was not written by
   depgraph, and ``--overwrite`` only ever replaces depgraph's own outputs).
 
+Before judging an output, what dead writers of it left is cleaned up
+(:func:`depgraph.paths.remove_stale_temps`), so that an output moved aside by a swap that
+was killed half-way is back under its name, and counts as existing.
+
 The writing itself goes through :func:`depgraph.paths.atomic_folder` and
 :func:`depgraph.paths.atomic_files`, so a run that fails later still leaves nothing behind.
 """
@@ -23,6 +27,8 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .paths import remove_stale_temps
 
 __all__ = ["Output", "check_outputs", "local_path"]
 
@@ -104,6 +110,7 @@ def check_outputs(outputs: Sequence[Output], inputs: Iterable[tuple[str, object]
         if out.path is None:
             continue
         out = Output(out.option, Path(out.path).expanduser(), out.folder)
+        remove_stale_temps(out.path)  # a dead writer's half-swapped output comes back first
         real = _real(out.path)
         name = f"{out.option} {str(out.path)!r}"
         for label, path in local:

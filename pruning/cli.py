@@ -104,7 +104,7 @@ def run_prune(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(source), load_tokenizer(source)
     check_finite(model, args.model)
     before_ppl = _quick_ppl(model, tokenizer, args.ppl_tokens)
-    progress = progress_bar(total=args.samples, desc="calibration")
+    progress = progress_bar(total=args.samples, desc="scoring")
     options = {"tau": args.tau} if args.tau is not None else {}
     result = prune(model, args.ratio, args.importance, tokenizer=tokenizer, calib=args.calib,
                    n_samples=args.samples, seq_len=args.seq_len, kinds=args.kinds,

@@ -97,9 +97,10 @@ def _dense_source(args: argparse.Namespace, info: dict, folder: Path):
     if not isinstance(source, Path):
         return source
     if not recorded:
-        print(f"warning: {str(folder / 'pruning.json')!r} records no fingerprint of the dense "
-              f"model; cannot check that {spec!r} is the model it was pruned from",
-              file=sys.stderr)
+        if not args.dense:  # a name recorded by an older depgraph, maybe relative to elsewhere
+            print(f"warning: {str(folder / 'pruning.json')!r} records no fingerprint of the "
+                  f"dense model; cannot check that {spec!r} is the model it was pruned from",
+                  file=sys.stderr)
         return source
     difference = fingerprint_difference(recorded, weights_fingerprint(source))
     if difference:
@@ -135,7 +136,8 @@ def _preflight(args: argparse.Namespace, folder: Path, info: dict):
 
     dense = _dense_source(args, info, folder) if args.method == "reconstruct" else None
     check_outputs([Output("--out", args.out, folder=True), Output("--json", args.json)],
-                  [("DIR", folder), ("--dense", dense or args.dense), ("--calib", args.calib),
+                  [("DIR", folder), ("--dense", args.dense),
+                   ("dense model (recorded in pruning.json)", dense), ("--calib", args.calib),
                    ("--data", args.data)], overwrite=args.overwrite)
     config = load_config(folder)
     check_weight_files(folder)
