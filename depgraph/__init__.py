@@ -5,9 +5,16 @@
 >>> [g.id for g in graph.groups()][:3]          # doctest: +SKIP
 """
 
-from .errors import DepGraphError, LayoutError, PlanError, TraceError, UnsupportedOpError
+from .errors import (
+    DepGraphError,
+    LayoutError,
+    NonFiniteError,
+    PlanError,
+    TraceError,
+    UnsupportedOpError,
+)
 from .graph import DependencyGraph, build_graph
 from .groups import Group
 
 __all__ = ["build_graph", "DependencyGraph", "Group", "DepGraphError", "UnsupportedOpError",
-           "LayoutError", "TraceError", "PlanError"]
+           "LayoutError", "TraceError", "PlanError", "NonFiniteError"]

@@ -37,7 +37,7 @@ from depgraph.model_checks import (
     check_weight_files,
     config_error,
 )
-from depgraph.paths import cache_dir
+from depgraph.paths import cache_dir, remove_stale_temps
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -107,7 +107,9 @@ def default_model_path() -> Path:
             return target
         if target.exists():  # left over from an interrupted non-atomic writer: replace it
             shutil.rmtree(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=target.parent))
+        remove_stale_temps(target)  # what a converter killed with SIGKILL left
+        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-{os.getpid()}-",
+                                    dir=target.parent))
         try:
             _convert_gguf(_gguf_file(), tmp)
             try:
