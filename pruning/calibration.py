@@ -47,6 +47,8 @@ from torch import nn
 from depgraph.paths import data_dir
 from depgraph.progress import progress_bar
 
+from .corpus import MAX_UNDECODABLE, FileCorpus, RowCorpus, text_column
+
 __all__ = ["MAX_UNDECODABLE", "PAPER_DEFAULTS", "SELF_SAMPLING", "calibration_tokens",
            "check_source", "describe_source"]
 
@@ -67,27 +69,6 @@ _START_WORDS = ("The", "A", "In", "It", "When", "This", "He", "She", "We", "Ther
 _SOURCE_FORMS = ("'bundled'", "'wikitext2'", "'self'", "'hf:NAME[:CONFIG[:SPLIT]]'",
                  "a text file", "a folder of .txt files")
 _MAX_TRIES = 48  # reads per sample before giving up (each failed read doubles the chunk)
-#: Largest share of a file's bytes that may fail to decode as UTF-8 (checked on its first
-#: 64 KiB and on every chunk read); binary files are refused instead of silently decoded.
-MAX_UNDECODABLE = 0.05
-_HEAD_BYTES = 1 << 16
-
-
-def _undecodable(raw: bytes) -> tuple[str, float]:
-    """The text in ``raw`` and the share of its bytes that are not UTF-8 (or are NUL)."""
-    text = raw.decode("utf-8", errors="ignore")
-    dropped = len(raw) - len(text.encode("utf-8")) + text.count("\0")
-    return text, dropped / max(len(raw), 1)
-
-
-def _check_text(path: Path, raw: bytes, where: str) -> str:
-    text, share = _undecodable(raw)
-    if share > MAX_UNDECODABLE:
-        raise ValueError(f"calibration file {str(path)!r} is not UTF-8 text: {share:.0%} of "
-                         f"{where} do not decode")
-    return text
-
-
 @dataclass(frozen=True)
 class _Source:
     kind: str  # bundled | wikitext2 | self | hf | file | folder
@@ -149,71 +130,6 @@ def describe_source(source: str | os.PathLike[str]) -> str:
 
 
 # ------------------------------------------------------------------------------- corpora
-class _FileCorpus:
-    """Documents = files; a chunk is read at a byte offset, without loading whole files."""
-
-    def __init__(self, paths: list[Path], label: str, region: tuple[float, float] = (0.0, 1.0)):
-        self.paths = [p for p in paths if p.stat().st_size > 0]
-        if not self.paths:
-            raise ValueError(f"calibration source {label!r} holds no text")
-        for path in self.paths:
-            with open(path, "rb") as handle:
-                head = handle.read(_HEAD_BYTES)
-            _check_text(path, head, f"its first {len(head):,} bytes")
-        sizes = np.array([p.stat().st_size for p in self.paths], dtype=np.int64)
-        # only bytes [start, start + size) of each file are read (see ``region``)
-        self.starts = (sizes * region[0]).astype(np.int64)
-        self.sizes = (sizes * region[1]).astype(np.int64) - self.starts
-        self.label = label
-
-    def draw(self, rng: np.random.Generator, chars: int) -> tuple[str, bool, bool]:
-        """A chunk of ``chars`` bytes at a random place; whether it starts / ends mid-text."""
-        long_enough = self.sizes >= chars
-        if long_enough.any():
-            weights = np.where(long_enough, self.sizes, 0)
-            index = int(rng.choice(len(self.paths), p=weights / weights.sum()))
-        else:  # no document is that long: read the longest one whole
-            index = int(np.argmax(self.sizes))
-        size, start = int(self.sizes[index]), int(self.starts[index])
-        offset = int(rng.integers(0, max(size - chars, 0) + 1))
-        with open(self.paths[index], "rb") as handle:
-            handle.seek(start + offset)
-            raw = handle.read(min(chars, size - offset))
-        # decoding drops the halves of multi-byte characters cut at either end
-        text = _check_text(self.paths[index], raw, f"{len(raw):,} bytes at offset "
-                           f"{start + offset:,}").replace("\r\n", "\n")
-        return text, start + offset > 0, offset + chars < size
-
-    def exhausted(self, chars: int) -> bool:
-        """Whether a chunk of ``chars`` already covers the longest document."""
-        return chars >= int(self.sizes.max())
-
-
-class _RowCorpus:
-    """Documents = rows of a dataset; a chunk starts in a random row and runs on into the next."""
-
-    def __init__(self, rows: Any, column: str, label: str, region: tuple[float, float] = (0.0, 1.0)):
-        first, last = int(len(rows) * region[0]), int(len(rows) * region[1])
-        if last <= first:
-            raise ValueError(f"calibration source {label!r} has no rows")
-        self.rows = rows.select(range(first, last)) if hasattr(rows, "select") else rows[first:last]
-        self.column, self.label = column, label
-
-    def draw(self, rng: np.random.Generator, chars: int) -> tuple[str, bool, bool]:
-        row = int(rng.integers(0, len(self.rows)))
-        first = self.rows[row][self.column] or ""
-        offset = int(rng.integers(0, max(len(first) - chars, 0) + 1))
-        parts, total = [first[offset:]], len(first) - offset
-        while total < chars and row + 1 < len(self.rows):
-            row += 1
-            parts.append(self.rows[row][self.column] or "")
-            total += len(parts[-1]) + 1
-        return "\n".join(parts)[:chars], offset > 0, total > chars or row + 1 < len(self.rows)
-
-    def exhausted(self, chars: int) -> bool:
-        return False  # unknown without reading everything; the try limit ends the search
-
-
 def _load_dataset(*args: Any, split: str) -> Any:
     try:
         import datasets  # optional dependency, imported lazily
@@ -223,39 +139,29 @@ def _load_dataset(*args: Any, split: str) -> Any:
     return datasets.load_dataset(*args, split=split)
 
 
-def _text_column(dataset: Any, label: str) -> str:
-    features = getattr(dataset, "features", {}) or {}
-    if "text" in features:
-        return "text"
-    for name, feature in features.items():
-        if getattr(feature, "dtype", None) in ("string", "large_string"):
-            return name
-    raise ValueError(f"dataset {label!r} has no text column (columns: {list(features)})")
-
-
 def _open_corpus(parsed: _Source, label: str, region: tuple[float, float]
-                 ) -> _FileCorpus | _RowCorpus:
+                 ) -> FileCorpus | RowCorpus:
     if parsed.kind == "bundled":
         folder = _bundled_dir()
         if not folder.is_dir():
             raise ValueError(f"bundled calibration text not found at {str(folder)!r}: set "
                              "$DEPGRAPH_DATA, or pass 'wikitext2', 'hf:NAME' or a text path")
-        return _FileCorpus(sorted(folder.glob("*.txt")), label, region)
+        return FileCorpus(sorted(folder.glob("*.txt")), label, region)
     if parsed.kind == "wikitext2":
         if _wikitext_file().is_file():
-            return _FileCorpus([_wikitext_file()], label, region)
+            return FileCorpus([_wikitext_file()], label, region)
         rows = _load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
-        return _RowCorpus(rows, _text_column(rows, label), label, region)
+        return RowCorpus(rows, text_column(rows, label), label, region)
     if parsed.kind == "hf":
         name, config, split = parsed.location.split(":")
         rows = _load_dataset(*([name, config] if config else [name]), split=split)
-        return _RowCorpus(rows, _text_column(rows, label), label, region)
+        return RowCorpus(rows, text_column(rows, label), label, region)
     if parsed.kind == "folder":
         paths = sorted(Path(parsed.location).glob("*.txt"))
         if not paths:
             raise ValueError(f"folder {parsed.location!r} holds no .txt files")
-        return _FileCorpus(paths, label, region)
-    return _FileCorpus([Path(parsed.location)], label, region)
+        return FileCorpus(paths, label, region)
+    return FileCorpus([Path(parsed.location)], label, region)
 
 
 # ------------------------------------------------------------------------------- windows
