@@ -96,6 +96,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from depgraph.paths import atomic_files
     from depgraph.progress import progress_bar
 
+    from .importance import get_importance
     from .io import save_pruned
     from .prune import prune
 
@@ -104,14 +105,16 @@ def run_prune(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(source), load_tokenizer(source)
     check_finite(model, args.model)
     before_ppl = _quick_ppl(model, tokenizer, args.ppl_tokens)
-    progress = progress_bar(total=args.samples, desc="scoring")
+    data_passes = get_importance(args.importance)[1] or args.reconstruct  # else nothing to count
+    progress = progress_bar(total=args.samples, desc="scoring") if data_passes else None
     options = {"tau": args.tau} if args.tau is not None else {}
     result = prune(model, args.ratio, args.importance, tokenizer=tokenizer, calib=args.calib,
                    n_samples=args.samples, seq_len=args.seq_len, kinds=args.kinds,
                    layers=args.layers, ranking=args.ranking, round_to=args.round_to,
                    aggregation=args.aggregation, seed=args.seed, options=options, progress=progress,
                    reconstruct=args.reconstruct, recon_samples=args.recon_samples)
-    progress.close()
+    if progress is not None:
+        progress.close()
     after_ppl = _quick_ppl(result.model, tokenizer, args.ppl_tokens)
     stats = {**result.stats, **dense, "model_spec": args.model, "ppl_before": before_ppl,
              "ppl_after": after_ppl, "ppl_tokens": args.ppl_tokens, "calib": args.calib,
