@@ -8,6 +8,7 @@
 from .errors import (
     DepGraphError,
     LayoutError,
+    NonFiniteError,
     PlanError,
     RuleError,
     TraceError,
@@ -16,5 +17,5 @@ from .errors import (
 from .graph import DependencyGraph, build_graph
 from .groups import Group
 
-__all__ = ["build_graph", "DependencyGraph", "Group", "DepGraphError", "UnsupportedOpError", "RuleError",
-           "LayoutError", "TraceError", "PlanError"]
+__all__ = ["build_graph", "DependencyGraph", "Group", "DepGraphError", "UnsupportedOpError",
+           "RuleError", "LayoutError", "TraceError", "PlanError", "NonFiniteError"]

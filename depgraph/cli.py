@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .argtypes import positive_int
 from .errors import DepGraphError
+from .outputs import Output, check_outputs, local_path
+from .paths import atomic_files
 
 __all__ = ["COMMANDS", "main"]
 
@@ -40,9 +41,8 @@ def _out_path(text: str) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_files(path) as (staged,):
+        staged.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -65,58 +65,67 @@ def _add_inspect(subparsers) -> None:
     parser.add_argument("--html", type=_out_path, metavar="FILE",
                         help="write a self-contained HTML page to browse the groups")
     parser.add_argument("--layer", type=int, metavar="N",
-                        help="also list the groups of block N (and open the HTML page there)")
+                        help="also list the groups of block N (and open the HTML page there); "
+                             "negative N counts from the last block, as in --layers")
     parser.add_argument("--weights", action="store_true",
                         help="load the weights (default: build the model on the meta device)")
     _common(parser)
     parser.set_defaults(handler=_run_inspect)
 
 
-def _structure_model(spec: str, weights: bool):
+def _structure_model(source: Path | str, weights: bool):
     """The model to trace: built from its config on the meta device unless ``weights``."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .models import resolve_model_path
+    from .models import load_config
 
-    source = resolve_model_path(spec)
-    config = AutoConfig.from_pretrained(source)
+    config = load_config(source)
     record = getattr(config, "depgraph", None)  # pruning.apply.RECORD_KEY
     if weights or (isinstance(record, dict) and not record.get("config_exact", True)):
-        return _load(spec)  # a non-uniformly pruned folder: its config alone is not the model
+        return _load(source)  # a non-uniformly pruned folder: its config alone is not the model
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()
 
 
+def _layer(requested: int | None, layers: list[int]) -> int | None:
+    """``--layer N`` as a block index; negative N counts from the end, as ``--layers``."""
+    if requested is None:
+        return None
+    if layers and -len(layers) <= requested < 0:
+        return layers[requested]
+    if requested not in layers:
+        span = f"{layers[0]}..{layers[-1]} or -{len(layers)}..-1" if layers else "none"
+        raise ValueError(f"--layer {requested} has no groups (blocks with groups: {span})")
+    return requested
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     from . import build_graph
+    from .html_view import write_html
+    from .models import resolve_model_path
     from .report_text import format_inspect, inspect_report
 
-    model = _structure_model(args.model, args.weights)
+    source = resolve_model_path(args.model)
+    check_outputs([Output("--json", args.json), Output("--dot", args.dot),
+                   Output("--graphml", args.graphml), Output("--html", args.html)],
+                  [("MODEL", source)])
+    model = _structure_model(source, args.weights)
     graph = build_graph(model)
-    layers = sorted({g.layer for g in graph.groups() if g.layer is not None})
-    if args.layer is not None and args.layer not in layers:
-        span = f"{layers[0]}..{layers[-1]}" if layers else "none"
-        raise ValueError(f"--layer {args.layer} has no groups (blocks with groups: {span})")
+    layer = _layer(args.layer, sorted({g.layer for g in graph.groups() if g.layer is not None}))
     total = sum(p.numel() for p in model.parameters())
-    report = inspect_report(graph, args.model, total, layer=args.layer)
+    report = inspect_report(graph, args.model, total, layer=layer)
     print(format_inspect(report))
-    written = []
-    if args.json:
-        _write_json(args.json, report)
-        written.append(args.json)
-    for path, write in ((args.dot, graph.write_dot), (args.graphml, graph.write_graphml)):
-        if path:
-            write(path)
-            written.append(path)
-    if args.html:
-        from .html_view import write_html
-
-        write_html(graph, args.html, layer=args.layer)
-        written.append(args.html)
-    if written:
-        print("\nwrote " + ", ".join(str(p) for p in written))
+    writers = [(path, write) for path, write in (
+        (args.json, lambda file: file.write_text(json.dumps(report, indent=1, default=str))),
+        (args.dot, graph.write_dot), (args.graphml, graph.write_graphml),
+        (args.html, lambda file: write_html(graph, file, layer=layer))) if path]
+    with atomic_files(*(path for path, _ in writers)) as staged:  # all of them, or none
+        for file, (_, write) in zip(staged, writers, strict=True):
+            write(file)
+    if writers:
+        print("\nwrote " + ", ".join(str(path) for path, _ in writers))
     return 0
 
 
@@ -151,21 +160,29 @@ def _add_eval(subparsers) -> None:
     parser.set_defaults(handler=_run_eval)
 
 
-def _load(spec: str, dtype: str | None = None, device: str = "cpu"):
-    """A model from a spec; local folders go through ``pruning.load_pruned`` (any plan)."""
+def _dtype(dtype: str | None):
     import torch
 
-    from .models import load_model, resolve_model_path
-
-    source = resolve_model_path(spec)
     parsed = getattr(torch, dtype, None) if dtype else None
     if dtype and not isinstance(parsed, torch.dtype):
         raise ValueError(f"--dtype {dtype!r} is not a torch dtype such as 'bfloat16'")
+    return parsed
+
+
+def _load(spec: str | Path, dtype: str | None = None, device: str = "cpu"):
+    """A model from a spec; local folders go through ``pruning.load_pruned`` (any plan),
+    after the checks of :mod:`depgraph.model_checks` (a one-line error names a bad file)."""
+    from .model_checks import check_weight_files
+    from .models import load_config, load_model, resolve_model_path
+
+    source, parsed = resolve_model_path(spec), _dtype(dtype)
     try:
         from pruning import load_pruned
     except ImportError:
         load_pruned = None
     if isinstance(source, Path) and load_pruned is not None:
+        load_config(source)
+        check_weight_files(source)
         return load_pruned(source, dtype=parsed, device=device)
     return load_model(source, dtype=parsed, device=device)
 
@@ -197,12 +214,31 @@ def _split(value: str | None, option: str) -> list[str]:
     return [v for v in items if v]
 
 
-def _evaluate(spec: str, texts: dict, tasks: dict, args: argparse.Namespace):
+def _eval_sources(args: argparse.Namespace) -> dict:
+    """MODEL and --compare, checked (files, config, --seq-len, tokenizer) before any work."""
+    from .model_checks import check_device, check_seq_len, check_tokenizer_files
+    from .models import load_config, resolve_model_path
+
+    check_device(args.device)
+    _dtype(args.dtype)
+    sources = {"MODEL": resolve_model_path(args.model)}
+    if args.compare:
+        sources["--compare"] = resolve_model_path(args.compare)
+    for source in sources.values():
+        check_seq_len(load_config(source), args.seq_len, "--seq-len")
+        if isinstance(source, Path):
+            check_tokenizer_files(source)
+    return sources
+
+
+def _evaluate(spec: str | Path, texts: dict, tasks: dict, args: argparse.Namespace):
     from evaluation import efficiency_report, perplexity, score_items
 
+    from .model_checks import check_finite
     from .models import load_tokenizer
 
     model, tokenizer = _load(spec, args.dtype, args.device), load_tokenizer(spec)
+    check_finite(model, str(spec))
     results: dict = {}
     if texts:
         results["perplexity"] = {
@@ -235,19 +271,20 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from .report_text import compared_metrics, format_eval
 
+    sources = _eval_sources(args)
     texts, tasks = _eval_inputs(args)
-    model, tokenizer, results = _evaluate(args.model, texts, tasks, args)
+    files = [(option, name) for option, names in (("--ppl", texts), ("--zeroshot", tasks))
+             for name in names if local_path(name)]
+    check_outputs([Output("--json", args.json)], [*sources.items(), *files])
+    model, tokenizer, results = _evaluate(sources["MODEL"], texts, tasks, args)
     report = {"model": args.model, **results}
     if args.compare:
-        dense, _, dense_results = _evaluate(args.compare, texts, tasks, args)
+        dense, _, dense_results = _evaluate(sources["--compare"], texts, tasks, args)
         report.update(dense_model=args.compare, dense=dense_results,
                       compare=compared_metrics(compare(dense_results, results)))
         if texts:
             report["agreement"] = _agreement(dense, model, tokenizer, texts, args)
     print(format_eval(report))
-    bad = [name for name, r in results.get("perplexity", {}).items() if not math.isfinite(r["ppl"])]
-    if bad:
-        print(f"warning: perplexity is not finite on {', '.join(bad)}", file=sys.stderr)
     if args.json:
         _write_json(args.json, report)
         print(f"\nwrote {args.json}")
@@ -286,8 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like ``KeyboardInterrupt`` so that temporary files go."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad input)."""
+    """Run the command line; returns the exit status (0 ok, 2 bad input or a faulty model,
+    130 after Ctrl-C, 143 after SIGTERM); outputs are written atomically, at the end."""
+    previous = _on_sigterm(_terminate)
     try:
         args = build_parser().parse_args(argv)
         import torch
@@ -303,11 +350,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, OSError, DepGraphError) as exc:
         print(f"depgraph: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ndepgraph: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("\ndepgraph: terminated", file=sys.stderr)
+        return 143
+    finally:
+        _on_sigterm(previous)
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM (main thread only); returns the previous one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler or signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        return None
+
+
+#: Longest message printed; a library's multi-page report is cut (with "...") after it.
+MAX_MESSAGE = 400
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    """The whole message on one line (lines joined, spaces collapsed), at most
+    :data:`MAX_MESSAGE` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3].rstrip() + "..."
 
 
 if __name__ == "__main__":

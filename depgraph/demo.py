@@ -183,7 +183,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     get_importance(settings.importance)  # fail fast on an unknown name
-    _check_out(args.out, args.overwrite)
+    _check_inputs(args.model, settings)
+    _check_out(args.out, args.overwrite, args.model, settings)
     command = "depgraph " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else \
         f"depgraph demo {args.model} --out {args.out}"
     report = run_job(args.model, args.out, settings, overwrite=args.overwrite,
@@ -195,12 +196,30 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to "
-                         "replace it")
+def _check_out(out: Path, overwrite: bool, spec: str, settings: DemoSettings) -> None:
+    """``--out`` can be written and is none of the inputs (see depgraph.outputs)."""
+    from .models import resolve_model_path
+    from .outputs import Output, check_outputs
+
+    check_outputs([Output("--out", Path(out), folder=True)],
+                  [("MODEL", resolve_model_path(spec)), ("--calib", settings.calib)], overwrite)
+
+
+def _check_inputs(spec: str, settings: DemoSettings) -> None:
+    """The model's files, config and position limit, and the calibration text."""
+    from pruning.calibration import check_source
+
+    from .model_checks import check_seq_len, check_tokenizer_files, check_weight_files
+    from .models import load_config, resolve_model_path
+
+    source = resolve_model_path(spec)
+    config = load_config(source)
+    check_seq_len(config, settings.seq_len, "--seq-len")
+    check_seq_len(config, settings.calib_len, "calibration length")
+    if isinstance(source, Path):
+        check_weight_files(source)
+        check_tokenizer_files(source)
+    check_source(settings.calib)
 
 
 # ------------------------------------------------------------------------------ the job
@@ -226,7 +245,7 @@ def run_job(model_spec: str, out: str | os.PathLike[str], settings: DemoSettings
     import torch
 
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, model_spec, settings)
     if threads:
         torch.set_num_threads(threads)
     from evaluation.report import write_report
@@ -241,6 +260,8 @@ def run_job(model_spec: str, out: str | os.PathLike[str], settings: DemoSettings
 
 
 def _steps(spec: str, work: Path, settings: DemoSettings, out: Path) -> dict:
+    from depgraph.fingerprint import dense_record
+    from depgraph.model_checks import check_finite
     from depgraph.models import load_model, load_tokenizer, resolve_model_path
 
     start = time.perf_counter()
@@ -248,6 +269,7 @@ def _steps(spec: str, work: Path, settings: DemoSettings, out: Path) -> dict:
     with step(_STEPS[0], f" ({spec})"):
         source = resolve_model_path(spec)
         dense, tokenizer = load_model(spec), load_tokenizer(spec)
+        check_finite(dense, spec)
         ids = _text_ids(tokenizer, settings)
     with step(_STEPS[1]):
         graph = _graph(dense, work / "graph.html")
@@ -272,7 +294,8 @@ def _steps(spec: str, work: Path, settings: DemoSettings, out: Path) -> dict:
 
         extra = {k: v for k, v in result["stats"].items() if k != "kept_widths"}
         save_pruned(pruned, work / "model", tokenizer=tokenizer,
-                    extra={**extra, "model": str(source), "reconstruction": recon["status"]})
+                    extra={**extra, **dense_record(source), "model_spec": spec,
+                           "reconstruction": recon["status"]})
     report = {"model": spec, "model_path": str(source), "out": str(out),
               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": _plain(settings),
               "graph": graph, "pruning": result["stats"], "reconstruction": recon,
@@ -478,7 +501,7 @@ def _timings(dense, pruned, sweep_models: dict, dense_results: dict, pruned_resu
     """Latency of the dense, the pruned (batch 1 and 4) and each sweep model (batch 1), timed
     in alternating rounds so that their ratios do not mix two moments of the machine; fills
     the ``efficiency`` entries and the sweep points in place."""
-    from evaluation import measure_latency_side_by_side
+    from evaluation import latency_medians, measure_latency_rounds, timing_spread
 
     models = {"dense": dense, "pruned": pruned}
     names = {}
@@ -486,11 +509,12 @@ def _timings(dense, pruned, sweep_models: dict, dense_results: dict, pruned_resu
         names[ratio] = next((n for n, m in models.items() if m is model), f"sweep {ratio}")
         models.setdefault(names[ratio], model)
     batches = {name: (1, 4) if name in ("dense", "pruned") else (1,) for name in models}
-    speeds = measure_latency_side_by_side(models, rounds=settings.rounds, batch_sizes=batches,
-                                          prompt_len=settings.seq_len,
-                                          new_tokens=settings.new_tokens)
-    dense_results["efficiency"].update(speeds["dense"], timing_rounds=settings.rounds)
-    pruned_results["efficiency"].update(speeds["pruned"], timing_rounds=settings.rounds)
+    rounds = measure_latency_rounds(models, rounds=settings.rounds, batch_sizes=batches,
+                                    prompt_len=settings.seq_len, new_tokens=settings.new_tokens)
+    speeds = {name: latency_medians(rows) for name, rows in rounds.items()}
+    for name, results in (("dense", dense_results), ("pruned", pruned_results)):
+        results["efficiency"].update(speeds[name], timing_rounds=settings.rounds,
+                                     timing_spread=timing_spread(rounds[name]))
     for point in sweep:
         speed = speeds[names[point["ratio"]]]
         point.update(prefill_tok_s=speed.get("prefill_b1_tok_s"),

@@ -2,13 +2,14 @@
 
 ``DepGraphError`` is the base: catch it to handle anything this package raises on purpose.
 User mistakes (a bad plan, a bad argument) raise ``ValueError`` subclasses so that ordinary
-``except ValueError`` code works; internal inconsistencies raise ``LayoutError``.
+``except ValueError`` code works; internal inconsistencies raise ``LayoutError``. Numbers that stop being finite (NaN or
+infinite weights, losses, logits) raise ``NonFiniteError``, also a ``FloatingPointError``.
 """
 
 from __future__ import annotations
 
 __all__ = ["DepGraphError", "UnsupportedOpError", "RuleError", "LayoutError", "TraceError",
-           "PlanError"]
+           "PlanError", "NonFiniteError"]
 
 
 class DepGraphError(Exception):
@@ -34,3 +35,7 @@ class TraceError(DepGraphError):
 
 class PlanError(DepGraphError, ValueError):
     """A pruning plan names an unknown group or unit, or would remove every unit of a group."""
+
+
+class NonFiniteError(DepGraphError, FloatingPointError):
+    """Weights, a loss or logits hold NaN or infinite values; the message says where."""

@@ -9,7 +9,9 @@ A model *spec* is one of
 * a Hugging Face hub id (``"owner/name"``), passed unchanged to ``from_pretrained`` so that
   online users download and cache it through the hub as usual.
 
-Loading never writes into the input folder.
+Loading never writes into the input folder. Local folders are checked before loading
+(:mod:`depgraph.model_checks`): a corrupt JSON file, a truncated weight file, missing
+tokenizer files or an impossible config value give a ``ValueError`` naming the file.
 """
 
 from __future__ import annotations
@@ -27,14 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from depgraph.paths import cache_dir
+from depgraph.model_checks import (
+    check_json_files,
+    check_tokenizer_files,
+    check_weight_files,
+    config_error,
+)
+from depgraph.paths import cache_dir, remove_stale_temps
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "default_model_path",
     "resolve_model_path",
+    "load_config",
     "load_model",
     "load_tokenizer",
 ]
@@ -98,7 +107,9 @@ def default_model_path() -> Path:
             return target
         if target.exists():  # left over from an interrupted non-atomic writer: replace it
             shutil.rmtree(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=target.parent))
+        remove_stale_temps(target)  # what a converter killed with SIGKILL left
+        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-{os.getpid()}-",
+                                    dir=target.parent))
         try:
             _convert_gguf(_gguf_file(), tmp)
             try:
@@ -111,6 +122,21 @@ def default_model_path() -> Path:
     return target
 
 
+def load_config(spec: str | os.PathLike[str]) -> Any:
+    """The config of a spec (see :func:`resolve_model_path`), checked by transformers.
+
+    ``ValueError`` naming the folder and the reason when ``config.json`` is not valid JSON or
+    holds an impossible value (e.g. a hidden size that the heads do not divide).
+    """
+    source = resolve_model_path(spec)
+    if isinstance(source, Path):
+        check_json_files(source)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except Exception as exc:  # huggingface_hub's StrictDataclassError is no ValueError
+        raise ValueError(f"config.json of {str(source)!r} is invalid: {config_error(exc)}") from exc
+
+
 def load_model(
     spec: str | os.PathLike[str],
     dtype: torch.dtype | str | None = None,
@@ -120,16 +146,32 @@ def load_model(
 
     ``dtype`` is a ``torch.dtype``, a name such as ``"bfloat16"``, ``"auto"`` (the
     checkpoint's own dtype) or ``None``: float32 on CPU, the checkpoint's dtype elsewhere.
+    A local folder's config and weight files are checked first (``ValueError`` naming them).
     """
     source = resolve_model_path(spec)
     device = torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=_parse_dtype(dtype, device))
+    config = load_config(source)
+    if isinstance(source, Path):
+        check_weight_files(source)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config,
+                                                 dtype=_parse_dtype(dtype, device))
     return model.to(device).eval()
 
 
 def load_tokenizer(spec: str | os.PathLike[str]) -> Any:
-    """Load the tokenizer belonging to a spec (see :func:`resolve_model_path`)."""
-    return AutoTokenizer.from_pretrained(resolve_model_path(spec))
+    """Load the tokenizer belonging to a spec (see :func:`resolve_model_path`).
+
+    ``ValueError`` naming the folder (and the file) when it has no tokenizer files or they
+    cannot be read.
+    """
+    source = resolve_model_path(spec)
+    if isinstance(source, Path):
+        check_tokenizer_files(source)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ValueError(f"the tokenizer of {str(source)!r} cannot be loaded: "
+                         f"{config_error(exc)}") from exc
 
 
 def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | str:

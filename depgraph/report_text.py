@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from evaluation.noise import difference_cell
+
 from .graph import DependencyGraph
 
 __all__ = ["compared_metrics", "fixed_patterns", "format_eval", "format_inspect", "inspect_report", "name_pattern",
@@ -17,7 +19,8 @@ __all__ = ["compared_metrics", "fixed_patterns", "format_eval", "format_inspect"
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
 #: Bookkeeping numbers of the evaluation results that a dense-vs-pruned ratio says nothing about.
-_NOT_COMPARED = ("seq_len", "tokens", "windows", "text_tokens", "n")
+_NOT_COMPARED = ("seq_len", "tokens", "windows", "text_tokens", "n", "acc_stderr",
+                 "acc_norm_stderr")
 
 
 def name_pattern(param: str) -> str:
@@ -141,5 +144,17 @@ def format_eval(results: Mapping[str, Any]) -> str:
 
 
 def compared_metrics(table: Mapping[str, Mapping[str, Any]]) -> dict:
-    """Drop bookkeeping rows (token counts, window counts, ``n``) from a compare table."""
-    return {k: v for k, v in table.items() if k.rsplit(".", 1)[-1] not in _NOT_COMPARED}
+    """Drop bookkeeping rows (token counts, window counts, ``n``, standard errors) from a
+    compare table; accuracy rows gain ``noise``: "within noise" when the difference is within
+    :data:`evaluation.noise.NOISE_SE` standard errors (see :mod:`evaluation.noise`)."""
+    out = {}
+    for key, row in table.items():
+        if key.rsplit(".", 1)[-1] in _NOT_COMPARED:
+            continue
+        errors = table.get(f"{key}_stderr")
+        out[key] = dict(row)
+        if errors:
+            within = "within noise" in difference_cell((row["dense"], errors["dense"]),
+                                                       (row["pruned"], errors["pruned"]))
+            out[key]["noise"] = "within noise" if within else "beyond noise"
+    return out

@@ -16,21 +16,32 @@ from .agreement import next_token_agreement
 from .efficiency import (
     count_parameters,
     efficiency_report,
+    latency_medians,
     macs_per_token,
     measure_latency,
+    measure_latency_rounds,
     measure_latency_side_by_side,
     peak_forward_memory,
+    timing_spread,
     weight_memory_bytes,
 )
 from .perplexity import TEXT_DATASETS, load_text, perplexity, token_windows, tokenize_text
 from .report_table import compare, flatten, format_table
-from .zeroshot import encode_pair, evaluate_task, evaluate_zeroshot, loglikelihoods, score_items
+from .zeroshot import (
+    accuracy_stderr,
+    encode_pair,
+    evaluate_task,
+    evaluate_zeroshot,
+    loglikelihoods,
+    score_items,
+)
 from .zeroshot_data import TASKS, MCItem, load_task
 
 __all__ = [
     "TASKS",
     "TEXT_DATASETS",
     "MCItem",
+    "accuracy_stderr",
     "compare",
     "count_parameters",
     "efficiency_report",
@@ -39,15 +50,18 @@ __all__ = [
     "evaluate_zeroshot",
     "flatten",
     "format_table",
+    "latency_medians",
     "load_task",
     "load_text",
     "loglikelihoods",
     "macs_per_token",
     "measure_latency",
+    "measure_latency_rounds",
     "measure_latency_side_by_side",
     "next_token_agreement",
     "peak_forward_memory",
     "perplexity",
+    "timing_spread",
     "score_items",
     "token_windows",
     "tokenize_text",

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from depgraph.errors import NonFiniteError
+from depgraph.progress import progress_bar
 
 __all__ = [
+    "check_finite_logits",
     "check_positive_int",
     "eval_mode",
     "forward_logits",
@@ -87,13 +89,12 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def progress_bar(
-    iterable: Iterable[Any] | None = None,
-    *,
-    total: int | None = None,
-    desc: str | None = None,
-    enabled: bool | None = None,
-) -> tqdm:
-    """A tqdm bar; shown by default only when stderr is a terminal."""
-    disable = not sys.stderr.isatty() if enabled is None else not enabled
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
+def check_finite_logits(logits: torch.Tensor, what: str) -> None:
+    """:class:`~depgraph.errors.NonFiniteError` when ``logits`` hold NaN or infinite values.
+
+    A model whose weights are NaN would otherwise score a zero-shot task at chance level
+    (every argmax picks the first choice) and raise no alarm.
+    """
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(f"the model's logits are not finite (NaN or Inf) on {what}: its "
+                             "weights are not finite or its dtype overflows")

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._common import check_positive_int, eval_mode, forward_logits, progress_bar, resolve_device
+from ._common import (
+    check_finite_logits,
+    check_positive_int,
+    eval_mode,
+    forward_logits,
+    progress_bar,
+    resolve_device,
+)
 
 __all__ = ["next_token_agreement"]
 
@@ -60,8 +67,13 @@ def next_token_agreement(
         bar = progress_bar(total=ids.shape[0], desc="agreement", enabled=progress)
         for start in range(0, ids.shape[0], batch_size):
             batch = ids[start : start + batch_size]
-            logp = torch.log_softmax(forward_logits(dense, batch.to(dev_p)).float(), dim=-1)
-            logq = torch.log_softmax(forward_logits(pruned, batch.to(dev_q)).float(), dim=-1)
+            where = f"windows {start}..{start + batch.shape[0] - 1}"
+            dense_logits = forward_logits(dense, batch.to(dev_p))
+            check_finite_logits(dense_logits, f"{where} (dense model)")
+            pruned_logits = forward_logits(pruned, batch.to(dev_q))
+            check_finite_logits(pruned_logits, f"{where} (compared model)")
+            logp = torch.log_softmax(dense_logits.float(), dim=-1)
+            logq = torch.log_softmax(pruned_logits.float(), dim=-1)
             logq = logq.to(logp.device)
             if logp.shape != logq.shape:
                 raise ValueError(

@@ -20,7 +20,8 @@
   (greedy, exactly ``new_tokens`` new tokens) for several batch sizes.
 * :func:`measure_latency_side_by_side`: the same for several models timed in alternation,
   so that a ratio between two of them is not a difference between two moments of a noisy
-  machine.
+  machine; :func:`measure_latency_rounds` keeps every round and :func:`timing_spread` says
+  how much they disagree.
 """
 
 from __future__ import annotations
@@ -38,15 +39,18 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._common import check_positive_int, eval_mode, forward_logits, resolve_device
+from ._common import check_positive_int, eval_mode, forward_logits, progress_bar, resolve_device
 
 __all__ = [
     "count_parameters",
     "efficiency_report",
     "macs_per_token",
     "measure_latency",
+    "latency_medians",
+    "measure_latency_rounds",
     "measure_latency_side_by_side",
     "peak_forward_memory",
+    "timing_spread",
     "weight_memory_bytes",
 ]
 
@@ -265,7 +269,7 @@ def measure_latency(
     return out
 
 
-def measure_latency_side_by_side(
+def measure_latency_rounds(
     models: Mapping[str, nn.Module],
     rounds: int = 3,
     batch_sizes: Sequence[int] | Mapping[str, Sequence[int]] = (1, 4),
@@ -274,14 +278,15 @@ def measure_latency_side_by_side(
     repeats: int = 1,
     warmup: int = 1,
     device: str | torch.device | None = None,
-) -> dict[str, dict[str, float]]:
-    """:func:`measure_latency` of several models in alternation.
+    progress: bool | None = None,
+) -> dict[str, list[dict[str, float]]]:
+    """:func:`measure_latency` of several models in alternation, every round kept.
 
     Each of ``rounds`` rounds times every model once, in order (``repeats`` timed runs, and
     ``warmup`` untimed ones in the first round only), so all of them see the same machine
     state, drifts and bursts of other load included. ``batch_sizes`` is one sequence for
-    every model or one per model name. Returns, per model name, the median over rounds of
-    each :func:`measure_latency` entry.
+    every model or one per model name. Returns, per model name, one :func:`measure_latency`
+    dict per round (see :func:`timing_spread` for how much the rounds disagree).
     """
     check_positive_int("rounds", rounds)
     if isinstance(batch_sizes, Mapping):
@@ -293,14 +298,58 @@ def measure_latency_side_by_side(
     else:
         per_model = {name: tuple(batch_sizes) for name in models}
     timings: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    bar = progress_bar(total=rounds * len(models), desc="timing", enabled=progress)
     for index in range(rounds):
         for name, model in models.items():
             timings[name].append(measure_latency(
                 model, prompt_len=prompt_len, batch_sizes=per_model[name], new_tokens=new_tokens,
                 repeats=repeats, warmup=warmup if index == 0 else 0, device=device))
-    return {name: {key: statistics.median(row[key] for row in rows) for key in rows[0]
-                   if all(key in row for row in rows)}  # decode_* can be missing in a round
-            for name, rows in timings.items()}
+            bar.update(1)
+    bar.close()
+    return timings
+
+
+def _common_keys(rows: Sequence[Mapping[str, float]]) -> list[str]:
+    return [key for key in rows[0] if all(key in row for row in rows)]  # decode_* may be missing
+
+
+def measure_latency_side_by_side(
+    models: Mapping[str, nn.Module],
+    rounds: int = 3,
+    batch_sizes: Sequence[int] | Mapping[str, Sequence[int]] = (1, 4),
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 1,
+    warmup: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per model name, the median over the rounds of :func:`measure_latency_rounds` of each
+    :func:`measure_latency` entry."""
+    timings = measure_latency_rounds(models, rounds, batch_sizes, prompt_len, new_tokens,
+                                     repeats, warmup, device, progress)
+    return {name: latency_medians(rows) for name, rows in timings.items()}
+
+
+def latency_medians(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The median over rounds of each entry that every round has."""
+    return {key: statistics.median(row[key] for row in rows) for key in _common_keys(rows)}
+
+
+def timing_spread(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """How much the rounds of one model disagree: ``(max - min) / median`` of each entry.
+
+    0.1 means the rounds lie within 10% of their median's size; on a busy shared machine it
+    can exceed 1, and then a ratio of two medians says little. Empty with fewer than 2 rounds.
+    """
+    if len(rows) < 2:
+        return {}
+    spread = {}
+    for key in _common_keys(rows):
+        values = [row[key] for row in rows]
+        middle = statistics.median(values)
+        spread[key] = (max(values) - min(values)) / middle if middle else float("inf")
+    return spread
 
 
 def efficiency_report(

@@ -21,7 +21,14 @@ from torch import nn
 
 from depgraph.paths import data_dir
 
-from ._common import check_positive_int, eval_mode, forward_logits, progress_bar, resolve_device
+from ._common import (
+    check_finite_logits,
+    check_positive_int,
+    eval_mode,
+    forward_logits,
+    progress_bar,
+    resolve_device,
+)
 
 __all__ = ["TEXT_DATASETS", "load_text", "perplexity", "token_windows", "tokenize_text"]
 
@@ -33,7 +40,12 @@ _ALIASES = {"wikitext2": "wikitext2", "wikitext-2": "wikitext2", "wikitext": "wi
 def _read_text_file(path: Path) -> str:
     # "\r\n" -> "\n": the shared WikiText-2 copy came through a CRLF checkout, while the HF
     # rows (and so the string the papers score) contain no "\r" at all.
-    return path.read_bytes().decode("utf-8").replace("\r\n", "\n")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"text file {str(path)!r} is not UTF-8 text (byte {exc.start}: "
+                         f"{exc.reason})") from None
+    return text.replace("\r\n", "\n")
 
 
 def _load_wikitext2(split: str) -> str:
@@ -187,6 +199,12 @@ def perplexity(
         ``ppl`` (exp of mean NLL), ``nll`` (mean NLL per predicted token, nats), ``tokens``
         (predicted tokens, ``windows * (seq_len - 1)``), ``windows``, ``seq_len`` and
         ``text_tokens`` (tokens of the whole text before windowing).
+
+    Raises
+    ------
+    depgraph.errors.NonFiniteError
+        When the model's logits are NaN or infinite (a number computed from them would be
+        meaningless).
     """
     check_positive_int("seq_len", seq_len, minimum=2)
     check_positive_int("batch_size", batch_size)
@@ -204,6 +222,7 @@ def perplexity(
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size].to(dev)
             logits = forward_logits(model, batch)[:, :-1, :].float()
+            check_finite_logits(logits, f"perplexity windows {start}..{start + len(batch) - 1}")
             targets = batch[:, 1:]
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                   reduction="sum")

@@ -15,6 +15,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .noise import (
+    NOISE_SE,
+    NOISY_SPREAD,
+    accuracy_cell,
+    difference_cell,
+    mean_accuracy,
+    speed_ratio_cell,
+    task_accuracy,
+)
+
 __all__ = ["markdown_report", "markdown_table", "write_report"]
 
 _MB = 1e6  # as benchmarks/speed.py prints them
@@ -58,9 +68,11 @@ def _header(data: Mapping[str, Any]) -> str:
                  f"calibrated on {_calib(prune)}.")
     ppl_d, ppl_p = _ppl(dense), _ppl(pruned)
     if ppl_d is not None and ppl_p is not None:
+        acc_d, acc_p = _mean_acc(dense), _mean_acc(pruned)
+        noise = " (within noise)" if "within noise" in difference_cell(acc_d, acc_p) else ""
         lines.append(f"WikiText-2 perplexity {ppl_d:.2f} → **{ppl_p:.2f}**; "
-                     f"mean zero-shot accuracy {_fmt(_mean_acc(dense), '.3f')} → "
-                     f"**{_fmt(_mean_acc(pruned), '.3f')}**; prefill speed at batch 1 "
+                     f"mean zero-shot accuracy {accuracy_cell(*acc_d)} → "
+                     f"**{accuracy_cell(*acc_p)}**{noise}; prefill speed at batch 1 "
                      f"{_speedup(dense, pruned, 'prefill_b1_tok_s')}.")
     lines += ["", f"**Reconstruction:** {recon.get('status', 'not run')}"
               + (f": {recon['detail']}" if recon.get("detail") else "")]
@@ -92,19 +104,22 @@ def _comparison(data: Mapping[str, Any]) -> str:
     for task, res in dense.get("zeroshot", {}).items():
         other = pruned.get("zeroshot", {}).get(task, {})
         rows.append([f"{task} acc / acc_norm ({res.get('n')} items)",
-                     f"{_fmt(res.get('acc'), '.3f')} / {_fmt(res.get('acc_norm'), '.3f')}",
-                     f"{_fmt(other.get('acc'), '.3f')} / {_fmt(other.get('acc_norm'), '.3f')}",
-                     _delta(res.get("acc"), other.get("acc"))])
+                     f"{accuracy_cell(*task_accuracy(res))} / "
+                     f"{accuracy_cell(*task_accuracy(res, 'acc_norm'))}",
+                     f"{accuracy_cell(*task_accuracy(other))} / "
+                     f"{accuracy_cell(*task_accuracy(other, 'acc_norm'))}",
+                     difference_cell(task_accuracy(res), task_accuracy(other))])
     if dense.get("zeroshot"):
-        rows.append(["mean zero-shot acc", _fmt(_mean_acc(dense), ".3f"),
-                     _fmt(_mean_acc(pruned), ".3f"), _delta(_mean_acc(dense), _mean_acc(pruned))])
+        rows.append(["mean zero-shot acc", accuracy_cell(*_mean_acc(dense)),
+                     accuracy_cell(*_mean_acc(pruned)),
+                     difference_cell(_mean_acc(dense), _mean_acc(pruned))])
     for key, label in (("prefill_b1_tok_s", "prefill tokens/s, batch 1"),
                        ("prefill_b4_tok_s", "prefill tokens/s, batch 4"),
                        ("gen_b1_tok_s", "generation tokens/s, batch 1"),
                        ("gen_b4_tok_s", "generation tokens/s, batch 4")):
         if key in d_eff or key in p_eff:
             rows.append([label, _fmt(d_eff.get(key), ".1f"), _fmt(p_eff.get(key), ".1f"),
-                         _ratio(d_eff.get(key), p_eff.get(key))])
+                         speed_ratio_cell(d_eff, p_eff, key)])
     if "peak_forward_bytes" in d_eff:
         rows.append([f"peak forward memory (MB, batch 1 × {d_eff.get('seq_len')} tokens)",
                      _mb(d_eff.get("peak_forward_bytes")), _mb(p_eff.get("peak_forward_bytes")),
@@ -121,7 +136,11 @@ def _comparison(data: Mapping[str, Any]) -> str:
              "and the sweep models were timed in turn" if rounds else "medians of a few runs")
     note = (f"Speeds are {timed}, on random-token prompts of {d_eff.get('seq_len', '?')} "
             f"tokens (generation: {data['settings'].get('new_tokens')} new tokens, greedy, KV "
-            "cache on); on a shared machine they are noisy.")
+            "cache on); where the rounds of a model spread by more than "
+            f"{NOISY_SPREAD:.0%} of their median, no ratio is given (the machine was too busy "
+            "to compare). Accuracies are ± one standard error, sqrt(p(1-p)/(n-1)) as "
+            "lm-evaluation-harness reports it; a difference within "
+            f"{NOISE_SE:g} standard errors of the difference is marked within noise.")
     return "## Dense vs pruned\n\n" + table + "\n\n" + note
 
 
@@ -202,9 +221,8 @@ def _ppl(results: Mapping[str, Any]) -> float | None:
     return (results.get("perplexity") or {}).get("ppl")
 
 
-def _mean_acc(results: Mapping[str, Any]) -> float | None:
-    accs = [r["acc"] for r in (results.get("zeroshot") or {}).values()]
-    return sum(accs) / len(accs) if accs else None
+def _mean_acc(results: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    return mean_accuracy(results.get("zeroshot") or {})
 
 
 def _calib(prune: Mapping[str, Any]) -> str:
@@ -214,9 +232,11 @@ def _calib(prune: Mapping[str, Any]) -> str:
 
 
 def _speedup(dense: Mapping[str, Any], pruned: Mapping[str, Any], key: str) -> str:
-    a = dense.get("efficiency", {}).get(key)
-    b = pruned.get("efficiency", {}).get(key)
-    return f"{a:.0f} → {b:.0f} tokens/s (×{b / a:.2f})" if _ok(a) and _ok(b) and a else "n/a"
+    d_eff, p_eff = dense.get("efficiency", {}), pruned.get("efficiency", {})
+    a, b = d_eff.get(key), p_eff.get(key)
+    if not (_ok(a) and _ok(b) and a):
+        return "n/a"
+    return f"{a:.0f} → {b:.0f} tokens/s ({speed_ratio_cell(d_eff, p_eff, key)})"
 
 
 def _ok(value: Any) -> bool:
@@ -241,10 +261,6 @@ def _millions(value: Any) -> str:
 
 def _ratio(dense: Any, pruned: Any) -> str:
     return f"×{pruned / dense:.3f}" if _ok(dense) and _ok(pruned) and dense else ""
-
-
-def _delta(dense: Any, pruned: Any) -> str:
-    return f"{pruned - dense:+.3f}" if _ok(dense) and _ok(pruned) else ""
 
 
 def _text(cell: Any) -> str:

@@ -16,6 +16,7 @@ Scoring follows lm-evaluation-harness (``HFLM.loglikelihood`` + ``multiple_choic
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -24,10 +25,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._common import check_positive_int, eval_mode, forward_logits, progress_bar, resolve_device
+from ._common import (
+    check_finite_logits,
+    check_positive_int,
+    eval_mode,
+    forward_logits,
+    progress_bar,
+    resolve_device,
+)
 from .zeroshot_data import TASKS, MCItem, load_task
 
-__all__ = ["TASKS", "encode_pair", "evaluate_task", "evaluate_zeroshot", "loglikelihoods",
+__all__ = ["TASKS", "accuracy_stderr", "encode_pair", "evaluate_task", "evaluate_zeroshot", "loglikelihoods",
            "score_items"]
 
 
@@ -131,6 +139,7 @@ def loglikelihoods(
             for row, i in enumerate(chunk):
                 batch[row, : len(encoded[i][0])] = torch.tensor(encoded[i][0])
             logits = forward_logits(model, batch.to(dev))
+            check_finite_logits(logits, f"zero-shot requests {start}..{start + len(chunk) - 1}")
             for row, i in enumerate(chunk):
                 inp, cont = encoded[i]
                 if not cont:
@@ -170,7 +179,9 @@ def score_items(
     Returns
     -------
     dict
-        ``acc``, ``acc_norm`` (both in [0, 1]) and ``n`` (number of items).
+        ``acc``, ``acc_norm`` (both in [0, 1]), their standard errors ``acc_stderr`` and
+        ``acc_norm_stderr`` (:func:`accuracy_stderr`, as lm-evaluation-harness reports them)
+        and ``n`` (number of items).
     """
     if not items:
         raise ValueError(f"no items to score, got {items!r}")
@@ -186,7 +197,24 @@ def score_items(
         correct += int(np.argmax(lls) == it.gold)
         correct_norm += int(np.argmax(lls / lengths) == it.gold)
     n = len(items)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+    return {"acc": correct / n, "acc_norm": correct_norm / n,
+            "acc_stderr": accuracy_stderr(correct / n, n),
+            "acc_norm_stderr": accuracy_stderr(correct_norm / n, n), "n": n}
+
+
+def accuracy_stderr(acc: float, n: int) -> float:
+    """Standard error of an accuracy over ``n`` items: ``sqrt(acc (1 - acc) / (n - 1))``.
+
+    lm-evaluation-harness's ``mean_stderr`` (sample standard deviation of the 0/1 scores over
+    ``sqrt(n)``) is this number; with one item it is undefined (``nan``). Two accuracies
+    whose difference is within about twice ``sqrt(se_a² + se_b²)`` are within noise.
+
+    >>> round(accuracy_stderr(0.5, 60), 4)
+    0.0651
+    """
+    if n < 2:
+        return float("nan")
+    return math.sqrt(acc * (1 - acc) / (n - 1))
 
 
 def evaluate_task(

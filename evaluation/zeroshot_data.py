@@ -47,6 +47,8 @@ class MCItem:
 
 def parse_record(record: Mapping[str, Any], where: str = "record") -> MCItem:
     """Turn one JSONL record (either format, see module docstring) into an :class:`MCItem`."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     gold = record.get("gold")
     if "query" in record and "choices" in record:
         choices = [str(c) for c in record["choices"]]
@@ -202,7 +204,8 @@ def load_task(
         name, records = path.stem, _read_jsonl(path, limit)
     else:
         raise ValueError(f"unknown zero-shot task {text!r}; expected one of {TASKS} or a JSONL path")
-    items = [parse_record(r, f"{name} item {i}") for i, r in enumerate(records)]
+    source = repr(str(path)) if path.is_file() else name
+    items = [parse_record(r, f"{source} item {i}") for i, r in enumerate(records)]
     if prompt_style == "harness":
         items = [
             MCItem(tuple(_harness_query(name, c) for c in it.contexts), it.continuations, it.gold)

@@ -45,8 +45,12 @@ import torch
 from torch import nn
 
 from depgraph.paths import data_dir
+from depgraph.progress import progress_bar
 
-__all__ = ["PAPER_DEFAULTS", "SELF_SAMPLING", "calibration_tokens", "describe_source"]
+from .corpus import MAX_UNDECODABLE, FileCorpus, RowCorpus, text_column
+
+__all__ = ["MAX_UNDECODABLE", "PAPER_DEFAULTS", "SELF_SAMPLING", "calibration_tokens",
+           "check_source", "describe_source"]
 
 #: Calibration set sizes of the two papers this project implements. LLM-Pruner (arXiv
 #: 2305.11627) estimates importance from 10 BookCorpus samples of 128 tokens; Greedy Output
@@ -65,8 +69,6 @@ _START_WORDS = ("The", "A", "In", "It", "When", "This", "He", "She", "We", "Ther
 _SOURCE_FORMS = ("'bundled'", "'wikitext2'", "'self'", "'hf:NAME[:CONFIG[:SPLIT]]'",
                  "a text file", "a folder of .txt files")
 _MAX_TRIES = 48  # reads per sample before giving up (each failed read doubles the chunk)
-
-
 @dataclass(frozen=True)
 class _Source:
     kind: str  # bundled | wikitext2 | self | hf | file | folder
@@ -89,6 +91,9 @@ def _parse_source(source: str | os.PathLike[str]) -> _Source:
         return _Source("file", str(path))
     if path.is_dir():
         return _Source("folder", str(path))
+    if path.suffix or os.sep in str(source) or "/" in str(source):
+        raise ValueError(f"calibration text {str(source)!r} does not exist (no such file or "
+                         "folder)")
     raise ValueError(f"unknown calibration source {str(source)!r}: expected one of "
                      f"{', '.join(_SOURCE_FORMS)}")
 
@@ -125,66 +130,6 @@ def describe_source(source: str | os.PathLike[str]) -> str:
 
 
 # ------------------------------------------------------------------------------- corpora
-class _FileCorpus:
-    """Documents = files; a chunk is read at a byte offset, without loading whole files."""
-
-    def __init__(self, paths: list[Path], label: str, region: tuple[float, float] = (0.0, 1.0)):
-        self.paths = [p for p in paths if p.stat().st_size > 0]
-        if not self.paths:
-            raise ValueError(f"calibration source {label!r} holds no text")
-        sizes = np.array([p.stat().st_size for p in self.paths], dtype=np.int64)
-        # only bytes [start, start + size) of each file are read (see ``region``)
-        self.starts = (sizes * region[0]).astype(np.int64)
-        self.sizes = (sizes * region[1]).astype(np.int64) - self.starts
-        self.label = label
-
-    def draw(self, rng: np.random.Generator, chars: int) -> tuple[str, bool, bool]:
-        """A chunk of ``chars`` bytes at a random place; whether it starts / ends mid-text."""
-        long_enough = self.sizes >= chars
-        if long_enough.any():
-            weights = np.where(long_enough, self.sizes, 0)
-            index = int(rng.choice(len(self.paths), p=weights / weights.sum()))
-        else:  # no document is that long: read the longest one whole
-            index = int(np.argmax(self.sizes))
-        size, start = int(self.sizes[index]), int(self.starts[index])
-        offset = int(rng.integers(0, max(size - chars, 0) + 1))
-        with open(self.paths[index], "rb") as handle:
-            handle.seek(start + offset)
-            raw = handle.read(min(chars, size - offset))
-        # errors="ignore" drops the halves of multi-byte characters cut at either end
-        text = raw.decode("utf-8", errors="ignore").replace("\r\n", "\n")
-        return text, start + offset > 0, offset + chars < size
-
-    def exhausted(self, chars: int) -> bool:
-        """Whether a chunk of ``chars`` already covers the longest document."""
-        return chars >= int(self.sizes.max())
-
-
-class _RowCorpus:
-    """Documents = rows of a dataset; a chunk starts in a random row and runs on into the next."""
-
-    def __init__(self, rows: Any, column: str, label: str, region: tuple[float, float] = (0.0, 1.0)):
-        first, last = int(len(rows) * region[0]), int(len(rows) * region[1])
-        if last <= first:
-            raise ValueError(f"calibration source {label!r} has no rows")
-        self.rows = rows.select(range(first, last)) if hasattr(rows, "select") else rows[first:last]
-        self.column, self.label = column, label
-
-    def draw(self, rng: np.random.Generator, chars: int) -> tuple[str, bool, bool]:
-        row = int(rng.integers(0, len(self.rows)))
-        first = self.rows[row][self.column] or ""
-        offset = int(rng.integers(0, max(len(first) - chars, 0) + 1))
-        parts, total = [first[offset:]], len(first) - offset
-        while total < chars and row + 1 < len(self.rows):
-            row += 1
-            parts.append(self.rows[row][self.column] or "")
-            total += len(parts[-1]) + 1
-        return "\n".join(parts)[:chars], offset > 0, total > chars or row + 1 < len(self.rows)
-
-    def exhausted(self, chars: int) -> bool:
-        return False  # unknown without reading everything; the try limit ends the search
-
-
 def _load_dataset(*args: Any, split: str) -> Any:
     try:
         import datasets  # optional dependency, imported lazily
@@ -194,39 +139,29 @@ def _load_dataset(*args: Any, split: str) -> Any:
     return datasets.load_dataset(*args, split=split)
 
 
-def _text_column(dataset: Any, label: str) -> str:
-    features = getattr(dataset, "features", {}) or {}
-    if "text" in features:
-        return "text"
-    for name, feature in features.items():
-        if getattr(feature, "dtype", None) in ("string", "large_string"):
-            return name
-    raise ValueError(f"dataset {label!r} has no text column (columns: {list(features)})")
-
-
 def _open_corpus(parsed: _Source, label: str, region: tuple[float, float]
-                 ) -> _FileCorpus | _RowCorpus:
+                 ) -> FileCorpus | RowCorpus:
     if parsed.kind == "bundled":
         folder = _bundled_dir()
         if not folder.is_dir():
             raise ValueError(f"bundled calibration text not found at {str(folder)!r}: set "
                              "$DEPGRAPH_DATA, or pass 'wikitext2', 'hf:NAME' or a text path")
-        return _FileCorpus(sorted(folder.glob("*.txt")), label, region)
+        return FileCorpus(sorted(folder.glob("*.txt")), label, region)
     if parsed.kind == "wikitext2":
         if _wikitext_file().is_file():
-            return _FileCorpus([_wikitext_file()], label, region)
+            return FileCorpus([_wikitext_file()], label, region)
         rows = _load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
-        return _RowCorpus(rows, _text_column(rows, label), label, region)
+        return RowCorpus(rows, text_column(rows, label), label, region)
     if parsed.kind == "hf":
         name, config, split = parsed.location.split(":")
         rows = _load_dataset(*([name, config] if config else [name]), split=split)
-        return _RowCorpus(rows, _text_column(rows, label), label, region)
+        return RowCorpus(rows, text_column(rows, label), label, region)
     if parsed.kind == "folder":
         paths = sorted(Path(parsed.location).glob("*.txt"))
         if not paths:
             raise ValueError(f"folder {parsed.location!r} holds no .txt files")
-        return _FileCorpus(paths, label, region)
-    return _FileCorpus([Path(parsed.location)], label, region)
+        return FileCorpus(paths, label, region)
+    return FileCorpus([Path(parsed.location)], label, region)
 
 
 # ------------------------------------------------------------------------------- windows
@@ -263,10 +198,11 @@ def _window(corpus, tokenizer, rng: np.random.Generator, seq_len: int,
                      f"the longest piece read gave {best} tokens (need {seq_len})")
 
 
-def _sample_windows(corpus, tokenizer, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def _sample_windows(corpus, tokenizer, n_samples: int, seq_len: int, seed: int,
+                    progress: bool | None = None) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     rows, ratios = [], []
-    for _ in range(n_samples):
+    for _ in progress_bar(range(n_samples), desc="calibration windows", enabled=progress):
         chars_per_token = max(ratios) if ratios else 6.0  # a guess until one window is read
         chars = math.ceil(chars_per_token * (seq_len + 1) * 1.25) + 32
         ids, seen = _window(corpus, tokenizer, rng, seq_len, chars)
@@ -301,7 +237,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 @torch.no_grad()
 def _self_generated(model: nn.Module, tokenizer: Any, n_samples: int, seq_len: int,
-                    seed: int) -> torch.Tensor:
+                    seed: int, progress: bool | None = None) -> torch.Tensor:
     """``n_samples`` rows of ``seq_len`` tokens that the model writes itself (seeded).
 
     Each row starts with a start token; when the model ends a text (EOS), a start token
@@ -322,6 +258,8 @@ def _self_generated(model: nn.Module, tokenizer: Any, n_samples: int, seq_len: i
     ended = torch.zeros(n_samples, 1, dtype=torch.bool)  # the last token was a sampled EOS
     was_training = model.training
     model.eval()
+    bar = progress_bar(total=seq_len, desc="self-generated calibration", enabled=progress)
+    bar.update(1)
     try:
         cache = None
         while tokens.shape[1] < seq_len:
@@ -337,7 +275,9 @@ def _self_generated(model: nn.Module, tokenizer: Any, n_samples: int, seq_len: i
             sampled = torch.where(ended, restart, sampled)
             ended = (sampled == eos) & ~ended if restart_after_eos else ended
             tokens = torch.cat([tokens, sampled], dim=1)
+            bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)
     return tokens
 
@@ -352,7 +292,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled",
                        n_samples: int = 10, seq_len: int = 128, seed: int = 0,
                        model: nn.Module | None = None,
-                       region: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+                       region: tuple[float, float] = (0.0, 1.0),
+                       progress: bool | None = None) -> torch.Tensor:
     """Calibration windows: a ``(n_samples, seq_len)`` LongTensor of token ids.
 
     Parameters
@@ -372,6 +313,8 @@ def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled
     region : (float, float)
         Windows come only from this fraction of every document (bytes of a file, rows of a
         dataset): ``(0, 0.9)`` and ``(0.9, 1)`` give disjoint training and validation text.
+    progress : bool, optional
+        Show a progress bar while sampling (default: only when stderr is a terminal).
 
     Returns
     -------
@@ -382,7 +325,8 @@ def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled
     ------
     ValueError
         ``n_samples < 1``, ``seq_len < 2``, an unknown source that is not an existing path,
-        ``"self"`` without ``model``, or text too short for a window of ``seq_len`` tokens.
+        ``"self"`` without ``model``, text too short for a window of ``seq_len`` tokens, or a
+        file that is not UTF-8 text (more than :data:`MAX_UNDECODABLE` of its bytes).
 
     Example
     -------
@@ -402,6 +346,16 @@ def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled
         if model is None:
             raise ValueError("source='self' needs the model that generates the text: pass "
                              "model=<the causal LM>")
-        return _self_generated(model, tokenizer, n_samples, seq_len, seed)
+        return _self_generated(model, tokenizer, n_samples, seq_len, seed, progress)
     corpus = _open_corpus(parsed, str(source), (float(region[0]), float(region[1])))
-    return _sample_windows(corpus, tokenizer, n_samples, seq_len, seed)
+    return _sample_windows(corpus, tokenizer, n_samples, seq_len, seed, progress)
+
+
+def check_source(source: str | os.PathLike[str]) -> None:
+    """Raise ``ValueError`` now for a source :func:`calibration_tokens` would refuse later:
+    an unknown name, a missing path, a folder without ``.txt`` files, a file that is not
+    UTF-8 text. ``"self"`` and ``"hf:"`` datasets are checked only by name (no download)."""
+    parsed = _parse_source(source)
+    if parsed.kind in ("file", "folder", "bundled") or (
+            parsed.kind == "wikitext2" and _wikitext_file().is_file()):
+        _open_corpus(parsed, str(source), (0.0, 1.0))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 from depgraph.argtypes import positive_int, ratio
@@ -59,20 +57,56 @@ def _quick_ppl(model, tokenizer, tokens: int) -> float | None:
                             max_tokens=tokens)["ppl"])
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that the chosen criterion would silently ignore are refused."""
+    from .importance import available_importance, importance_options
+
+    if args.tau is not None and "tau" not in importance_options(args.importance):
+        users = [name for name in available_importance() if "tau" in importance_options(name)]
+        raise ValueError(f"--tau is read only by --importance {' or '.join(users)}; "
+                         f"{args.importance!r} would ignore it")
+
+
+def _preflight(args: argparse.Namespace):
+    """Every check that needs no weights, before any work: returns the model's location."""
+    from depgraph.model_checks import check_seq_len, check_tokenizer_files, check_weight_files
+    from depgraph.models import load_config, resolve_model_path
+    from depgraph.outputs import Output, check_outputs
+
+    from .calibration import check_source
+    from .importance import get_importance
+
+    get_importance(args.importance)  # fail fast on an unknown name
+    _check_options(args)
+    source = resolve_model_path(args.model)
+    check_outputs([Output("--out", args.out, folder=True), Output("--json", args.json)],
+                  [("MODEL", source), ("--calib", args.calib)], overwrite=args.overwrite)
+    check_seq_len(load_config(source), args.seq_len, "--seq-len")
+    if isinstance(source, Path):
+        check_weight_files(source)
+        check_tokenizer_files(source)
+    check_source(args.calib)
+    return source
+
+
 def run_prune(args: argparse.Namespace) -> int:
-    from depgraph.models import load_model, load_tokenizer, resolve_model_path
+    from depgraph.fingerprint import dense_record
+    from depgraph.model_checks import check_finite
+    from depgraph.models import load_model, load_tokenizer
+    from depgraph.paths import atomic_files
+    from depgraph.progress import progress_bar
 
     from .importance import get_importance
     from .io import save_pruned
     from .prune import prune
 
-    get_importance(args.importance)  # fail fast on an unknown name
-    if args.out.exists() and not args.overwrite:
-        raise ValueError(f"output folder {str(args.out)!r} exists; pass --overwrite to replace it")
-    source = resolve_model_path(args.model)
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    source = _preflight(args)
+    dense = dense_record(source)
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    check_finite(model, args.model)
     before_ppl = _quick_ppl(model, tokenizer, args.ppl_tokens)
-    progress = _progress(args.samples, "calibration")
+    data_passes = get_importance(args.importance)[1] or args.reconstruct  # else nothing to count
+    progress = progress_bar(total=args.samples, desc="scoring") if data_passes else None
     options = {"tau": args.tau} if args.tau is not None else {}
     result = prune(model, args.ratio, args.importance, tokenizer=tokenizer, calib=args.calib,
                    n_samples=args.samples, seq_len=args.seq_len, kinds=args.kinds,
@@ -82,26 +116,18 @@ def run_prune(args: argparse.Namespace) -> int:
     if progress is not None:
         progress.close()
     after_ppl = _quick_ppl(result.model, tokenizer, args.ppl_tokens)
-    stats = {**result.stats, "model": str(source), "ppl_before": before_ppl, "ppl_after": after_ppl,
-             "ppl_tokens": args.ppl_tokens, "calib": args.calib, "seed": args.seed,
-             "layers": args.layers, "kinds": args.kinds, "ranking": args.ranking}
-    save_pruned(result.model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
-                extra={key: value for key, value in stats.items() if key != "kept_widths"})
+    stats = {**result.stats, **dense, "model_spec": args.model, "ppl_before": before_ppl,
+             "ppl_after": after_ppl, "ppl_tokens": args.ppl_tokens, "calib": args.calib,
+             "seed": args.seed, "layers": args.layers, "kinds": args.kinds,
+             "ranking": args.ranking}
+    with atomic_files(*[p for p in (args.json,) if p]) as staged:  # written after --out
+        for file in staged:
+            file.write_text(json.dumps({**stats, "plan": result.plan}, indent=1, default=str))
+        save_pruned(result.model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
+                    extra={key: value for key, value in stats.items() if key != "kept_widths"})
     print(_table(stats))
     print(f"\nsaved the pruned model to {args.out}")
-    if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps({**stats, "plan": result.plan}, indent=1, default=str))
-        os.replace(tmp, args.json)
     return 0
-
-
-def _progress(total: int, label: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=label, disable=not sys.stderr.isatty())
 
 
 def _table(stats: dict) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -83,23 +82,94 @@ def _tokenizer(folder: Path, info: dict):
     raise ValueError(f"{str(folder)!r} has no tokenizer and records no source model")
 
 
-def _reconstruct(model, tokenizer, info: dict, args: argparse.Namespace) -> tuple:
-    from depgraph.models import load_model
-    from pruning.calibration import calibration_tokens
+def _dense_source(args: argparse.Namespace, info: dict, folder: Path):
+    """The dense model to refit against: ``--dense`` or the one ``pruning.json`` records,
+    checked against the recorded fingerprint of its weights (see depgraph.fingerprint)."""
+    from depgraph.fingerprint import fingerprint_difference, weights_fingerprint
+    from depgraph.models import resolve_model_path
 
-    from .reconstruct import reconstruct
-
-    dense_spec = args.dense or info.get("model")
-    if not dense_spec:
+    spec = args.dense or info.get("model")
+    if not spec:
         raise ValueError("the dense model is unknown: pass --dense MODEL (the folder or hub id "
                          "the pruned model came from)")
-    dense = load_model(dense_spec)
+    source = resolve_model_path(spec)
+    recorded = info.get("model_fingerprint")
+    if not isinstance(source, Path):
+        return source
+    if not recorded:
+        if not args.dense:  # a name recorded by an older depgraph, maybe relative to elsewhere
+            print(f"warning: {str(folder / 'pruning.json')!r} records no fingerprint of the "
+                  f"dense model; cannot check that {spec!r} is the model it was pruned from",
+                  file=sys.stderr)
+        return source
+    difference = fingerprint_difference(recorded, weights_fingerprint(source))
+    if difference:
+        raise ValueError(f"dense model {spec!r} is not the model {str(folder)!r} was pruned "
+                         f"from: {difference}; pass --dense with that model")
+    return source
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    from pruning.calibration import check_source
+
+    from .lora_data import check_instruction_source, is_instruction_source
+
+    if args.method == "reconstruct":
+        check_source(args.calib)
+        return
+    data = Path(args.data)
+    if (data.suffix or "/" in args.data) and not args.data.startswith("hf:") and not data.exists():
+        raise ValueError(f"--data {args.data!r} does not exist (expected an Alpaca JSON/JSONL "
+                         "file, a text file or folder, 'bundled', 'wikitext2' or hf:NAME)")
+    if is_instruction_source(args.data):
+        check_instruction_source(args.data)
+    else:
+        check_source(args.data)
+
+
+def _preflight(args: argparse.Namespace, folder: Path, info: dict):
+    """Every check that needs no weights, before any work: returns the dense model's source
+    (``None`` for LoRA)."""
+    from depgraph.model_checks import check_seq_len, check_weight_files
+    from depgraph.models import load_config
+    from depgraph.outputs import Output, check_outputs
+
+    dense = _dense_source(args, info, folder) if args.method == "reconstruct" else None
+    check_outputs([Output("--out", args.out, folder=True), Output("--json", args.json)],
+                  [("DIR", folder), ("--dense", args.dense),
+                   ("dense model (recorded in pruning.json)", dense), ("--calib", args.calib),
+                   ("--data", args.data)], overwrite=args.overwrite)
+    config = load_config(folder)
+    check_weight_files(folder)
+    if args.method == "reconstruct":
+        check_seq_len(config, args.calib_len, "--calib-len")
+        if isinstance(dense, Path):
+            check_weight_files(dense)
+    else:
+        check_seq_len(config, args.seq_len, "--seq-len")
+    _check_data(args)
+    return dense
+
+
+def _reconstruct(model, tokenizer, dense_source, args: argparse.Namespace) -> tuple:
+    from depgraph.model_checks import check_finite
+    from depgraph.models import load_model
+    from depgraph.progress import progress_bar
+    from pruning.calibration import calibration_tokens
+
+    from .blocks import find_blocks
+    from .reconstruct import reconstruct
+
+    dense = load_model(dense_source)
+    check_finite(dense, str(dense_source))
     tokens = calibration_tokens(tokenizer, args.calib, n_samples=args.samples,
                                 seq_len=args.calib_len, seed=args.seed)
-    print(f"reconstructing against {dense_spec} on {args.samples} x {args.calib_len} tokens "
+    print(f"reconstructing against {dense_source} on {args.samples} x {args.calib_len} tokens "
           f"of {args.calib} ...", flush=True)
+    bar = progress_bar(total=len(find_blocks(dense)[1]), desc="reconstruction (blocks)")
     stats = reconstruct(model, dense, tokens, targets=args.targets, damping=args.damping,
-                        correction=args.correction)
+                        correction=args.correction, progress=bar)
+    bar.close()
     stats.pop("blocks")
     return model, stats, None
 
@@ -128,29 +198,29 @@ def _lora(model, tokenizer, args: argparse.Namespace) -> tuple:
 
 
 def run_recover(args: argparse.Namespace) -> int:
+    from depgraph.model_checks import check_finite
+    from depgraph.paths import atomic_files
     from pruning.cli import _quick_ppl
     from pruning.io import load_pruned, read_pruning_info, save_pruned
 
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{args.model!r} is not a model folder (expected config.json in it)")
-    if args.out.exists() and not args.overwrite:
-        raise ValueError(f"output folder {str(args.out)!r} exists; pass --overwrite to replace it")
-    if args.out.resolve() == folder.resolve():
-        raise ValueError("--out must differ from the input folder (the input is never modified)")
     info = read_pruning_info(folder)
+    dense = _preflight(args, folder, info)
     tokenizer = _tokenizer(folder, info)
     model = load_pruned(folder)
+    check_finite(model, args.model)
     before = _quick_ppl(model, tokenizer, args.ppl_tokens)
     if args.method == "reconstruct":
-        model, stats, adapter = _reconstruct(model, tokenizer, info, args)
+        model, stats, adapter = _reconstruct(model, tokenizer, dense, args)
     else:
         model, stats, adapter = _lora(model, tokenizer, args)
         if not stats["is_main_process"]:
             return 0
     if "ppl_after" not in stats:  # with --no-merge it was measured with the adapter on
         stats["ppl_after"] = _quick_ppl(model, tokenizer, args.ppl_tokens)
-    stats.update(ppl_before=before, ppl_tokens=args.ppl_tokens, source=str(folder))
+    stats.update(ppl_before=before, ppl_tokens=args.ppl_tokens, source=str(folder.resolve()))
     extra = {k: v for k, v in info.items() if k not in ("plans", "config_exact")}
     extra["recovery"] = [*extra.get("recovery", []), stats]
 
@@ -158,13 +228,12 @@ def run_recover(args: argparse.Namespace) -> int:
         if adapter is not None:
             shutil.move(str(adapter), tmp / "adapter")
 
-    save_pruned(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra,
-                writer=add_adapter)
+    with atomic_files(*[p for p in (args.json,) if p]) as staged:  # written after --out
+        for file in staged:
+            file.write_text(json.dumps(stats, indent=1, default=str))
+        save_pruned(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra,
+                    writer=add_adapter)
     _print(stats, args)
-    if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(stats, indent=1, default=str))
-        os.replace(tmp, args.json)
     return 0
 
 

@@ -23,12 +23,15 @@ plain pruned model, which saves as a normal folder.
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from depgraph.errors import NonFiniteError
 
 from .blocks import find_blocks
 from .refit import linear_layers
@@ -37,7 +40,7 @@ __all__ = ["LoraSettings", "LoraDivergedError", "LoraResult", "lora_targets", "t
            "merge"]
 
 
-class LoraDivergedError(FloatingPointError):
+class LoraDivergedError(NonFiniteError):
     """The training loss became NaN or infinite."""
 
 
@@ -108,6 +111,11 @@ class _Collator:
             labels[row, :n] = torch.tensor(example["labels"])
             mask[row, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _quiet(progress) -> bool:
+    """No Trainer bars without a progress callback, or when stderr is not a terminal."""
+    return progress is None or not sys.stderr.isatty()
 
 
 def _bf16_ok() -> bool:
@@ -182,7 +190,7 @@ def train_lora(model: nn.Module, tokenizer, data, settings: LoraSettings = LoraS
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         logging_steps=min(10, settings.eval_steps), report_to=[], seed=settings.seed,
         bf16=_bf16_ok(), use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-        optim="adamw_torch", disable_tqdm=progress is None, save_only_model=True)
+        optim="adamw_torch", disable_tqdm=_quiet(progress), save_only_model=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = _trainer_class()(model=peft_model, args=args, train_dataset=train, eval_dataset=val,
                                data_collator=_Collator(int(pad or 0)),

@@ -29,7 +29,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ALPACA_TEMPLATE", "load_examples", "format_alpaca", "is_instruction_source"]
+__all__ = ["ALPACA_TEMPLATE", "check_instruction_source", "load_examples", "format_alpaca",
+           "is_instruction_source"]
 
 #: The Stanford Alpaca prompt (also LLM-Pruner's ``templates/alpaca.json``).
 ALPACA_TEMPLATE = {
@@ -71,13 +72,44 @@ def _instruction_example(tokenizer, record: dict, seq_len: int, train_on_inputs:
 
 
 def _read_records(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    """The records of a JSON list or JSON-lines file; errors name the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {exc.start})") from None
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{str(path)!r} line {lineno}: invalid JSON "
+                                     f"({exc.msg}, column {exc.colno})") from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} line {exc.lineno} column {exc.colno}: invalid JSON "
+                         f"({exc.msg})") from None
     if not isinstance(data, list):
         raise ValueError(f"{str(path)!r} must hold a JSON list of Alpaca records")
     return data
+
+
+def check_instruction_source(source: str | os.PathLike[str]) -> None:
+    """Read every record of an Alpaca JSON/JSONL file now; ``ValueError`` naming the file
+    and the record (0-based, in file order) that is malformed."""
+    if not str(source).startswith("hf:"):
+        _check_records(_read_records(Path(source)), str(source))
+
+
+def _check_records(records: list, label: str) -> None:
+    for index, record in enumerate(records):
+        try:
+            format_alpaca(record)
+        except ValueError as exc:
+            raise ValueError(f"{label!r} record {index}: {exc}") from None
 
 
 def _hf_rows(source: str) -> Any:
@@ -115,6 +147,7 @@ def load_examples(tokenizer, source: str | os.PathLike[str], *, seq_len: int = 2
         records = list(_hf_rows(text)) if text.startswith("hf:") else _read_records(Path(text))
         if len(records) < 2:
             raise ValueError(f"{text!r} holds {len(records)} records; need at least 2")
+        _check_records(records, text)
         random.Random(seed).shuffle(records)
         records = records[:max_examples]
         examples = [_instruction_example(tokenizer, r, seq_len, train_on_inputs) for r in records]

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from depgraph.errors import DepGraphError
+
 __all__ = ["NormalEquations", "ReconstructionError", "solve"]
 
 
-class ReconstructionError(RuntimeError):
-    """Reconstruction met non-finite numbers or a system it cannot solve."""
+class ReconstructionError(DepGraphError, RuntimeError):
+    """Reconstruction met non-finite numbers or a system it cannot solve (the command line
+    reports it as one line, exit status 2: the models or the calibration data are at fault)."""
 
 
 class NormalEquations:

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from depgraph.progress import restart
+
 from .blocks import BlockCall, batches, capture_calls, find_blocks, truncated
 from .reconstruct import TARGETS, check_correction, check_damping, check_tokens, summarize
 from .refit import Refit, block_outputs, block_structure, dense_targets, linear_layers, refit_block
@@ -172,6 +174,7 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
     plan: dict[str, list[int]] = {}
     scores: dict[str, np.ndarray] = {}
     report = []
+    restart(progress, len(blocks), "blocks (score, prune, refit)")
     for index, block in enumerate(blocks):
         dense_block, names = copy.deepcopy(block), list(linear_layers(block))
         next_dense, targets = dense_targets(dense_block, dense_states, recon.at(index), names)

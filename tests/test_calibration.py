@@ -177,5 +177,5 @@ def test_text_too_short(tokenizer, tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no .txt files"):
         calibration_tokens(tokenizer, empty)
-    with pytest.raises(ValueError, match="unknown calibration source"):
+    with pytest.raises(ValueError, match="'nowhere/at/all' does not exist"):
         describe_source("nowhere/at/all")

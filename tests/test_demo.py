@@ -69,6 +69,8 @@ def test_report_md_links_graph_and_plots(report_dir):
     for name in PNGS:
         assert f"]({name})" in text
     assert "## Dense vs pruned" in text and "## Ratio sweep" in text
+    assert "piqa acc / acc_norm (4 items) | 0." in text and " ± " in text  # standard errors
+    assert "within noise" in text  # 4 items per task: no difference is beyond noise
 
 
 def test_pruned_model_loads(report_dir):

@@ -156,14 +156,29 @@ def test_zeroshot_hand_computed_acc_and_acc_norm(tmp_path) -> None:
             {"query": "Q:", "choices": ["aaaa", "b"], "gold": 1}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tok = CharTokenizer()
-    assert evaluate_task(model, tok, str(path)) == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
+    both = evaluate_task(model, tok, str(path))
+    assert both == {"acc": 0.5, "acc_norm": 0.5, "acc_stderr": 0.5, "acc_norm_stderr": 0.5, "n": 2}
     first = score_items(model, tok, [MCItem(("Q:", "Q:"), ("aaaa", "b"), 0)])
-    assert first == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    assert {k: first[k] for k in ("acc", "acc_norm", "n")} == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    assert math.isnan(first["acc_stderr"])  # one item: no standard error
     scores = loglikelihoods(model, tok, [("Q:", " aaaa"), ("Q:", " b")])
     assert scores[0][0] == pytest.approx(math.log(0.25) + 4 * math.log(0.5), abs=1e-5)
     assert scores[1][0] == pytest.approx(math.log(0.25) + math.log(0.125), abs=1e-5)
     results = evaluate_zeroshot(model, tok, [path], limit=1)
-    assert results == {"mytask": {"acc": 0.0, "acc_norm": 1.0, "n": 1}}
+    assert {k: results["mytask"][k] for k in ("acc", "acc_norm", "n")} == \
+        {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+@pytest.mark.parametrize("correct, n", [(27, 60), (1, 7), (0, 5), (400, 1000)])
+def test_accuracy_stderr_is_lm_eval_mean_stderr(correct, n) -> None:
+    """lm-evaluation-harness: sample standard deviation of the 0/1 scores over sqrt(n)."""
+    import numpy as np
+
+    from evaluation import accuracy_stderr
+
+    scores = np.array([1.0] * correct + [0.0] * (n - correct))
+    expected = scores.std(ddof=1) / math.sqrt(n)
+    assert accuracy_stderr(correct / n, n) == pytest.approx(expected, abs=1e-12)
 
 
 def test_loglikelihood_alignment_and_batching() -> None:
@@ -354,3 +369,73 @@ def test_bad_inputs_raise_value_error(tmp_path, monkeypatch) -> None:
 def test_public_api() -> None:
     for name in evaluation.__all__:
         assert hasattr(evaluation, name), name
+
+
+class NaNLM(nn.Module):
+    """Logits that are NaN: what a model with NaN weights produces."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.full((*ids.shape, 256), float("nan"))
+
+
+def test_non_finite_logits_are_an_error_in_every_evaluation() -> None:
+    from depgraph.errors import NonFiniteError
+
+    items = [MCItem(("Q:", "Q:"), ("aaaa", "b"), 0)] * 3
+    with pytest.raises(NonFiniteError, match="logits are not finite"):
+        score_items(NaNLM(), CharTokenizer(), items)  # would score 1.0: argmax of NaNs is 0
+    with pytest.raises(NonFiniteError, match="perplexity windows 0..1"):
+        perplexity(NaNLM(), None, torch.arange(64), seq_len=16, batch_size=2)
+    with pytest.raises(NonFiniteError, match=r"\(compared model\)"):
+        next_token_agreement(SuccessorLM(), NaNLM(), torch.arange(32).view(2, 16))
+    assert issubclass(NonFiniteError, FloatingPointError)
+
+
+def test_noise_marks_small_differences_and_noisy_timings() -> None:
+    from evaluation.noise import difference_cell, mean_accuracy, speed_ratio_cell
+
+    small = {"acc": 0.453, "acc_stderr": 0.065, "n": 60}
+    other = {"acc": 0.473, "acc_stderr": 0.065, "n": 60}
+    assert difference_cell((0.453, 0.065), (0.473, 0.065)) == "+0.020 (within noise)"
+    assert difference_cell((0.30, 0.01), (0.45, 0.01)) == "+0.150"
+    mean, stderr = mean_accuracy({"a": small, "b": other})
+    assert mean == pytest.approx(0.463) and stderr == pytest.approx(math.sqrt(2) * 0.065 / 2)
+    assert mean_accuracy({"old": {"acc": 0.5, "n": 5}})[1] == pytest.approx(0.25)  # from n
+    dense = {"gen_b1_tok_s": 6.9, "timing_spread": {"gen_b1_tok_s": 0.85}}
+    pruned = {"gen_b1_tok_s": 1.0, "timing_spread": {"gen_b1_tok_s": 0.05}}
+    cell = speed_ratio_cell(dense, pruned, "gen_b1_tok_s")
+    assert "no ratio" in cell and "85% / 5%" in cell and "×" not in cell
+    dense["timing_spread"]["gen_b1_tok_s"] = 0.1
+    assert speed_ratio_cell(dense, pruned, "gen_b1_tok_s") == "×0.145"
+
+
+def test_report_shows_standard_errors_and_noisy_speed() -> None:
+    from evaluation.report import markdown_report
+
+    side = {"perplexity": {"ppl": 20.0, "tokens": 1000, "seq_len": 128},
+            "zeroshot": {"piqa": {"acc": 0.453, "acc_norm": 0.5, "acc_stderr": 0.065,
+                                  "acc_norm_stderr": 0.065, "n": 60}},
+            "efficiency": {"params": 100, "gen_b1_tok_s": 6.9, "timing_rounds": 3,
+                           "timing_spread": {"gen_b1_tok_s": 0.9}}}
+    pruned = copy.deepcopy(side)
+    pruned["zeroshot"]["piqa"]["acc"] = 0.473
+    pruned["efficiency"].update(params=80, gen_b1_tok_s=1.0)
+    data = {"model": "tiny", "dense": side, "pruned": pruned, "settings": {"new_tokens": 4},
+            "pruning": {"ratio_removed": 0.2, "params_before": 100, "params_after": 80,
+                        "criterion": "l2"}}
+    text = markdown_report(data)
+    assert "0.453 ± 0.065" in text and "+0.020 (within noise)" in text
+    assert "no ratio: timing rounds spread 90% / 90%" in text and "×0.145" not in text
+
+
+def test_side_by_side_keeps_rounds_and_their_spread(monkeypatch) -> None:
+    from evaluation import efficiency
+
+    values = iter([10.0, 20.0, 12.0, 19.0, 30.0, 21.0])
+    monkeypatch.setattr(efficiency, "measure_latency", lambda model, **kw: {"x": next(values)})
+    rounds = efficiency.measure_latency_rounds({"a": None, "b": None}, rounds=3)
+    assert rounds == {"a": [{"x": 10.0}, {"x": 12.0}, {"x": 30.0}],
+                      "b": [{"x": 20.0}, {"x": 19.0}, {"x": 21.0}]}
+    assert efficiency.timing_spread(rounds["a"]) == {"x": pytest.approx(20 / 12)}
+    assert efficiency.latency_medians(rounds["b"]) == {"x": 20.0}
+    assert efficiency.timing_spread(rounds["b"][:1]) == {}

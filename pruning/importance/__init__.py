@@ -13,12 +13,13 @@ from .registry import (
     aggregate,
     available_importance,
     get_importance,
+    importance_options,
     needs_loss,
     register_importance,
 )
 
 __all__ = ["AGGREGATIONS", "ScoringContext", "aggregate", "available_importance",
-           "get_importance", "needs_loss", "register_importance", "score_groups"]
+           "get_importance", "importance_options", "needs_loss", "register_importance", "score_groups"]
 
 
 def score_groups(ctx: ScoringContext, name: str):

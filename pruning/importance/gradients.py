@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from depgraph.errors import NonFiniteError
+from depgraph.progress import restart
+
 __all__ = ["GradientStats", "accumulate_gradients"]
 
 
@@ -46,12 +49,15 @@ def accumulate_gradients(model: nn.Module, params: dict[str, nn.Parameter], toke
     grad_sq = ({n: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 for n, p in params.items()} if fisher else None)
     device = next(iter(params.values())).device
+    restart(progress, tokens.shape[0], "calibration gradients")
     try:
         for index in range(tokens.shape[0]):
             sample = tokens[index:index + 1].to(device)
             loss = model(input_ids=sample, labels=sample, use_cache=False).loss
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"calibration sample {index} gives a non-finite loss {loss.item()}")
+                raise NonFiniteError(f"calibration sample {index} gives a non-finite loss "
+                                     f"{loss.item()}: the model's weights or activations are "
+                                     "not finite")
             loss.backward()
             for name, p in params.items():
                 grad = p.grad.float()

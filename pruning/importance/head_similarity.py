@@ -77,7 +77,7 @@ def _redundant(divergence: np.ndarray, base: np.ndarray, tau: float) -> set[int]
     return dropped
 
 
-@register_importance("retraining_free", needs_data=True,
+@register_importance("retraining_free", needs_data=True, options=("tau",),
                      summary="2407.19126: JS head redundancy (tau) first, then the 2nd-moment metric")
 def retraining_free(ctx: ScoringContext) -> dict[str, np.ndarray]:
     scores = second_moment_scores(ctx, use_data=True)

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from depgraph import DependencyGraph, Group
+from depgraph.progress import restart
 
-__all__ = ["ScoringContext", "register_importance", "get_importance", "needs_loss",
-           "available_importance", "AGGREGATIONS", "aggregate"]
+__all__ = ["ScoringContext", "register_importance", "get_importance", "importance_options",
+           "needs_loss", "available_importance", "AGGREGATIONS", "aggregate"]
 
 AGGREGATIONS = ("sum", "mean", "max", "prod", "last")
 
@@ -50,28 +51,36 @@ class ScoringContext:
             custom()
             return
         device = next(self.model.parameters()).device
+        bar = self.options.get("progress")  # a tqdm bar (or None), shared by every pass
+        restart(bar, self.tokens.shape[0], "calibration forward")
         with torch.no_grad():
             for index in range(self.tokens.shape[0]):
                 self.model(input_ids=self.tokens[index:index + 1].to(device), use_cache=False)
+                if bar is not None:
+                    bar.update(1)
 
 
 Criterion = Callable[[ScoringContext], dict[str, np.ndarray]]
 _CRITERIA: dict[str, tuple[Criterion, bool, str, bool]] = {}
+_OPTIONS: dict[str, tuple[str, ...]] = {}
 
 
-def register_importance(name: str, needs_data: bool, summary: str, needs_loss: bool = False
-                        ) -> Callable[[Criterion], Criterion]:
+def register_importance(name: str, needs_data: bool, summary: str, needs_loss: bool = False,
+                        options: tuple[str, ...] = ()) -> Callable[[Criterion], Criterion]:
     """Register a criterion under ``name``.
 
     ``needs_data``: it needs calibration tokens. ``needs_loss``: it differentiates the
     model's loss (so it needs the whole model); criteria without it only read activations
     up to the blocks they score, which lets a block-by-block pruner run a truncated model.
+    ``options``: the keys of ``ScoringContext.options`` it reads (e.g. ``("tau",)``), so that
+    a caller can refuse an option the chosen criterion would ignore.
     """
 
     def decorate(fn: Criterion) -> Criterion:
         if name in _CRITERIA:
             raise ValueError(f"importance criterion {name!r} is already registered")
         _CRITERIA[name] = (fn, needs_data, summary, needs_loss)
+        _OPTIONS[name] = tuple(options)
         return fn
 
     return decorate
@@ -93,6 +102,12 @@ def get_importance(name: str) -> tuple[Criterion, bool]:
 def needs_loss(name: str) -> bool:
     """Whether criterion ``name`` differentiates the whole model's loss."""
     return _entry(name)[3]
+
+
+def importance_options(name: str) -> tuple[str, ...]:
+    """The options criterion ``name`` reads (see :func:`register_importance`)."""
+    _entry(name)
+    return _OPTIONS[name]
 
 
 def available_importance() -> dict[str, str]:
