@@ -90,6 +90,8 @@ def _preflight(args: argparse.Namespace):
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    import torch
+
     from depgraph.fingerprint import dense_record
     from depgraph.model_checks import check_finite
     from depgraph.models import load_model, load_tokenizer
@@ -97,12 +99,14 @@ def run_prune(args: argparse.Namespace) -> int:
     from depgraph.progress import progress_bar
 
     from .importance import get_importance
-    from .io import save_pruned
+    from .io import load_pruned, save_pruned
     from .prune import prune
 
     source = _preflight(args)
     dense = dense_record(source)
-    model, tokenizer = load_model(source), load_tokenizer(source)
+    # a local folder may itself be pruned (iterative pruning): load_pruned reads any plan
+    model = load_pruned(source, dtype=torch.float32) if isinstance(source, Path) else load_model(source)
+    tokenizer = load_tokenizer(source)
     check_finite(model, args.model)
     before_ppl = _quick_ppl(model, tokenizer, args.ppl_tokens)
     data_passes = get_importance(args.importance)[1] or args.reconstruct  # else nothing to count

@@ -348,7 +348,7 @@ CASES = [
     Case("prune-removes-a-dead-writers-temp", prune("--out", "o"), status=0, setup=("stale",),
          writes=("o",), removes=".o.tmp-"),
     Case("prune-pruned-folder", ("prune", "p", *L2, "--out", "pp", *QUICK), status=0, setup=("p",),
-         writes=("pp",), marks=(pytest.mark.xfail(strict=True, reason="iterative pruning: issue 12 branch"),)),
+         writes=("pp",)),
 ]
 
 
@@ -548,7 +548,6 @@ def test_lora_bars_follow_the_terminal_too(monkeypatch):
     assert not _quiet(print) and _quiet(None)
 
 
-@pytest.mark.xfail(strict=True, reason="iterative pruning: issue 12 branch")
 def test_pruning_a_pruned_folder_composes_its_plan_record(workspace, pruned_template):
     from pruning import load_pruned
 
