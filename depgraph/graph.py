@@ -302,6 +302,7 @@ def graph_of_trace(trace: Trace, model_name: str) -> DependencyGraph:
     store, graph = AxisStore(), nx.MultiDiGraph()
     inputs, param_layouts = _placeholder_layouts(trace, store)
     module = trace.program.graph_module
+    _pin_unused(trace, store, param_layouts)
     env = Propagator(store, graph).run(module, inputs)
     output = next(n for n in module.graph.nodes if n.op == "output")
     for value in _values(env[output]):
@@ -342,6 +343,18 @@ def _placeholder_layouts(trace: Trace, store: AxisStore):
                 store.pin(layout, f"buffer {trace.buffers[node.name]} (recomputed from the config)")
         inputs[node.name] = value
     return inputs, param_layouts
+
+
+def _pin_unused(trace: Trace, store: AxisStore, param_layouts: dict) -> None:
+    """Parameters that the traced forward never reads (a vision tower, cross-attention
+    without an encoder): nothing couples their channels, so no group may shrink them."""
+    used: set[str] = set()
+    for node in trace.program.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in trace.params and node.users:
+            used.add(trace.params[node.name])
+    for (param, _dim), layout in param_layouts.items():
+        if param not in used:
+            store.pin(layout, "a parameter the traced forward (input_ids only) never reads")
 
 
 def _placeholder_param(trace: Trace, value_name: str) -> str | None:

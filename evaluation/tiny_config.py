@@ -2,16 +2,24 @@
 
 ``tiny_config("llama")`` starts from the config class's defaults (``AutoConfig.for_model``)
 and shrinks every integer by the role its name gives it, for every family alike (no
-per-family table): layer counts to two blocks (keeping one block of each distinct
-``layer_types`` entry first), head counts so that the largest is 8 or 16 while grouped-query
-ratios survive, per-head sizes so that the largest is 16, widths (hidden, MLP, ranks) by the
-factor that the hidden size shrank, experts to 4 with 2 per token, the vocabulary to 256
-(token ids moved inside it). Sub-configs (``text_config``, ``vision_config``) shrink the same
-way. Ratios survive on purpose: a family whose hidden size is not heads × head_dim (Gemma)
-keeps that property, so the tiny model shows the same hard cases as the real one.
+per-family table):
 
-The result is a config; whether its model can be built is for the caller to try
-(:func:`build_tiny_model` does, and says why not).
+* blocks: the shortest run of blocks from the first that holds every distinct entry of the
+  per-block lists (``layer_types``: sliding, full, linear attention ...), at least two and
+  at most eight (else one block of each kind); per-block lists, dicts keyed by block index
+  and counts of blocks (``num_kv_shared_layers``) follow;
+* head counts: divided by one factor so that the largest is 8 (16 where the smallest would
+  drop to one), so grouped-query ratios survive;
+* per-head sizes (``head_dim``, ``qk_rope_head_dim`` ...): divided by the power of two that
+  brings the largest to 16 at most, so sums such as ``qk_head_dim`` stay sums;
+* widths (hidden, MLP, ranks and every other size): divided by the product of those two
+  factors, so that a hidden size that is not heads × head_dim (Gemma) stays so; a width
+  that was a multiple of 8 stays one (grouped-GEMM kernels need 16-byte rows);
+* experts to 4 (groups of experts to 2, one picked), experts per token to 2, the vocabulary
+  to 256 with every token id moved inside it.
+
+Sub-configs (``text_config``, ``vision_config``) shrink the same way. The result is only a
+config: :func:`build_tiny_model` tries to build it and says why not.
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["tiny_config", "build_tiny_model", "TINY_VOCAB"]
+__all__ = ["tiny_config", "build_tiny_model", "shrink", "TINY_VOCAB"]
 
 TINY_VOCAB = 256
-_LAYERS = re.compile(r"^(num_)?(hidden_|decoder_)?(n_)?layers?$|^n_layer$|^num_hidden_layers$")
+MAX_BLOCKS = 8
+_LAYERS = re.compile(r"^(num_|n_)?(hidden_|decoder_|encoder_)?(n_)?layers?$")
 _HIDDEN = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "hidden_dim", "model_dim")
 _KEEP = ("position", "n_positions", "n_ctx", "seq_len", "seq_length", "window", "chunk",
          "token", "_id", "index", "vocab", "image", "patch", "bucket", "max_", "cache",
@@ -34,7 +43,7 @@ _KEEP = ("position", "n_positions", "n_ctx", "seq_len", "seq_length", "window", 
 
 
 def tiny_config(model_type: str, **overrides):
-    """The default config of ``model_type`` shrunk to a few thousand parameters a block."""
+    """The default config of ``model_type`` shrunk (see the module doc)."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type)
@@ -45,33 +54,11 @@ def tiny_config(model_type: str, **overrides):
 
 
 def shrink(config) -> None:
-    """Shrink ``config`` and its sub-configs in place (see the module doc)."""
+    """Shrink ``config`` and its sub-configs in place."""
     for sub in _sub_configs(config):
         shrink(sub)
-    values = {k: v for k, v in config.to_dict().items() if not isinstance(v, dict)}
-    ints = {k: v for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
-    changes: dict[str, object] = {}
-    changes.update(_layers(ints, values))
-    heads, head_scale = _heads(ints)
-    changes.update(heads)
-    dims, dim_scale = _head_dims(ints)
-    changes.update(dims)
-    hidden_key = next((k for k in _HIDDEN if k in ints and ints[k] >= 16), None)
-    width_scale = _width_scale(ints, hidden_key, head_scale, dim_scale)
-    for key, value in ints.items():
-        if key in changes or value < 16 or any(word in key for word in _KEEP):
-            continue
-        if "expert" in key or "group" in key:
-            continue
-        changes[key] = max(4, int(round(value / width_scale)))
-    if hidden_key is not None and head_scale and "head_dim" not in ints:
-        # derived head_dim (hidden / heads): keep it exact
-        heads_key = _main_heads_key(ints)
-        if heads_key:
-            per_head = max(8, ints[hidden_key] // ints[heads_key] // dim_scale)
-            changes[hidden_key] = changes[heads_key] * _even(per_head)
-    changes.update(_experts(ints))
-    changes.update(_vocab(values))
+    values = {k: v for k, v in config.to_dict().items() if not hasattr(getattr(config, k, None), "to_dict")}
+    changes = _Shrinker(values).changes()
     for key, value in changes.items():
         try:
             setattr(config, key, value)
@@ -85,148 +72,220 @@ def _sub_configs(config) -> list:
             and not key.startswith("_")]
 
 
-def _even(value: float) -> int:
-    return max(2, 2 * int(round(value / 2)))
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _layers(ints: dict, values: dict) -> dict:
-    """Two blocks; lists with one entry per block keep one block of each kind first."""
-    changes: dict[str, object] = {}
-    counts = {k: v for k, v in ints.items() if _LAYERS.match(k) and v > 2}
-    for key, count in counts.items():
-        changes[key] = 2
-        per_layer = [k for k, v in values.items() if isinstance(v, list) and len(v) == count]
-        keep = _representative_layers(values, per_layer, count)
-        changes[key] = len(keep)
-        for list_key in per_layer:
-            entries = values[list_key]
-            if _is_index_list(entries, count):
-                changes[list_key] = [keep.index(i) for i in entries if i in keep]
-            else:
-                changes[list_key] = [entries[i] for i in keep]
-        for list_key, entries in values.items():  # other lists of block indices
-            if list_key not in per_layer and isinstance(entries, list) and entries and \
-                    _is_index_list(entries, count) and "layer" in list_key:
-                changes[list_key] = [keep.index(i) for i in entries if i in keep]
-    for key, value in ints.items():
-        if key in changes or "layer" not in key and "first_k" not in key:
-            continue
-        if "period" in key and value > 2:
-            changes[key] = 2
-        elif ("offset" in key or "first_k" in key) and value > 1:
-            changes[key] = 1
-    return changes
+def _power_of_two_at_least(value: float) -> int:
+    return 1 if value <= 1 else 2 ** math.ceil(math.log2(value))
 
 
-def _representative_layers(values: dict, per_layer: list[str], count: int) -> list[int]:
-    """Block indices to keep: the first block of each distinct kind, then block 1."""
-    keep: list[int] = []
-    for list_key in per_layer:
-        entries = values[list_key]
-        if _is_index_list(entries, count):
-            continue
-        seen = []
+class _Shrinker:
+    """The changes for one config's own fields (see the module doc)."""
+
+    def __init__(self, values: dict):
+        self.values = values
+        self.ints = {k: v for k, v in values.items() if _is_int(v)}
+        self.out: dict[str, object] = {}
+
+    def changes(self) -> dict[str, object]:
+        self._blocks()
+        head_scale = self._heads()
+        dim_scale = self._head_dims()
+        width_scale = self._widths(head_scale, dim_scale)
+        self._experts()
+        self._vocab()
+        self._nested(dim_scale, width_scale)
+        return self.out
+
+    # ----------------------------------------------------------------- blocks
+    def _blocks(self) -> None:
+        for key, count in self.ints.items():
+            if not _LAYERS.match(key) or count <= 2:
+                continue
+            per_block = [k for k, v in self.values.items() if isinstance(v, list) and len(v) == count]
+            keep = _kept_blocks([self.values[k] for k in per_block if not _is_index_list(self.values[k], count)], count)
+            self.out[key] = len(keep)
+            for list_key in per_block:
+                entries = self.values[list_key]
+                self.out[list_key] = (_remap(entries, keep) if _is_index_list(entries, count)
+                                      else [entries[i] for i in keep])
+            for other, entries in self.values.items():
+                if other in per_block or "layer" not in other:
+                    continue
+                if isinstance(entries, list) and entries and _is_index_list(entries, count):
+                    self.out[other] = _remap(entries, keep)
+                elif isinstance(entries, dict) and entries and all(_block_key(k) is not None for k in entries):
+                    self.out[other] = {_same_form(k, keep.index(_block_key(k))): v
+                                       for k, v in entries.items() if _block_key(k) in keep}
+            for other, value in self.ints.items():
+                if other == key or "layer" not in other and "first_k" not in other:
+                    continue
+                if "period" in other and value > 2:
+                    self.out[other] = 2
+                elif ("offset" in other or "first_k" in other) and value > 1:
+                    self.out[other] = 1
+                elif 0 < value < count and "layers" in other:  # a count of blocks
+                    self.out[other] = max(1, round(value * len(keep) / count))
+
+    # ------------------------------------------------------------------ heads
+    def _heads(self) -> int:
+        """Head counts divided by one factor (0 when the config has none)."""
+        heads = {k: v for k, v in self.ints.items() if _is_heads_key(k) and v > 0 and k not in self.out}
+        if not heads:
+            return 0
+        largest, smallest = max(heads.values()), min(heads.values())
+        target = 8 if largest <= 8 or largest // 8 < smallest or smallest == 1 else 16
+        scale = max(1, largest // target)
+        main = _main_heads_key(heads)
+        for key, value in heads.items():
+            self.out[key] = max(1, value // scale)
+        for key in heads:  # every other head count divides the main one
+            if key != main and self.out[main] % self.out[key]:
+                self.out[key] = math.gcd(self.out[main], self.out[key])
+        return scale
+
+    def _head_dims(self) -> int:
+        dims = {k: v for k, v in self.ints.items() if "head_dim" in k and v > 0}
+        if not dims:
+            return 8
+        scale = _power_of_two_at_least(max(dims.values()) / 16)
+        for key, value in dims.items():
+            self.out[key] = max(2, value // scale)
+        return scale
+
+    # ----------------------------------------------------------------- widths
+    def _widths(self, head_scale: int, dim_scale: int) -> float:
+        hidden_key = next((k for k in _HIDDEN if self.ints.get(k, 0) >= 16), None)
+        if hidden_key is None:
+            scale = 16.0
+        elif head_scale:
+            scale = float(head_scale * dim_scale)
+        else:
+            scale = float(_power_of_two_at_least(self.ints[hidden_key] / 64))
+        for key, value in self.ints.items():
+            if key in self.out or not _is_width(key, value):
+                continue
+            self.out[key] = _width(value, scale)
+        for key, value in self.values.items():  # per-block widths (Gemma-3n's MLP sizes)
+            if key not in self.out and isinstance(value, list) and value and \
+                    all(_is_int(v) for v in value) and _is_width(key, min(value)):
+                self.out[key] = [_width(v, scale) for v in value]
+        main = _main_heads_key({k: v for k, v in self.ints.items() if _is_heads_key(k)})
+        if hidden_key and head_scale and main and "head_dim" not in self.ints:
+            # a derived head_dim (hidden / heads) stays a whole, even number
+            per_head = max(8, self.ints[hidden_key] // self.ints[main] // dim_scale)
+            self.out[hidden_key] = self.out[main] * (per_head + per_head % 2)
+        return scale
+
+    # ----------------------------------------------------- experts, vocabulary
+    def _experts(self) -> None:
+        for key, value in self.ints.items():
+            if value <= 0:
+                continue
+            if "group" in key and "head" not in key:  # groups of experts: two, one picked
+                self.out[key] = 1 if "topk" in key or "top_k" in key else min(value, 2)
+            elif "per_tok" in key or key in ("top_k", "moe_topk", "moe_k") or key.endswith("top_k"):
+                self.out[key] = min(value, 2)
+            elif "expert" in key and not any(w in key for w in ("size", "dim", "shared", "period",
+                                                                 "offset", "layer", "top")):
+                self.out[key] = min(value, 4)
+
+    def _vocab(self) -> None:
+        if not any("vocab_size" in k and v > TINY_VOCAB for k, v in self.ints.items()):
+            return
+        for key, value in self.ints.items():
+            if "vocab_size" in key and value > TINY_VOCAB:
+                self.out[key] = TINY_VOCAB
+        next_id = iter(range(TINY_VOCAB - 1, 0, -1))
+        for key, value in self.values.items():
+            if not key.endswith(("token_id", "token_ids", "token_index", "_token")):
+                continue
+            if _is_int(value) and value >= TINY_VOCAB:
+                self.out[key] = next(next_id)
+            elif isinstance(value, list) and any(_is_int(v) and v >= TINY_VOCAB for v in value):
+                self.out[key] = [v if v < TINY_VOCAB else next(next_id) for v in value]
+
+    def _nested(self, dim_scale: int, width_scale: float) -> None:
+        """Dicts of settings (``per_layer_config``, ``ffn_config``): their head sizes and
+        widths shrink like the config's own."""
+        for key, value in list(self.out.items()) + [(k, v) for k, v in self.values.items()
+                                                    if k not in self.out]:
+            if not isinstance(value, dict) or key in ("id2label", "label2id"):
+                continue
+            self.out[key] = {k: _shrink_settings(v, dim_scale, width_scale) for k, v in value.items()}
+
+
+def _shrink_settings(value, dim_scale: int, width_scale: float):
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        if _is_int(item) and "head_dim" in key:
+            out[key] = max(2, item // dim_scale)
+        elif _is_int(item) and _is_width(key, item):
+            out[key] = _width(item, width_scale)
+        else:
+            out[key] = item
+    return out
+
+
+def _is_width(key: str, value: int) -> bool:
+    return (value >= 16 and not any(word in key for word in _KEEP) and not _LAYERS.match(key)
+            and not _is_heads_key(key) and not ("expert" in key and "size" not in key
+                                               and "dim" not in key) and "group" not in key)
+
+
+def _width(value: int, scale: float) -> int:
+    shrunk = max(4, int(round(value / scale)))
+    return max(8, 8 * round(shrunk / 8)) if value % 8 == 0 else shrunk
+
+
+def _kept_blocks(kinds: list[list], count: int) -> list[int]:
+    """The first blocks up to one of every kind (2..MAX_BLOCKS), else one of each kind."""
+    first: dict = {}
+    for entries in kinds:
         for i, entry in enumerate(entries):
-            if entry not in seen:
-                seen.append(entry)
-                keep.append(i)
-    keep = sorted(set(keep))[:4]
-    for i in range(count):
-        if len(keep) >= 2:
-            break
-        if i not in keep:
-            keep.append(i)
-    return sorted(keep)
+            first.setdefault((id(entries), repr(entry)), i)
+    last = max(first.values(), default=0)
+    if last < MAX_BLOCKS:
+        return list(range(max(2, last + 1)))
+    keep = sorted(set(first.values()))
+    return keep if len(keep) >= 2 else [0, 1]
+
+
+def _block_key(key) -> int | None:
+    if _is_int(key):
+        return key
+    return int(key) if isinstance(key, str) and key.isdigit() else None
+
+
+def _same_form(original, index: int):
+    if isinstance(original, str):
+        return str(index).zfill(len(original))
+    return index
+
+
+def _remap(entries: list[int], keep: list[int]) -> list[int]:
+    return [keep.index(i) for i in entries if i in keep]
 
 
 def _is_index_list(entries: list, count: int) -> bool:
-    return (all(isinstance(e, int) and not isinstance(e, bool) for e in entries)
-            and entries == sorted(set(entries)) and all(0 <= e < count for e in entries)
-            and len(entries) < count + 1 and not all(e in (0, 1) for e in entries))
+    return (all(_is_int(e) for e in entries) and entries == sorted(set(entries))
+            and all(0 <= e < count for e in entries) and not all(e in (0, 1) for e in entries))
 
 
 def _is_heads_key(key: str) -> bool:
-    return ("head" in key and not any(w in key for w in ("dim", "size", "rank", "layer", "scale"))
+    return ("head" in key and not any(w in key for w in ("dim", "size", "rank", "layer", "scale",
+                                                         "d_head"))
             and ("num" in key or key.startswith("n_") or key.endswith("heads")))
 
 
-def _main_heads_key(ints: dict) -> str | None:
+def _main_heads_key(heads: dict) -> str | None:
     for key in ("num_attention_heads", "n_head", "num_heads", "n_heads"):
-        if key in ints:
+        if key in heads:
             return key
-    heads = [k for k in ints if _is_heads_key(k)]
-    return max(heads, key=lambda k: ints[k]) if heads else None
-
-
-def _heads(ints: dict) -> tuple[dict, int]:
-    """Head counts divided by one factor: the largest becomes 8 (16 where the smallest would
-    otherwise drop to one), so grouped-query ratios stay as they were."""
-    heads = {k: v for k, v in ints.items() if _is_heads_key(k) and v > 0}
-    if not heads:
-        return {}, 0
-    largest, smallest = max(heads.values()), min(heads.values())
-    target = 8 if largest <= 8 or largest // 8 < smallest or smallest == 1 else 16
-    scale = max(1, largest // target)
-    changes = {k: max(1, v // scale) for k, v in heads.items()}
-    main = _main_heads_key(ints)
-    for key, value in changes.items():  # every other head count divides the main one
-        if main and key != main and changes[main] % value:
-            changes[key] = math.gcd(changes[main], value)
-    return changes, scale
-
-
-def _head_dims(ints: dict) -> tuple[dict, int]:
-    dims = {k: v for k, v in ints.items() if "head_dim" in k and v > 0}
-    if not dims:
-        return {}, 8
-    scale = max(1, max(dims.values()) // 16)
-    return {k: _even(v / scale) for k, v in dims.items()}, scale
-
-
-def _width_scale(ints: dict, hidden_key: str | None, head_scale: int, dim_scale: int) -> float:
-    if hidden_key is None:
-        return 16.0
-    hidden = ints[hidden_key]
-    if head_scale:
-        return max(1.0, float(head_scale * dim_scale))
-    return max(1.0, hidden / 64)
-
-
-def _experts(ints: dict) -> dict:
-    changes = {}
-    for key, value in ints.items():
-        if "expert" not in key or value <= 0:
-            continue
-        if any(w in key for w in ("per_tok", "top", "shared", "period", "offset", "layer",
-                                  "size", "dim")):
-            continue
-        changes[key] = min(value, 4)
-    for key, value in ints.items():
-        if ("per_tok" in key or key in ("top_k", "moe_topk", "num_selected_experts")) and value > 2:
-            changes[key] = 2
-        elif "group" in key and "expert" not in key and "head" not in key and value > 2:
-            changes[key] = 2 if "topk" not in key else 1
-    return changes
-
-
-def _vocab(values: dict) -> dict:
-    """A small vocabulary, with every token id inside it."""
-    changes: dict[str, object] = {}
-    for key, value in values.items():
-        if "vocab_size" in key and isinstance(value, int) and value > TINY_VOCAB:
-            changes[key] = TINY_VOCAB
-    if not changes:
-        return changes
-    next_id = iter(range(TINY_VOCAB - 1, 0, -1))
-    for key, value in values.items():
-        if not (key.endswith("token_id") or key.endswith("token_ids") or key.endswith("token_index")
-                or key.endswith("_token")):
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and value >= TINY_VOCAB:
-            changes[key] = next(next_id)
-        elif isinstance(value, list) and any(isinstance(v, int) and v >= TINY_VOCAB for v in value):
-            changes[key] = [v if v < TINY_VOCAB else next(next_id) for v in value]
-    return changes
+    return max(heads, key=lambda k: heads[k]) if heads else None
 
 
 def build_tiny_model(config, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:

@@ -55,7 +55,11 @@ def layout_signature(store, layout, sizes: dict[int, int] | None = None) -> str:
 
 def _canonical(store, layout, sizes: dict[int, int]):
     if isinstance(layout, Atom):
-        return ("a", sizes.get(layout.id, layout.size))
+        size = sizes.get(layout.id, layout.size)
+        # a head axis is marked: "1 head of 8" and "8 heads of 1" both drop their size-1
+        # factor and would otherwise read alike, though attention computes them differently
+        heads = size > 1 and "attention_heads" in store.tags.get(store.find(layout.id), ())
+        return ("a", f"{size}h" if heads else size)
     kind = "p" if isinstance(layout, Prod) else "c"
     parts = []
     for part in (_canonical(store, p, sizes) for p in layout.parts):

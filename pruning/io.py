@@ -125,7 +125,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
     otherwise, and when a weight of the model is missing from the folder, ``ValueError``
     names the keys instead of dropping or inventing them.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = _local_folder(path)
     if not (path / "config.json").is_file():
@@ -135,7 +135,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or "auto")
     replay = _replay(config, record)
     if not replay:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+        model, info = _model_class(config).from_pretrained(path, dtype=dtype,
                                                            output_loading_info=True)
     else:
         base_config, plans = replay
@@ -229,6 +229,13 @@ def _local_folder(path: str | Path) -> Path:
 
 
 def _model_class(config) -> type:
+    """The class the folder was saved from (``config.architectures``), else the causal-LM
+    class transformers maps the config to (some text configs map to none of their own)."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    for name in getattr(config, "architectures", None) or ():
+        found = getattr(transformers, name, None)
+        if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
+            return found
     return AutoModelForCausalLM._model_mapping[type(config)]

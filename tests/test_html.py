@@ -89,7 +89,7 @@ def test_page_has_every_layer_and_group(page):
     groups = {g["id"]: g for g in data["groups"]}
     for layer in data["layers"][1:]:
         assert {groups[i]["kind"] for i in layer["groups"]} == {"kv_group", "mlp"}
-        assert layer["touching"] == ["model"]
+        assert layer["touching"] == ["hidden"]
         assert 0 < len(layer["nodes"]) <= MAX_NODES and layer["edges"]
         nodes = [dict(zip(data["node_fields"], row, strict=True)) for row in layer["nodes"]]
         modules = {n["module"] for n in nodes if not n["outside"] and n["module"]}
@@ -167,7 +167,7 @@ def test_browser_renders_groups(page, tmp_path):
     dom = result.stdout
     assert 'data-rendered="1"' in dom, result.stderr[-2000:]
     items = re.findall(r'class="group-item[^"]*" data-id="([^"]+)"', dom)
-    assert items == ["model.layers.2.self_attn", "model.layers.2.mlp", "model"]
+    assert items == ["model.layers.2.self_attn", "model.layers.2.mlp", "hidden"]
     assert dom.count('class="member"') == 4  # q, k, v, o of the selected KV group
     assert dom.count('class="node"') > 20
 
