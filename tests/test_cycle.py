@@ -1,0 +1,228 @@
+"""What a user walks away with: each class of failure the whole cycle once had, as a test.
+
+The property tests (``test_properties.py``) walk the cycle on random configs of every family;
+these pin down the individual promises: stable group ids, the saved dtype, constraints of
+expert kernels, rollback when a pruned model fails its forward, norms without parameters,
+every saved tensor restored, config edits kept, iterative pruning, and crashing rules
+reported as bugs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from archs import Dims, tiny_model
+from torch import nn
+
+import depgraph.graph
+from depgraph import PlanError, RuleError, build_graph
+from evaluation.cycle import random_plan
+from pruning import apply_plan, load_pruned, prune, save_pruned, zero_plan
+
+torch.set_num_threads(1)
+
+
+def _ids(vocab: int = 61) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, ids=None):
+    with torch.no_grad():
+        return model(_ids() if ids is None else ids).logits
+
+
+def _state(model):
+    return ({n: p.detach().clone() for n, p in model.state_dict().items()},
+            json.dumps(model.config.to_dict(), sort_keys=True, default=str))
+
+
+def _same_state(model, state) -> bool:
+    tensors, config = state
+    after = model.state_dict()
+    return (set(after) == set(tensors) and json.dumps(model.config.to_dict(), sort_keys=True,
+                                                      default=str) == config
+            and all(after[n].shape == t.shape and torch.equal(after[n], t) for n, t in tensors.items()))
+
+
+# ------------------------------------------------------------------- group ids
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_the_hidden_group_is_named_hidden_in_every_build(arch, tmp_path):
+    """Tied embeddings once named it after the module path ('model', 'transformer',
+    'model.decoder'), and load_pruned's build (untied while constructing) called it 'hidden'."""
+    model = tiny_model(arch, Dims(tied=True))
+    graph = build_graph(model)
+    assert [g.id for g in graph.groups() if g.kind == "hidden"] == ["hidden"]
+    hidden = graph.group("hidden")
+    pruned = apply_plan(copy.deepcopy(model), {"hidden": list(range(0, hidden.num_units, 5))}, graph)
+    pruned.save_pretrained(tmp_path / "m")
+    reloaded = load_pruned(tmp_path / "m")
+    assert {g.id for g in build_graph(reloaded).groups()} == {g.id for g in build_graph(pruned).groups()}
+    assert torch.allclose(_logits(reloaded), _logits(pruned), atol=1e-9, rtol=0)
+
+
+# ----------------------------------------------------------------------- dtype
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_load_pruned_keeps_the_saved_dtype(dtype, tmp_path):
+    model = tiny_model("llama", dtype=dtype)
+    graph = build_graph(model)
+    pruned = apply_plan(model, {"model.layers.0.mlp": [1, 2, 3]}, graph)  # not uniform
+    pruned.save_pretrained(tmp_path / "m")
+    assert load_pruned(tmp_path / "m").dtype == dtype
+    assert load_pruned(tmp_path / "m", dtype=torch.float32).dtype == torch.float32
+
+
+# -------------------------------------------------------------- expert kernels
+def test_expert_groups_declare_what_their_kernels_need():
+    model = tiny_model("mixtral")  # 4 experts, 2 per token, expert width 24, hidden 32
+    graph = build_graph(model)
+    experts = graph.group("model.layers.0.mlp")
+    channels = graph.group("model.layers.0.mlp.experts")
+    assert (experts.kind, experts.min_units, experts.multiple) == ("expert", 2, 1)
+    assert (channels.kind, channels.multiple) == ("mlp", 8)
+    assert graph.group("hidden").multiple == 8
+    assert not experts.allows(1) and experts.allows(2)
+    assert not channels.allows(20) and channels.allows(16) and channels.allows(24)
+    assert experts.to_dict()["constraints"] and channels.to_dict()["multiple"] == 8
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"model.layers.0.mlp.experts": [0, 1, 2]}, "multiple of 8"),
+    ({"model.layers.0.mlp": [0, 1, 2]}, "at least 2 units"),
+    ({"hidden": [0]}, "multiple of 8"),
+])
+def test_a_plan_that_breaks_a_kernel_constraint_is_refused_untouched(plan, message):
+    model = tiny_model("mixtral")
+    graph = build_graph(model)
+    state = _state(model)
+    with pytest.raises(PlanError, match=message):
+        apply_plan(model, plan, graph)
+    assert _same_state(model, state)
+
+
+def test_selection_keeps_expert_widths_aligned_and_the_model_runs():
+    model = tiny_model("mixtral", Dims(intermediate=40))
+    result = prune(model, ratio=0.3, importance="l2", kinds={"mlp", "expert", "kv_group"})
+    graph = build_graph(model)
+    dense = {g.id: g for g in graph.groups()}
+    for group_id, units in result.plan.items():
+        assert dense[group_id].allows(dense[group_id].num_units - len(units)), group_id
+    assert torch.isfinite(_logits(result.model)).all()
+
+
+def test_a_pruned_model_that_fails_its_forward_is_rolled_back(monkeypatch):
+    """With the alignment rule switched off, the grouped-GEMM kernel itself refuses the
+    unaligned width: apply_plan must say so and leave the model exactly as it was."""
+    monkeypatch.setattr(depgraph.graph, "EXPERT_ROW_ALIGN", 1)
+    model = tiny_model("mixtral")
+    graph = build_graph(model)
+    before, state = _logits(model), _state(model)
+    with pytest.raises(PlanError, match="fails a forward pass .*16 bytes"):
+        apply_plan(model, {"model.layers.0.mlp.experts": [0, 1, 2]}, graph)
+    assert _same_state(model, state)
+    assert torch.equal(_logits(model), before)
+
+
+def test_the_users_hooks_do_not_see_the_forward_check():
+    model = tiny_model("llama")
+    calls = []
+    model.model.layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+    apply_plan(model, {"model.layers.0.mlp": [0, 1]})
+    assert calls == []
+    _logits(model)
+    assert calls == [1]
+
+
+# --------------------------------------------------------------- module state
+def test_a_norm_without_parameters_follows_hidden_pruning():
+    model = tiny_model("gpt2")
+    model.transformer.ln_f = nn.LayerNorm(model.config.n_embd, elementwise_affine=False).double()
+    graph = build_graph(model)
+    pruned = apply_plan(copy.deepcopy(model), {"hidden": [0, 3, 5]}, graph)
+    assert pruned.transformer.ln_f.normalized_shape == (model.config.n_embd - 3,)
+    assert torch.isfinite(_logits(pruned)).all()
+
+
+def test_heads_as_many_as_head_dims_are_not_swapped():
+    """4 heads of 4: removing 3 heads leaves '1 head of 4', which traces like '4 heads of 1'
+    (the pruned model once ran with the wrong one and differed from the zeroed one)."""
+    model = tiny_model("gpt2", Dims(hidden_heads=4, head_dim=4, kv_heads=4))
+    graph = build_graph(model)
+    plan = {"transformer.h.0.attn": [0, 1, 3]}
+    pruned = apply_plan(copy.deepcopy(model), plan, graph)
+    assert (pruned.transformer.h[0].attn.num_heads, pruned.transformer.h[0].attn.head_dim) == (1, 4)
+    assert torch.allclose(_logits(pruned), _logits(zero_plan(copy.deepcopy(model), plan, graph)),
+                          atol=1e-9, rtol=0)
+
+
+# -------------------------------------------------------------------- reload
+@pytest.mark.parametrize("uniform", [False, True], ids=["replayed", "exact-config"])
+@pytest.mark.parametrize("save", ["save_pretrained", "save_pruned"])
+def test_a_bias_added_after_pruning_survives_reload(save, uniform, tmp_path):
+    model = tiny_model("llama")
+    graph = build_graph(model)
+    plan = ({f"model.layers.{i}.mlp": [0, 1] for i in range(2)} if uniform
+            else {"model.layers.0.mlp": [0, 1]})
+    pruned = apply_plan(model, plan, graph)
+    assert pruned.config.depgraph["config_exact"] is uniform
+    o_proj = pruned.model.layers[1].self_attn.o_proj
+    o_proj.bias = nn.Parameter(torch.randn(o_proj.out_features, dtype=torch.float64))
+    if save == "save_pretrained":
+        pruned.save_pretrained(tmp_path / "m")
+    else:
+        save_pruned(pruned, tmp_path / "m")
+    reloaded = load_pruned(tmp_path / "m")
+    assert torch.equal(reloaded.model.layers[1].self_attn.o_proj.bias, o_proj.bias)
+    assert torch.allclose(_logits(reloaded), _logits(pruned), atol=1e-9, rtol=0)
+
+
+def test_a_tensor_with_no_place_in_the_model_is_an_error_not_dropped(tmp_path):
+    model = tiny_model("llama")
+    apply_plan(model, {"model.layers.0.mlp": [0, 1]})
+    model.model.layers[0].self_attn.register_parameter("extra", nn.Parameter(torch.ones(3)))
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.extra"):
+        load_pruned(tmp_path / "m")
+
+
+def test_edits_to_config_json_are_kept_for_replayed_folders(tmp_path):
+    model = tiny_model("llama")
+    apply_plan(model, {"model.layers.0.mlp": [0, 1]})
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["rms_norm_eps"] = 0.25
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    reloaded = load_pruned(tmp_path / "m")
+    assert reloaded.config.rms_norm_eps == 0.25
+    assert reloaded.model.layers[0].input_layernorm.variance_epsilon == 0.25
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pruning_a_reloaded_pruned_model_composes(arch, tmp_path):
+    model = tiny_model(arch, Dims(tied=True, layers=3))
+    rng = random.Random(3)
+    for step in range(3):
+        graph = build_graph(model)
+        model = apply_plan(model, random_plan(graph, rng, skip=0.4), graph)
+        save_pruned(model, tmp_path / f"m{step}")
+        reloaded = load_pruned(tmp_path / f"m{step}")
+        assert torch.allclose(_logits(reloaded), _logits(model), atol=1e-9, rtol=0)
+        assert len(reloaded.config.depgraph["plans"]) == step + 1
+        assert json.loads((tmp_path / f"m{step}" / "pruning.json").read_text())["plans"] == \
+            reloaded.config.depgraph["plans"]
+        model = reloaded
+
+
+# ----------------------------------------------------------------------- rules
+def test_a_crashing_rule_is_reported_as_a_bug_not_as_an_unsupported_op(monkeypatch):
+    from depgraph.rules import registry
+
+    def broken(node):
+        raise TypeError("int() argument must be a string, not 'Node'")
+
+    monkeypatch.setitem(registry._RULES, "aten::linear", broken)
+    with pytest.raises(RuleError, match="Coupling rule for aten::linear failed .*node=.*module="):
+        build_graph(tiny_model("llama"))
