@@ -23,17 +23,21 @@ import torch
 from torch import nn
 
 from depgraph import DependencyGraph, build_graph
-from depgraph.errors import DepGraphError, PlanError
-from depgraph.groups import block_index
+from depgraph.errors import PlanError
 
 from .attributes import sync_by_extent
-from .config_solver import instantiate_meta, model_shapes, probe_config, solve_config
-from .extents import expected_signatures, plan_extents
+from .config_solver import model_shapes, probe_config
+from .plan_configs import (
+    RECORD_KEY,
+    configs_for,
+    fix_standard_modules,
+    scope_configs,
+    sync_attributes,
+    sync_scopes,
+)
 from .rollback import ModelState, check_runs
 
 __all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY"]
-
-RECORD_KEY = "depgraph"
 
 
 def plan_slices(graph: DependencyGraph, plan: dict[str, list[int]]) -> dict[tuple[str, int], torch.Tensor]:
@@ -90,9 +94,12 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
     target = {name: list(shape) for name, shape in model_shapes(model).items()}
     for (name, dim), indices in drops.items():
         target[name][dim] -= len(indices)
-    configs = _configs_for(model, {n: tuple(s) for n, s in target.items()}, graph, plan)
-    exact = configs is not None
-    original = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
+    target = {n: tuple(s) for n, s in target.items()}
+    config = getattr(model, "config", None)
+    probe = probe_config(config) if hasattr(config, "to_dict") else None
+    configs = configs_for(model, target, graph, plan, probe)
+    scopes = scope_configs(model, target, graph, plan, probe) if configs is None else {}
+    original = config.to_dict() if hasattr(config, "to_dict") else {}
     state = ModelState(model)
     try:
         with torch.no_grad():
@@ -101,17 +108,32 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
                 if dims:
                     param.data = _keep(param.data, dims)
                     param.grad = None
-        if exact:
-            _sync_attributes(model, configs)
+        if configs is not None:
+            sync_attributes(model, configs)
         else:
-            _fix_standard_modules(model)
-            sync_by_extent(model, graph, plan)
+            _sync_unsolved(model, graph, plan, scopes)
         _check_runs(model)
     except BaseException:  # refused after slicing: put everything back as it was
         state.restore()
         raise
     _record(model, original, plan, configs)
     return model
+
+
+def _sync_unsolved(model: nn.Module, graph: DependencyGraph, plan: dict, scopes: dict) -> None:
+    """Attributes where no config describes a whole block: the modules that a config fits
+    take them from it, the attribute search settles the rest (all of it, if that fails)."""
+    fix_standard_modules(model)
+    if not scopes:
+        sync_by_extent(model, graph, plan)
+        return
+    before = ModelState(model)
+    try:
+        sync_scopes(model, scopes)
+        sync_by_extent(model, graph, plan, solved=set(scopes))
+    except PlanError:
+        before.restore()
+        sync_by_extent(model, graph, plan)
 
 
 def _check_runs(model: nn.Module) -> None:
@@ -131,157 +153,6 @@ def _keep(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
         keep = torch.arange(tensor.shape[dim], device="cpu")[mask]
         tensor = tensor.index_select(dim, keep.to(tensor.device))
     return tensor.contiguous()
-
-
-# ------------------------------------------------------------------ configs
-def _configs_for(model: nn.Module, target: dict[str, tuple[int, ...]], graph: DependencyGraph,
-                 plan: dict) -> dict | None:
-    """``{None: config}`` when one config fits, ``{block: config}`` when one per block fits,
-    ``{}`` for models without a config, ``None`` when no config describes the model."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return {}
-    probe = probe_config(config)
-    signatures = expected_signatures(graph, plan)
-    uniform = _uniform(graph, plan)
-    if uniform:  # saved as config.json, so it must also pass the config class's validation
-        whole = solve_config(config, probe, target, plan_extents(graph, plan),
-                             accept=lambda c: _validates(c) and _layouts_match(c, signatures, None))
-        if whole is not None:
-            return {None: whole}
-    configs: dict = {}
-    blocks = sorted({b for n in target if (b := block_index(n)) is not None})
-    for block in blocks:
-        names = {n for n in target if block_index(n) in (block, None)}
-        local = {gid: units for gid, units in plan.items()
-                 if graph.group(gid).layer in (block, None)}
-        solved = solve_config(config, probe, target, plan_extents(graph, local), only=names,
-                              accept=lambda c, b=block: _layouts_match(c, signatures, b))
-        if solved is None:
-            return None
-        configs[block] = solved
-    return configs
-
-
-def _validates(config) -> bool:
-    """Whether ``config`` passes its class's checks (``save_pretrained`` and loading run them:
-    Llama refuses ``hidden_size % num_attention_heads != 0`` even with an explicit head_dim)."""
-    check = getattr(config, "validate", None)
-    if check is None:
-        return True
-    try:
-        check()
-        return True
-    except Exception:  # noqa: BLE001 - any refusal means: not a config to save
-        return False
-
-
-def _uniform(graph: DependencyGraph, plan: dict) -> bool:
-    """Whether every block loses the same number of units of each group kind."""
-    counts: dict[str, set[tuple]] = {}
-    per_block: dict[tuple, int] = {}
-    for group in graph.groups():
-        if group.layer is not None:
-            per_block[(group.layer, group.kind, group.num_units)] = len(set(plan.get(group.id, ())))
-    for (_layer, kind, units), removed in per_block.items():
-        counts.setdefault(kind, set()).add((units, removed))
-    return all(len(values) == 1 for values in counts.values())
-
-
-def _layouts_match(candidate, signatures: dict, block: int | None) -> bool:
-    """A meta model of ``candidate`` has the expected layouts (sizes and structure).
-
-    Checked on a one-block model (cheap for any depth): its block 0 stands for ``block``
-    (for every block when ``block`` is None); model-wide parameters are compared as they are.
-    """
-    reduced = copy.deepcopy(candidate)
-    try:
-        reduced.num_hidden_layers = 1
-        found = expected_signatures(build_graph(instantiate_meta(reduced)), {})
-    except (DepGraphError, ValueError, AttributeError, TypeError, RuntimeError):
-        return False
-    for (param, dim), signature in signatures.items():
-        own = block_index(param)
-        if own is not None and block is not None and own != block:
-            continue
-        name = param if own is None else param.replace(f".{own}.", ".0.", 1)
-        if found.get((name, dim)) != signature:
-            return False
-    return True
-
-
-def _sync_attributes(model: nn.Module, configs: dict) -> None:
-    """Copy scalar module attributes from meta models built from the new configs."""
-    if not configs:
-        _fix_standard_modules(model)
-        return
-    first = min(configs, key=lambda b: -1 if b is None else b)
-    for block, config in configs.items():
-        fresh = dict(instantiate_meta(config).named_modules())
-        for path, module in model.named_modules():
-            own = block_index(path + ".")
-            # model-wide modules (embeddings, the final norm) follow the first config: every
-            # per-block config agrees on the model-wide sizes
-            if block is not None and own != block and not (own is None and block == first):
-                continue
-            twin = fresh.get(path)
-            if twin is None:
-                continue
-            if block is not None and own is not None and hasattr(twin, "config") and hasattr(module, "config"):
-                module.config = config  # modules that read their config at run time
-            changed = False
-            for key, value in vars(twin).items():
-                if key.startswith("_") or not isinstance(value, (int, float, tuple, list, str)):
-                    continue
-                if isinstance(value, bool) or getattr(module, key, object()) == value:
-                    continue
-                setattr(module, key, copy.deepcopy(value))
-                changed = True
-            if changed:
-                _refresh_buffers(model, module)
-    if None in configs:
-        _replace_config(model, configs[None])
-    _fix_standard_modules(model)
-
-
-def _refresh_buffers(model: nn.Module, module: nn.Module) -> None:
-    """Recompute a module's non-persistent buffers (e.g. an embedding scale of sqrt(hidden))
-    from its updated attributes, with the model's own ``_init_weights``; parameters are
-    restored afterwards, so only the buffers change."""
-    init = getattr(model, "_init_weights", None)
-    own = getattr(module, "_non_persistent_buffers_set", set())
-    if init is None or not own or any(module._buffers.get(n) is None or
-                                      module._buffers[n].is_meta for n in own):
-        return
-    saved = {name: p.detach().clone() for name, p in module.named_parameters(recurse=False)}
-    with torch.no_grad():
-        init(module)
-        for name, p in module.named_parameters(recurse=False):
-            p.copy_(saved[name])
-
-
-def _replace_config(model: nn.Module, config) -> None:
-    """Update the model's config object in place (modules hold references to it)."""
-    for key, value in config.to_dict().items():
-        if key in ("transformers_version", "architectures", RECORD_KEY):
-            continue
-        try:
-            setattr(model.config, key, value)
-        except (AttributeError, TypeError):
-            continue
-
-
-def _fix_standard_modules(model: nn.Module) -> None:
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = module.weight.shape
-        elif isinstance(module, nn.Embedding):
-            module.num_embeddings, module.embedding_dim = module.weight.shape
-        elif isinstance(module, nn.LayerNorm) and weight is not None:
-            module.normalized_shape = tuple(weight.shape)
-        elif type(module).__name__ == "Conv1D" and weight is not None:
-            module.nf = weight.shape[1]
 
 
 def _record(model: nn.Module, original: dict, plan: dict, configs: dict) -> None:

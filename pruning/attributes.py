@@ -160,9 +160,12 @@ class _Search:
         return True
 
 
-def sync_by_extent(model: nn.Module, graph: DependencyGraph, plan: dict) -> None:
-    """Set module attributes after slicing (see module docs); ``PlanError`` if none verify."""
-    options = _candidates(model, graph, plan)
+def sync_by_extent(model: nn.Module, graph: DependencyGraph, plan: dict,
+                   solved: set[str] = frozenset()) -> None:
+    """Set module attributes after slicing (see module docs); ``PlanError`` if none verify.
+    Modules inside the ``solved`` paths keep the attributes they have (a config set them)."""
+    options = {key: values for key, values in _candidates(model, graph, plan).items()
+               if not any(key[0] == s or key[0].startswith(s + ".") for s in solved)}
     modules = dict(model.named_modules())
     expected = expected_signatures(graph, plan)
     search = _Search(options)
