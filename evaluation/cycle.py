@@ -33,6 +33,7 @@ from torch import nn
 
 from depgraph import DepGraphError, RuleError, build_graph
 from pruning import apply_plan, load_pruned, plan_slices, save_pruned, zero_plan
+from pruning.apply import library_class
 
 from .tiny_config import build_tiny_model, tiny_config
 
@@ -152,7 +153,11 @@ def _check_reload(pruned: nn.Module, ids: torch.Tensor, folder: Path, plain: boo
     if plain and record.get("config_exact"):
         from transformers import AutoModelForCausalLM
 
-        reloaded = AutoModelForCausalLM.from_pretrained(folder / "save_pretrained")
+        # what a user calls: the Auto class where it knows the config (some text configs map
+        # to no causal-LM class of their own: then the class itself, as for the dense model)
+        loader = (AutoModelForCausalLM if type(pruned.config) in AutoModelForCausalLM._model_mapping
+                  else library_class(pruned))
+        reloaded = loader.from_pretrained(folder / "save_pretrained")
         if next(reloaded.parameters()).dtype != dtype:
             raise CycleFailure(f"from_pretrained: dtype {next(reloaded.parameters()).dtype}")
         _same("from_pretrained", _logits(reloaded.eval(), ids), want, tol)
@@ -197,7 +202,10 @@ def check_cycle(model: nn.Module, seed: int = 0, folder: str | Path | None = Non
 
 def _dense(model_type: str, seed: int) -> nn.Module:
     """The tiny model in float64 where it runs so (float32 otherwise)."""
-    config = tiny_config(model_type)
+    try:
+        config = tiny_config(model_type)
+    except Exception as error:  # noqa: BLE001 - transformers refuses the config itself
+        raise ValueError(f"config: {type(error).__name__}: {_one_line(error)}") from error
     errors = []
     for dtype in (torch.float64, torch.float32):
         model = build_tiny_model(config, dtype=dtype, seed=seed)

@@ -37,7 +37,11 @@ from .plan_configs import (
 )
 from .rollback import ModelState, check_runs
 
-__all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY"]
+__all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY", "REPLAYS_PLANS"]
+
+#: Marks the class ``load_pruned`` derives to replay plans while it is built: models of the
+#: new sizes are built from the library class above it, never from it.
+REPLAYS_PLANS = "_depgraph_replays_plans"
 
 
 def plan_slices(graph: DependencyGraph, plan: dict[str, list[int]]) -> dict[tuple[str, int], torch.Tensor]:
@@ -96,7 +100,7 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
         target[name][dim] -= len(indices)
     target = {n: tuple(s) for n, s in target.items()}
     config = getattr(model, "config", None)
-    probe = probe_config(config) if hasattr(config, "to_dict") else None
+    probe = probe_config(config, library_class(model)) if hasattr(config, "to_dict") else None
     configs = configs_for(model, target, graph, plan, probe)
     scopes = scope_configs(model, target, graph, plan, probe) if configs is None else {}
     original = config.to_dict() if hasattr(config, "to_dict") else {}
@@ -109,7 +113,7 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
                     param.data = _keep(param.data, dims)
                     param.grad = None
         if configs is not None:
-            sync_attributes(model, configs)
+            sync_attributes(model, configs, library_class(model))
         else:
             _sync_unsolved(model, graph, plan, scopes)
         _check_runs(model)
@@ -118,6 +122,14 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
         raise
     _record(model, original, plan, configs)
     return model
+
+
+def library_class(model: nn.Module) -> type:
+    """The class of ``model`` that transformers defines (not ``load_pruned``'s subclass)."""
+    cls = type(model)
+    while vars(cls).get(REPLAYS_PLANS):
+        cls = cls.__mro__[1]
+    return cls
 
 
 def _sync_unsolved(model: nn.Module, graph: DependencyGraph, plan: dict, scopes: dict) -> None:
@@ -129,7 +141,7 @@ def _sync_unsolved(model: nn.Module, graph: DependencyGraph, plan: dict, scopes:
         return
     before = ModelState(model)
     try:
-        sync_scopes(model, scopes)
+        sync_scopes(model, scopes, library_class(model))
         sync_by_extent(model, graph, plan, solved=set(scopes))
     except PlanError:
         before.restore()

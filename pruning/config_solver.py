@@ -29,18 +29,22 @@ _SKIP = ("vocab_size", "max_position_embeddings", "token_id", "pad_", "n_positio
          "max_window_layers", "sliding_window", "chunk_size", "pretraining_tp", "seq_length")
 
 
-def instantiate_meta(config) -> nn.Module:
-    """The causal LM of ``config`` built on the meta device (no memory, fast)."""
+def instantiate_meta(config, model_class: type | None = None) -> nn.Module:
+    """The causal LM of ``config`` built on the meta device (no memory, fast): an instance of
+    ``model_class`` (the class of the model being pruned: some text configs map to no
+    causal-LM class of their own), else of the class transformers maps ``config`` to."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
+        if model_class is not None and hasattr(model_class, "_from_config"):
+            return model_class._from_config(config)
         return AutoModelForCausalLM.from_config(config)
 
 
-def _shapes(config) -> dict[str, tuple[int, ...]]:
+def _shapes(config, model_class: type | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of every parameter and buffer (buffers such as rotary frequencies pin sizes
     that pruning never changes, which tells ``heads`` apart from ``head_dim``)."""
-    return model_shapes(instantiate_meta(config))
+    return model_shapes(instantiate_meta(config, model_class))
 
 
 def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -55,11 +59,13 @@ class ConfigProbe:
 
     base: dict[str, tuple[int, ...]]
     exponents: dict[str, dict[tuple[str, int], float]]
+    model_class: type | None = None
 
 
-def probe_config(config) -> ConfigProbe:
-    """Probe every integer config key (see the module docstring)."""
-    base = _shapes(config)
+def probe_config(config, model_class: type | None = None) -> ConfigProbe:
+    """Probe every integer config key (see the module docstring); models are built as
+    ``model_class`` (see :func:`instantiate_meta`)."""
+    base = _shapes(config, model_class)
     exponents: dict[str, dict[tuple[str, int], float]] = {}
     for key, value in sorted(_integer_keys(config).items()):
         if not _probeable(key, value):
@@ -67,7 +73,7 @@ def probe_config(config) -> ConfigProbe:
         for trial in (value * 2, value // 2 if value % 2 == 0 else None, value + 1):
             if not trial or trial <= 0:
                 continue
-            shapes = _try_shapes(config, key, trial)
+            shapes = _try_shapes(config, key, trial, model_class)
             if shapes is None or set(shapes) != set(base):
                 continue
             effect = {}
@@ -78,7 +84,7 @@ def probe_config(config) -> ConfigProbe:
             if effect:
                 exponents[key] = effect
             break
-    return ConfigProbe(base, exponents)
+    return ConfigProbe(base, exponents, model_class)
 
 
 def _integer_keys(config) -> dict[str, object]:
@@ -100,11 +106,11 @@ def _probeable(key: str, value: object) -> bool:
             and not any(skip in key for skip in _SKIP))
 
 
-def _try_shapes(config, key: str, value: int):
+def _try_shapes(config, key: str, value: int, model_class: type | None = None):
     candidate = copy.deepcopy(config)
     try:
         setattr(candidate, key, value)
-        return _shapes(candidate)
+        return _shapes(candidate, model_class)
     except Exception:  # noqa: BLE001 - an invalid combination simply teaches nothing
         return None
 
@@ -151,7 +157,7 @@ def solve_config(config, probe: ConfigProbe, target: dict[str, tuple[int, ...]],
                 for (key, _), value in zip(chosen, values, strict=True):
                     setattr(candidate, key, value)
                 try:
-                    shapes = _shapes(candidate)
+                    shapes = _shapes(candidate, probe.model_class)
                     if {n: shapes.get(n) for n in target} == target and (
                             accept is None or accept(candidate)):
                         return candidate

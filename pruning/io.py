@@ -21,7 +21,7 @@ from torch import nn
 
 from depgraph.paths import atomic_folder
 
-from .apply import RECORD_KEY, apply_plan
+from .apply import RECORD_KEY, REPLAYS_PLANS, apply_plan
 
 __all__ = ["load_pruned", "save_pruned", "read_pruning_info"]
 
@@ -143,17 +143,40 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
 
         def __init__(self, cfg, *args, **kwargs):  # noqa: N807 - a constructor for the subclass
             base.__init__(self, cfg, *args, **kwargs)
+            _tie_as_saved(self)
             for plan in plans:
                 apply_plan(self, plan)
 
         # same name and module as the library class, so checkpoint renamings still apply
         pruned_class = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
-                                                     "__qualname__": base.__qualname__})
+                                                     "__qualname__": base.__qualname__,
+                                                     REPLAYS_PLANS: True})
         model, info = pruned_class.from_pretrained(path, config=base_config, dtype=dtype,
                                                    output_loading_info=True)
         setattr(model.config, RECORD_KEY, record)
     _restore_every_tensor(model, path, info)
     return model.to(device).eval()
+
+
+def _tie_as_saved(model: nn.Module) -> None:
+    """Tie the weights the saved model shared, while ``from_pretrained`` builds it.
+
+    ``from_pretrained`` ties only after construction, and inside it ``tie_weights`` makes
+    copies (its empty-weights context re-creates every registered parameter). Built untied,
+    the output embedding splits the hidden stream into other groups than the saved model
+    had, and the plans would cut other channels; so the parameter objects are shared here
+    directly.
+    """
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    for target, source in (expanded(all_submodels=True) if expanded else {}).items():
+        parent_name, _, name = target.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            shared = model.get_parameter(source)
+        except AttributeError:
+            continue
+        if name in parent._parameters:
+            parent._parameters[name] = shared
 
 
 def _replay(config, record: dict | None):

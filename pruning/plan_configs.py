@@ -32,7 +32,7 @@ from depgraph import DependencyGraph, build_graph
 from depgraph.errors import DepGraphError
 from depgraph.groups import block_index
 
-from .config_solver import ConfigProbe, instantiate_meta, probe_config, solve_config
+from .config_solver import ConfigProbe, instantiate_meta, solve_config
 from .extents import expected_signatures, plan_extents
 
 __all__ = ["configs_for", "scope_configs", "sync_attributes", "sync_scopes",
@@ -42,24 +42,26 @@ RECORD_KEY = "depgraph"
 
 
 def configs_for(model: nn.Module, target: dict[str, tuple[int, ...]], graph: DependencyGraph,
-                plan: dict, probe: ConfigProbe | None = None) -> dict | None:
+                plan: dict, probe: ConfigProbe) -> dict | None:
     """``{None: config}`` when one config fits, ``{block: config}`` when one per block fits,
     ``{}`` for models without a config, ``None`` when no config describes the model."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
-    probe = probe or probe_config(config)
     signatures = expected_signatures(graph, plan)
+    cls = probe.model_class
     if _uniform(graph, plan):  # saved as config.json, so it must pass the class's validation
         whole = solve_config(config, probe, target, plan_extents(graph, plan),
-                             accept=lambda c: _validates(c) and _layouts_match(c, signatures, None))
+                             accept=lambda c: _validates(c) and _layouts_match(c, signatures, None,
+                                                                               model_class=cls))
         if whole is not None:
             return {None: whole}
     configs: dict = {}
     for block in sorted({b for n in target if (b := block_index(n)) is not None}):
         names = {n for n in target if block_index(n) in (block, None)}
         solved = solve_config(config, probe, target, plan_extents(graph, _local(graph, plan, block)),
-                              only=names, accept=lambda c, b=block: _layouts_match(c, signatures, b))
+                              only=names, accept=lambda c, b=block: _layouts_match(
+                                  c, signatures, b, model_class=cls))
         if solved is None:
             return None
         configs[block] = solved
@@ -67,12 +69,11 @@ def configs_for(model: nn.Module, target: dict[str, tuple[int, ...]], graph: Dep
 
 
 def scope_configs(model: nn.Module, target: dict[str, tuple[int, ...]], graph: DependencyGraph,
-                  plan: dict, probe: ConfigProbe | None = None) -> dict[str, object]:
+                  plan: dict, probe: ConfigProbe) -> dict[str, object]:
     """``{module path: config}`` for the modules of each block that some config fits."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
-    probe = probe or probe_config(config)
     signatures = expected_signatures(graph, plan)
     modules = dict(model.named_modules())
     found: dict[str, object] = {}
@@ -83,7 +84,7 @@ def scope_configs(model: nn.Module, target: dict[str, tuple[int, ...]], graph: D
         names = {n for n in target if _within(n.removeprefix("buffer:"), scope)}
         solved = solve_config(config, probe, target, plan_extents(graph, _local(graph, plan, block)),
                               only=names, accept=lambda c, b=block, keep=names: _layouts_match(
-                                  c, signatures, b, keep))
+                                  c, signatures, b, keep, probe.model_class))
         if solved is not None:
             found[scope] = solved
     return found
@@ -143,7 +144,7 @@ def _uniform(graph: DependencyGraph, plan: dict) -> bool:
 
 
 def _layouts_match(candidate, signatures: dict, block: int | None,
-                   names: set[str] | None = None) -> bool:
+                   names: set[str] | None = None, model_class: type | None = None) -> bool:
     """A meta model of ``candidate`` has the expected layouts (sizes and structure).
 
     Checked on a one-block model (cheap for any depth): its block 0 stands for ``block``
@@ -153,7 +154,7 @@ def _layouts_match(candidate, signatures: dict, block: int | None,
     reduced = copy.deepcopy(candidate)
     try:
         reduced.num_hidden_layers = 1
-        found = expected_signatures(build_graph(instantiate_meta(reduced)), {})
+        found = expected_signatures(build_graph(instantiate_meta(reduced, model_class)), {})
     except (DepGraphError, ValueError, AttributeError, TypeError, RuntimeError, KeyError, IndexError):
         return False
     for (param, dim), signature in signatures.items():
@@ -169,7 +170,7 @@ def _layouts_match(candidate, signatures: dict, block: int | None,
 
 
 # ------------------------------------------------------------------ attributes
-def sync_attributes(model: nn.Module, configs: dict) -> None:
+def sync_attributes(model: nn.Module, configs: dict, model_class: type | None = None) -> None:
     """Copy scalar module attributes from meta models built from the new configs."""
     if not configs:
         fix_standard_modules(model)
@@ -179,21 +180,22 @@ def sync_attributes(model: nn.Module, configs: dict) -> None:
         # model-wide modules (embeddings, the final norm) follow the first config: every
         # per-block config agrees on the model-wide sizes
         _copy_attributes(model, config, lambda path, own, b=block: b is None or own == b or (
-            own is None and b == first), per_block=block is not None)
+            own is None and b == first), per_block=block is not None, model_class=model_class)
     if None in configs:
         _replace_config(model, configs[None])
     fix_standard_modules(model)
 
 
-def sync_scopes(model: nn.Module, scopes: dict[str, object]) -> None:
+def sync_scopes(model: nn.Module, scopes: dict[str, object], model_class: type | None = None) -> None:
     """Copy the attributes of each module subtree from a meta model of its own config."""
     for scope, config in scopes.items():
-        _copy_attributes(model, config, lambda path, own, s=scope: _within(path, s), per_block=True)
+        _copy_attributes(model, config, lambda path, own, s=scope: _within(path, s), per_block=True,
+                         model_class=model_class)
 
 
 def _copy_attributes(model: nn.Module, config, include: Callable[[str, int | None], bool],
-                     per_block: bool) -> None:
-    fresh = dict(instantiate_meta(config).named_modules())
+                     per_block: bool, model_class: type | None) -> None:
+    fresh = dict(instantiate_meta(config, model_class).named_modules())
     for path, module in model.named_modules():
         own = block_index(path + ".")
         twin = fresh.get(path)
