@@ -561,6 +561,10 @@ _MORE = [
      [(2, 4, 7), (4, 1, 3), (4,)], False),
     ("conv1d_dense", lambda x, w, b: F.conv1d(x, w, b), [(2, 4, 7), (6, 4, 3), (6,)], False),
     ("conv1d_groups", lambda x, w: F.conv1d(x, w, groups=2), [(2, 4, 7), (6, 2, 3)], False),
+    ("pad_last", lambda x: F.pad(x, (1, 2)), [(3, 4)], True),
+    ("pad_crop", lambda x: F.pad(x, (0, 0, 2, -1)), [(3, 4, 5)], False),
+    ("broadcast_tensors", lambda x, y: torch.broadcast_tensors(x, y)[0] * 2 + torch.broadcast_tensors(
+        x, y)[1], [(3, 1), (4,)], False),
     ("complex_rotary", lambda x, a: torch.view_as_real(
         torch.view_as_complex(x.reshape(3, 4, 2)) * torch.polar(torch.ones_like(a), a)).flatten(-2),
      [(3, 8), (3, 4)], False),

@@ -251,3 +251,45 @@ def view_as_complex(node: torch.fx.Node) -> Coupling:
 def view_as_real(node: torch.fx.Node) -> Coupling:
     """``(..., n)`` complex numbers as ``(..., n, 2)`` reals (a fresh real/imaginary dim)."""
     return Coupling(outputs=[[*dims_of(node.args[0]), Broadcast(2)]], edge_kind="view")
+
+
+@register("aten::broadcast_tensors")
+def broadcast_tensors(node: torch.fx.Node) -> Coupling:
+    """Every operand expanded to the common shape (as ``expand`` does, one output each)."""
+    operands = list(node.args[0])
+    out_shape = [int(s) for s in node.meta["val"][0].shape]
+    outputs, tags = [], []
+    for index, source in enumerate(operands):
+        offset = len(out_shape) - ndim(source)
+        dims: list[DimSpec] = []
+        for d, size in enumerate(out_shape):
+            keep = d >= offset and shape(source)[d - offset] == size
+            dims.append(InputDim(source, d - offset) if keep else Broadcast(size))
+            if not keep:
+                tags.append((index, d, "repeat"))
+        outputs.append(dims)
+    return Coupling(outputs=outputs, edge_kind="expand", output_tags=tags)
+
+
+@register("aten::pad", "aten::constant_pad_nd")
+def pad(node: torch.fx.Node) -> Coupling:
+    """Constant padding (``(left, right)`` pairs from the last dim back; negative ones crop):
+    the kept channels keep their place between fresh padding channels."""
+    source, pads = node.args[0], [int(p) for p in node.args[1]]
+    if arg(node, 2, "mode", "constant") not in ("constant", None):
+        raise NotImplementedError("only constant padding has a coupling rule")
+    outputs = dims_of(source)
+    for pair in range(len(pads) // 2):
+        dim = ndim(source) - 1 - pair
+        left, right = pads[2 * pair], pads[2 * pair + 1]
+        if left == right == 0:
+            continue
+        size = shape(source)[dim]
+        inner: DimSpec = InputDim(source, dim)
+        start, stop = max(0, -left), size - max(0, -right)
+        if (start, stop) != (0, size):
+            inner = Slice(inner, start, stop)
+        parts = [p for p in (Broadcast(left) if left > 0 else None, inner,
+                             Broadcast(right) if right > 0 else None) if p is not None]
+        outputs[dim] = parts[0] if len(parts) == 1 else Concat(tuple(parts))
+    return Coupling(outputs=[outputs], edge_kind="pad")
