@@ -867,3 +867,31 @@ def test_mT():
 def test_movedim_lists():
     (x,) = _tensors(0, (2, 3, 4))
     check_op(lambda t: t.movedim((0, 1), (2, 0)), [x], exact=True)
+
+
+class _Picker(nn.Module):
+    """Channels used by constant position: ``w[2]``, ``v[-1]`` and an unbound ``s``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 5)
+        self.w = nn.Parameter(torch.randn(6, 5))
+        self.v = nn.Parameter(torch.randn(6, 5))
+        self.s = nn.Parameter(torch.randn(3))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        a, b, c = self.s.unbind(0)
+        return (x @ self.w.t())[..., 2] * a + (x @ self.v.t())[..., -1] * b + c
+
+
+def test_constant_positions_pin_the_channels_they_count_from():
+    """Removing a channel before ``w[2]`` (or after ``v[-1]``) would move the position the
+    code reads; an unbound dim names each channel (``a, b, c = s.unbind(0)``)."""
+    graph = build_graph(_Picker())
+    free = {(m.param, m.dim): g for g in graph.groups() for m in g.members}
+    assert free[("w", 0)].slices([0])[0][2].tolist() == [3]  # only the channels after 2
+    assert free[("v", 0)].slices([0])[0][2].tolist() == [0]  # only the channels before -1
+    assert ("s", 0) not in free
+    fixed = {(f["param"], f["dim"]): f["reasons"] for f in graph.fixed()}
+    assert any("unbound" in reason for reason in fixed[("s", 0)])

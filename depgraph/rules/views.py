@@ -151,11 +151,16 @@ def repeat_interleave(node: torch.fx.Node) -> Coupling:
 def select(node: torch.fx.Node) -> Coupling:
     source = node.args[0]
     dim = dim_arg(node, 1, "dim", source)
-    index = normalize_dim(int(node.args[2]), shape(source)[dim])
+    given, size = int(node.args[2]), shape(source)[dim]
+    index = normalize_dim(given, size)
     outputs = dims_of(source)
     picked = Slice(InputDim(source, dim), index, index + 1)
+    # the index is a constant in the code: the channels it counts from may not shrink
+    counted = (index + 1, size) if given < 0 else (0, index)
+    pinned = [(Slice(InputDim(source, dim), *counted), "a constant index into this dim counts "
+               "from them")] if counted[1] > counted[0] else []
     return Coupling(outputs=[outputs[:dim] + outputs[dim + 1:]], edge_kind="select",
-                    same=[(picked, picked)])
+                    same=[(picked, picked)], pinned=pinned)
 
 
 def _bounds(start, stop, size: int) -> tuple[int, int]:
@@ -213,6 +218,8 @@ def unbind(node: torch.fx.Node) -> Coupling:
     dim = dim_arg(node, 1, "dim", source)
     coupling = _pieces(node, [1] * shape(source)[dim], dim)
     coupling.outputs = [dims[:dim] + dims[dim + 1:] for dims in coupling.outputs]
+    coupling.pinned = [(InputDim(source, dim), "unbound into one tensor per channel, each of "
+                        "which the code names")]
     return coupling
 
 
