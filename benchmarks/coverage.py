@@ -41,7 +41,10 @@ def attention_family(model_type: str) -> bool:
     """Decoder-only with attention: not an encoder(-decoder) config, not attention-free."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type)
+    try:
+        config = AutoConfig.for_model(model_type)
+    except Exception:  # noqa: BLE001 - transformers' own default config is invalid
+        return False
     text = getattr(config, "text_config", None) or config
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
         return False
