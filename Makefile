@@ -30,7 +30,7 @@ test-slow: setup
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q -m slow
 
 lint: setup
-	$(VENV)/bin/ruff check depgraph pruning recovery evaluation tests benchmarks
+	$(VENV)/bin/ruff check depgraph pruning recovery evaluation depgraph_cli tests benchmarks
 
 demo: setup
 	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/depgraph demo --out reports/default

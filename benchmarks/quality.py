@@ -78,7 +78,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from depgraph.models import load_model, load_tokenizer
+    from depgraph_cli.models import load_model, load_tokenizer
     from pruning import prune
     from pruning.calibration import calibration_tokens
 

@@ -32,7 +32,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from quality import _perplexity
 
-    from depgraph.models import load_model, load_tokenizer
+    from depgraph_cli.models import load_model, load_tokenizer
     from pruning import prune
     from pruning.calibration import calibration_tokens
     from recovery import SequentialSettings

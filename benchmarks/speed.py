@@ -33,7 +33,7 @@ def run(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from depgraph.models import load_model, load_tokenizer
+    from depgraph_cli.models import load_model, load_tokenizer
     from evaluation import measure_latency_side_by_side
     from pruning import prune
 

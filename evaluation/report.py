@@ -1,9 +1,9 @@
-"""``report.md`` and ``report.json`` of a dense-vs-pruned run (see :mod:`depgraph.demo`).
+"""``report.md`` and ``report.json`` of a dense-vs-pruned run (see :mod:`depgraph_cli.demo`).
 
 :func:`markdown_report` turns the run's JSON-ready dict into a Markdown page: a summary, the
 dense-vs-pruned table, per-kind kept widths, the ratio sweep, the plots and the time of each
 step. :func:`write_report` writes both files. The dict's keys are documented in
-:mod:`depgraph.demo` (``report.json`` is that dict, unchanged).
+:mod:`depgraph_cli.demo` (``report.json`` is that dict, unchanged).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 The first time ``MODULE.ATTR`` is called, ``MARKER`` is created just before (or after) the
 call and the process waits there for the signal the test sends. ``--no-exchange`` makes
 :func:`depgraph.paths._exchange` report that the system cannot swap atomically, so the
-rename-aside path of the swap runs. Exits with ``depgraph.cli.main``'s status.
+rename-aside path of the swap runs. Exits with ``depgraph_cli.main.main``'s status.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         import depgraph.paths
 
         depgraph.paths._exchange = lambda first, second: False
-    from depgraph.cli import main as depgraph_main
+    from depgraph_cli.main import main as depgraph_main
 
     return depgraph_main(argv[split + 1:])
 

@@ -12,8 +12,8 @@ import types
 import networkx as nx
 import pytest
 
-from depgraph.cli import main
 from depgraph.paths import data_dir, models_dir
+from depgraph_cli.main import main
 
 TINY = models_dir() / "stories260K"
 pytestmark = pytest.mark.skipif(not TINY.is_dir(), reason="offline stories260K model missing")

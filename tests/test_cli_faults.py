@@ -38,8 +38,8 @@ from safetensors.torch import load_file, save_file
 
 import depgraph.paths
 import depgraph.progress
-from depgraph.cli import main
 from depgraph.paths import models_dir
+from depgraph_cli.main import main
 
 TINY = models_dir() / "stories260K"
 pytestmark = pytest.mark.skipif(not TINY.is_dir(), reason="offline stories260K model missing")
@@ -430,7 +430,7 @@ def test_recover_finds_the_recorded_dense_model_from_another_folder(workspace, p
 
 
 def test_pruning_json_records_resolved_dense_and_fingerprint(workspace, capsys):
-    from depgraph.fingerprint import weights_fingerprint
+    from depgraph_cli.fingerprint import weights_fingerprint
 
     (workspace / "link").symlink_to("m")
     assert main(["prune", "link", *L2, "--out", "o", *QUICK]) == 0
@@ -563,7 +563,8 @@ def test_pruning_a_pruned_folder_composes_its_plan_record(workspace, pruned_temp
 
 
 def test_sigterm_unwinds_like_ctrl_c_and_exits_143(workspace, monkeypatch, capsys):
-    import depgraph.cli
+    import depgraph.paths
+    import depgraph_cli.main
 
     def handler(args):
         with depgraph.paths.atomic_folder(workspace / "o") as work:
@@ -571,12 +572,12 @@ def test_sigterm_unwinds_like_ctrl_c_and_exits_143(workspace, monkeypatch, capsy
             os.kill(os.getpid(), signal.SIGTERM)  # our handler raises inside the block
         return 0
 
-    monkeypatch.setattr(depgraph.cli, "_run_inspect", handler)
+    monkeypatch.setattr(depgraph_cli.main, "_run_inspect", handler)
     before = _tree(workspace)
     assert main(["inspect", "m"]) == 143
     assert capsys.readouterr().err.split() == ["depgraph:", "terminated"]
     assert _tree(workspace) == before
-    assert signal.getsignal(signal.SIGTERM) is not depgraph.cli._terminate  # put back
+    assert signal.getsignal(signal.SIGTERM) is not depgraph_cli.main._terminate  # put back
 
 
 def test_eval_compare_marks_accuracy_differences_within_noise(workspace, capsys):

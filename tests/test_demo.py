@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from depgraph.cli import main
 from depgraph.paths import models_dir
+from depgraph_cli.main import main
 
 TINY = models_dir() / "stories260K"
 pytestmark = pytest.mark.skipif(not TINY.is_dir(), reason="offline stories260K model missing")

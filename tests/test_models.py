@@ -1,4 +1,4 @@
-"""Tests of depgraph.models: spec resolution, loading, and the default-model conversion."""
+"""Tests of depgraph_cli.models: spec resolution, loading, and the default-model conversion."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from depgraph.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer, resolve_model_path
 from depgraph.paths import models_dir
+from depgraph_cli.models import DEFAULT_MODEL_NAME, load_model, load_tokenizer, resolve_model_path
 
 torch.set_num_threads(2)
 

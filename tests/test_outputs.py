@@ -1,5 +1,5 @@
-"""Writing without loss (depgraph.paths), checking outputs against inputs (depgraph.outputs)
-and fingerprints of weight files (depgraph.fingerprint), on small folders, in-process."""
+"""Writing without loss (depgraph.paths), checking outputs against inputs (depgraph_cli.outputs)
+and fingerprints of weight files (depgraph_cli.fingerprint), on small folders, in-process."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import depgraph.fingerprint as fingerprint
 import depgraph.paths as paths
-from depgraph.outputs import Output, check_outputs
+import depgraph_cli.fingerprint as fingerprint
 from depgraph.paths import atomic_files, atomic_folder, remove_stale_temps
+from depgraph_cli.outputs import Output, check_outputs
 
 
 def _folder(path: Path, **files: str) -> Path:

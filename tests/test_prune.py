@@ -11,8 +11,8 @@ from archs import tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from depgraph import build_graph
-from depgraph.cli import main
 from depgraph.paths import models_dir
+from depgraph_cli.main import main
 from pruning import load_pruned, prune, save_pruned
 
 torch.set_num_threads(1)

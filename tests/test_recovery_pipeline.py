@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from depgraph.cli import main
 from depgraph.paths import data_dir, models_dir
+from depgraph_cli.main import main
 from pruning import load_pruned, prune
 from recovery import LoraDivergedError, LoraSettings, merge, train_lora
 from recovery.lora import lora_targets
@@ -181,7 +181,7 @@ def test_lora_under_accelerate_launch_with_two_processes(pruned_dir, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "depgraph.cli", "recover", str(pruned_dir),
+               "--dynamo_backend", "no", "-m", "depgraph_cli.main", "recover", str(pruned_dir),
                "--method", "lora", "--out", str(out), "--max-steps", "4", "--eval-steps", "2",
                "--seq-len", "32", "--max-examples", "40", "--ppl-tokens", "0", "--threads", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,

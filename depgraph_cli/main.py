@@ -16,10 +16,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from depgraph.errors import DepGraphError
+from depgraph.paths import atomic_files
+
 from .argtypes import positive_int
-from .errors import DepGraphError
 from .outputs import Output, check_outputs, local_path
-from .paths import atomic_files
 
 __all__ = ["COMMANDS", "main"]
 
@@ -78,10 +79,12 @@ def _structure_model(source: Path | str, weights: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pruning.apply import RECORD_KEY
+
     from .models import load_config
 
     config = load_config(source)
-    record = getattr(config, "depgraph", None)  # pruning.apply.RECORD_KEY
+    record = getattr(config, RECORD_KEY, None)
     if weights or (isinstance(record, dict) and not record.get("config_exact", True)):
         return _load(source)  # a non-uniformly pruned folder: its config alone is not the model
     with torch.device("meta"):
@@ -102,8 +105,9 @@ def _layer(requested: int | None, layers: list[int]) -> int | None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from . import build_graph
-    from .html_view import write_html
+    from depgraph import build_graph
+    from depgraph.html_view import write_html
+
     from .models import resolve_model_path
     from .report_text import format_inspect, inspect_report
 
@@ -170,21 +174,10 @@ def _dtype(dtype: str | None):
 
 
 def _load(spec: str | Path, dtype: str | None = None, device: str = "cpu"):
-    """A model from a spec; local folders go through ``pruning.load_pruned`` (any plan),
-    after the checks of :mod:`depgraph.model_checks` (a one-line error names a bad file)."""
-    from .model_checks import check_weight_files
-    from .models import load_config, load_model, resolve_model_path
+    """A model from a spec (:func:`depgraph_cli.models.load_model`: any pruned folder too)."""
+    from .models import load_model
 
-    source, parsed = resolve_model_path(spec), _dtype(dtype)
-    try:
-        from pruning import load_pruned
-    except ImportError:
-        load_pruned = None
-    if isinstance(source, Path) and load_pruned is not None:
-        load_config(source)
-        check_weight_files(source)
-        return load_pruned(source, dtype=parsed, device=device)
-    return load_model(source, dtype=parsed, device=device)
+    return load_model(spec, dtype=_dtype(dtype), device=device)
 
 
 def _eval_inputs(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -293,13 +286,13 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- other modules
 def _add_prune(subparsers) -> None:
-    from pruning.cli import add_prune
+    from .prune_command import add_prune
 
     add_prune(subparsers)
 
 
 def _add_recover(subparsers) -> None:
-    from recovery.cli import add_recover
+    from .recover_command import add_recover
 
     add_recover(subparsers)
 

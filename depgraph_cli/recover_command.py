@@ -1,10 +1,10 @@
-"""``depgraph recover DIR --method reconstruct|lora --out DIR`` (registered by depgraph.cli).
+"""``depgraph recover DIR --method reconstruct|lora --out DIR`` (registered by depgraph_cli.main).
 
 ``reconstruct`` refits the pruned model against its dense original (named by ``--dense``,
 else the ``model`` that ``depgraph prune`` recorded in ``DIR/pruning.json``) on calibration
 text; ``lora`` trains LoRA adapters on ``--data`` and merges them (``--no-merge`` keeps them
 in ``OUT/adapter``, loadable with ``peft.PeftModel.from_pretrained``). Under
-``accelerate launch -m depgraph.cli recover ...`` the LoRA training runs on every process
+``accelerate launch -m depgraph_cli recover ...`` the LoRA training runs on every process
 and only the main process writes ``--out``.
 """
 
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from depgraph.argtypes import positive_float, positive_int
+from .argtypes import positive_float, positive_int
 
 __all__ = ["add_recover", "run_recover"]
 
@@ -73,7 +73,7 @@ def add_recover(subparsers) -> None:
 
 
 def _tokenizer(folder: Path, info: dict):
-    from depgraph.models import load_tokenizer
+    from .models import load_tokenizer
 
     if (folder / "tokenizer_config.json").is_file():
         return load_tokenizer(folder)
@@ -85,8 +85,8 @@ def _tokenizer(folder: Path, info: dict):
 def _dense_source(args: argparse.Namespace, info: dict, folder: Path):
     """The dense model to refit against: ``--dense`` or the one ``pruning.json`` records,
     checked against the recorded fingerprint of its weights (see depgraph.fingerprint)."""
-    from depgraph.fingerprint import fingerprint_difference, weights_fingerprint
-    from depgraph.models import resolve_model_path
+    from .fingerprint import fingerprint_difference, weights_fingerprint
+    from .models import resolve_model_path
 
     spec = args.dense or info.get("model")
     if not spec:
@@ -111,8 +111,7 @@ def _dense_source(args: argparse.Namespace, info: dict, folder: Path):
 
 def _check_data(args: argparse.Namespace) -> None:
     from pruning.calibration import check_source
-
-    from .lora_data import check_instruction_source, is_instruction_source
+    from recovery.lora_data import check_instruction_source, is_instruction_source
 
     if args.method == "reconstruct":
         check_source(args.calib)
@@ -130,9 +129,9 @@ def _check_data(args: argparse.Namespace) -> None:
 def _preflight(args: argparse.Namespace, folder: Path, info: dict):
     """Every check that needs no weights, before any work: returns the dense model's source
     (``None`` for LoRA)."""
-    from depgraph.model_checks import check_seq_len, check_weight_files
-    from depgraph.models import load_config
-    from depgraph.outputs import Output, check_outputs
+    from .model_checks import check_seq_len, check_weight_files
+    from .models import load_config
+    from .outputs import Output, check_outputs
 
     dense = _dense_source(args, info, folder) if args.method == "reconstruct" else None
     check_outputs([Output("--out", args.out, folder=True), Output("--json", args.json)],
@@ -152,13 +151,13 @@ def _preflight(args: argparse.Namespace, folder: Path, info: dict):
 
 
 def _reconstruct(model, tokenizer, dense_source, args: argparse.Namespace) -> tuple:
-    from depgraph.model_checks import check_finite
-    from depgraph.models import load_model
     from depgraph.progress import progress_bar
     from pruning.calibration import calibration_tokens
+    from recovery.blocks import find_blocks
+    from recovery.reconstruct import reconstruct
 
-    from .blocks import find_blocks
-    from .reconstruct import reconstruct
+    from .model_checks import check_finite
+    from .models import load_model
 
     dense = load_model(dense_source)
     check_finite(dense, str(dense_source))
@@ -175,9 +174,9 @@ def _reconstruct(model, tokenizer, dense_source, args: argparse.Namespace) -> tu
 
 
 def _lora(model, tokenizer, args: argparse.Namespace) -> tuple:
-    from pruning.cli import _quick_ppl
+    from recovery.lora import LoraSettings, merge, train_lora
 
-    from .lora import LoraSettings, merge, train_lora
+    from .prune_command import quick_ppl
 
     settings = LoraSettings(r=args.r, alpha=args.alpha, dropout=args.dropout,
                             learning_rate=args.lr, batch_size=args.batch_size,
@@ -191,17 +190,18 @@ def _lora(model, tokenizer, args: argparse.Namespace) -> tuple:
                         progress=lambda line: print(line, flush=True))
     if not args.no_merge:
         return merge(result.model, dtype), result.stats, None
-    result.stats["ppl_after"] = _quick_ppl(result.model, tokenizer, args.ppl_tokens)
+    result.stats["ppl_after"] = quick_ppl(result.model, tokenizer, args.ppl_tokens)
     adapter = Path(tempfile.mkdtemp(prefix="depgraph-adapter-"))
     result.model.save_pretrained(adapter)
     return result.model.unload().to(dtype), result.stats, adapter
 
 
 def run_recover(args: argparse.Namespace) -> int:
-    from depgraph.model_checks import check_finite
     from depgraph.paths import atomic_files
-    from pruning.cli import _quick_ppl
     from pruning.io import load_pruned, read_pruning_info, save_pruned
+
+    from .model_checks import check_finite
+    from .prune_command import quick_ppl
 
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
@@ -211,7 +211,7 @@ def run_recover(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(folder, info)
     model = load_pruned(folder)
     check_finite(model, args.model)
-    before = _quick_ppl(model, tokenizer, args.ppl_tokens)
+    before = quick_ppl(model, tokenizer, args.ppl_tokens)
     if args.method == "reconstruct":
         model, stats, adapter = _reconstruct(model, tokenizer, dense, args)
     else:
@@ -219,7 +219,7 @@ def run_recover(args: argparse.Namespace) -> int:
         if not stats["is_main_process"]:
             return 0
     if "ppl_after" not in stats:  # with --no-merge it was measured with the adapter on
-        stats["ppl_after"] = _quick_ppl(model, tokenizer, args.ppl_tokens)
+        stats["ppl_after"] = quick_ppl(model, tokenizer, args.ppl_tokens)
     stats.update(ppl_before=before, ppl_tokens=args.ppl_tokens, source=str(folder.resolve()))
     extra = {k: v for k, v in info.items() if k not in ("plans", "config_exact")}
     extra["recovery"] = [*extra.get("recovery", []), stats]

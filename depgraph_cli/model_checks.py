@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import NonFiniteError
+from depgraph.errors import NonFiniteError
+
 from .fingerprint import weight_files
 
 __all__ = ["TOKENIZER_FILES", "check_device", "check_finite", "check_json_files",

@@ -5,7 +5,7 @@
 Steps, each announced on one line with its time (tqdm bars on a terminal):
 
 1. load the model (``default``: SmolLM2-135M, converted once and cached, see
-   :mod:`depgraph.models`) and its tokenizer;
+   :mod:`depgraph_cli.models`) and its tokenizer;
 2. trace its dependency graph and write ``graph.html`` (the coupled groups, block by block);
 3. prune ``--ratio`` of the parameters with ``--importance`` (:func:`pruning.prune`);
 4. reconstruct: refit the pruned model's linear layers block by block against the dense
@@ -122,7 +122,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_demo(subparsers) -> None:
-    """Register ``depgraph demo`` (called from :data:`depgraph.cli.COMMANDS`)."""
+    """Register ``depgraph demo`` (called from :data:`depgraph_cli.main.COMMANDS`)."""
     parser = subparsers.add_parser(
         "demo", help="prune, evaluate and report on one model, end to end",
         description="Load MODEL (default: the built-in SmolLM2-135M), trace its graph, prune "
@@ -248,9 +248,8 @@ def run_job(model_spec: str, out: str | os.PathLike[str], settings: DemoSettings
     _check_out(out, overwrite, model_spec, settings)
     if threads:
         torch.set_num_threads(threads)
+    from depgraph.paths import atomic_folder
     from evaluation.report import write_report
-
-    from .paths import atomic_folder
 
     with atomic_folder(out) as work:
         report = _steps(model_spec, work, settings, out)
@@ -260,9 +259,9 @@ def run_job(model_spec: str, out: str | os.PathLike[str], settings: DemoSettings
 
 
 def _steps(spec: str, work: Path, settings: DemoSettings, out: Path) -> dict:
-    from depgraph.fingerprint import dense_record
-    from depgraph.model_checks import check_finite
-    from depgraph.models import load_model, load_tokenizer, resolve_model_path
+    from .fingerprint import dense_record
+    from .model_checks import check_finite
+    from .models import load_model, load_tokenizer, resolve_model_path
 
     start = time.perf_counter()
     step = _Steps(_STEPS)

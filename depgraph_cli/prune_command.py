@@ -1,4 +1,4 @@
-"""``depgraph prune``: the pruning subcommand (registered by :mod:`depgraph.cli`)."""
+"""``depgraph prune``: the pruning subcommand (registered by :mod:`depgraph_cli.main`)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from depgraph.argtypes import positive_int, ratio
+from .argtypes import positive_int, ratio
 
 __all__ = ["add_prune", "run_prune"]
 
 
 def add_prune(subparsers) -> None:
-    from .importance import available_importance
+    from pruning.importance import available_importance
 
     parser = subparsers.add_parser(
         "prune", help="score coupled groups, remove the weakest, save a normal HF folder",
@@ -48,7 +48,7 @@ def add_prune(subparsers) -> None:
     parser.set_defaults(handler=run_prune)
 
 
-def _quick_ppl(model, tokenizer, tokens: int) -> float | None:
+def quick_ppl(model, tokenizer, tokens: int) -> float | None:
     if tokens <= 0:
         return None
     from evaluation import load_text, perplexity
@@ -59,7 +59,7 @@ def _quick_ppl(model, tokenizer, tokens: int) -> float | None:
 
 def _check_options(args: argparse.Namespace) -> None:
     """Options that the chosen criterion would silently ignore are refused."""
-    from .importance import available_importance, importance_options
+    from pruning.importance import available_importance, importance_options
 
     if args.tau is not None and "tau" not in importance_options(args.importance):
         users = [name for name in available_importance() if "tau" in importance_options(name)]
@@ -69,12 +69,12 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _preflight(args: argparse.Namespace):
     """Every check that needs no weights, before any work: returns the model's location."""
-    from depgraph.model_checks import check_seq_len, check_tokenizer_files, check_weight_files
-    from depgraph.models import load_config, resolve_model_path
-    from depgraph.outputs import Output, check_outputs
+    from pruning.calibration import check_source
+    from pruning.importance import get_importance
 
-    from .calibration import check_source
-    from .importance import get_importance
+    from .model_checks import check_seq_len, check_tokenizer_files, check_weight_files
+    from .models import load_config, resolve_model_path
+    from .outputs import Output, check_outputs
 
     get_importance(args.importance)  # fail fast on an unknown name
     _check_options(args)
@@ -90,25 +90,22 @@ def _preflight(args: argparse.Namespace):
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    import torch
 
-    from depgraph.fingerprint import dense_record
-    from depgraph.model_checks import check_finite
-    from depgraph.models import load_model, load_tokenizer
     from depgraph.paths import atomic_files
     from depgraph.progress import progress_bar
+    from pruning.importance import get_importance
+    from pruning.io import save_pruned
+    from pruning.prune import prune
 
-    from .importance import get_importance
-    from .io import load_pruned, save_pruned
-    from .prune import prune
+    from .fingerprint import dense_record
+    from .model_checks import check_finite
+    from .models import load_model, load_tokenizer
 
     source = _preflight(args)
     dense = dense_record(source)
-    # a local folder may itself be pruned (iterative pruning): load_pruned reads any plan
-    model = load_pruned(source, dtype=torch.float32) if isinstance(source, Path) else load_model(source)
-    tokenizer = load_tokenizer(source)
+    model, tokenizer = load_model(source), load_tokenizer(source)  # a pruned folder too
     check_finite(model, args.model)
-    before_ppl = _quick_ppl(model, tokenizer, args.ppl_tokens)
+    before_ppl = quick_ppl(model, tokenizer, args.ppl_tokens)
     data_passes = get_importance(args.importance)[1] or args.reconstruct  # else nothing to count
     progress = progress_bar(total=args.samples, desc="scoring") if data_passes else None
     options = {"tau": args.tau} if args.tau is not None else {}
@@ -119,7 +116,7 @@ def run_prune(args: argparse.Namespace) -> int:
                    reconstruct=args.reconstruct, recon_samples=args.recon_samples)
     if progress is not None:
         progress.close()
-    after_ppl = _quick_ppl(result.model, tokenizer, args.ppl_tokens)
+    after_ppl = quick_ppl(result.model, tokenizer, args.ppl_tokens)
     stats = {**result.stats, **dense, "model_spec": args.model, "ppl_before": before_ppl,
              "ppl_after": after_ppl, "ppl_tokens": args.ppl_tokens, "calib": args.calib,
              "seed": args.seed, "layers": args.layers, "kinds": args.kinds,

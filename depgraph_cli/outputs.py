@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import remove_stale_temps
+from depgraph.paths import remove_stale_temps
 
 __all__ = ["Output", "check_outputs", "local_path"]
 

@@ -10,9 +10,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from depgraph.graph import DependencyGraph
 from evaluation.noise import difference_cell
-
-from .graph import DependencyGraph
 
 __all__ = ["compared_metrics", "fixed_patterns", "format_eval", "format_inspect", "inspect_report", "name_pattern",
            "text_table"]

@@ -31,13 +31,15 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from depgraph.model_checks import (
+from depgraph.paths import cache_dir, remove_stale_temps
+from pruning import load_pruned
+
+from .model_checks import (
     check_json_files,
     check_tokenizer_files,
     check_weight_files,
     config_error,
 )
-from depgraph.paths import cache_dir, remove_stale_temps
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -146,13 +148,15 @@ def load_model(
 
     ``dtype`` is a ``torch.dtype``, a name such as ``"bfloat16"``, ``"auto"`` (the
     checkpoint's own dtype) or ``None``: float32 on CPU, the checkpoint's dtype elsewhere.
-    A local folder's config and weight files are checked first (``ValueError`` naming them).
+    A local folder's config and weight files are checked first (``ValueError`` naming them),
+    then it loads through :func:`pruning.load_pruned`, so a folder pruned by any plan loads.
     """
     source = resolve_model_path(spec)
     device = torch.device(device)
     config = load_config(source)
-    if isinstance(source, Path):
+    if isinstance(source, Path):  # any folder, pruned by any plan or not
         check_weight_files(source)
+        return load_pruned(source, dtype=_parse_dtype(dtype, device), device=str(device))
     model = AutoModelForCausalLM.from_pretrained(source, config=config,
                                                  dtype=_parse_dtype(dtype, device))
     return model.to(device).eval()
