@@ -81,6 +81,7 @@ def worker(spec: dict) -> dict:
     from depgraph_cli.models import load_model, load_tokenizer
     from pruning import prune
     from pruning.calibration import calibration_tokens
+    from recovery import prune_and_reconstruct
 
     record: dict = dict(spec)
     tokenizer = load_tokenizer(spec["model"])
@@ -107,12 +108,15 @@ def worker(spec: dict) -> dict:
         layers = None if spec["layers"] == "all" else spec["layers"]
         dense = copy.deepcopy(model) if recovery == "refit" else None
         with step(record, "prune"):
-            result = prune(model, spec["ratio"], spec["criterion"], tokenizer=tokenizer,
-                           tokens=calib, layers=layers, seed=spec["seed"],
+            options = dict(tokenizer=tokenizer, tokens=calib, layers=layers, seed=spec["seed"],
                            kinds="mlp,attention" if spec.get("kinds", "default") == "default"
-                           else spec["kinds"], ranking=spec.get("ranking", "global"),
-                           reconstruct="both" if sequential else None,
-                           recon_tokens=recon_tokens if sequential else None)
+                           else spec["kinds"], ranking=spec.get("ranking", "global"))
+            if sequential:
+                result = prune_and_reconstruct(model, spec["ratio"], spec["criterion"],
+                                               reconstruct="both", recon_tokens=recon_tokens,
+                                               **options)
+            else:
+                result = prune(model, spec["ratio"], spec["criterion"], **options)
             if recovery == "refit":
                 from recovery import reconstruct
 

@@ -8,7 +8,7 @@ float32) with the given number of blocks, in a fresh interpreter, and measures o
 * ``reconstruct``: a copy pruned by 20% (L2, local) refit against the dense model with
   :func:`recovery.reconstruct` (32 x 128 calibration tokens); before the step both models
   are resident;
-* ``sequential``: :func:`pruning.prune` with ``reconstruct="both"`` (2nd-moment scores,
+* ``sequential``: :func:`recovery.prune_and_reconstruct` (2nd-moment scores,
   pre- and post-pruning refits, block by block); before the step the model is resident.
 
 ``above weights`` is the step's peak RSS minus the RSS before it: what the step itself
@@ -48,7 +48,7 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from pruning import prune
-    from recovery import reconstruct
+    from recovery import prune_and_reconstruct, reconstruct
 
     model = _model(spec["layers"], spec["seed"])
     tokens = torch.randint(0, 4096, (spec["samples"], 128),
@@ -63,8 +63,8 @@ def worker(spec: dict) -> dict:
     else:
         record["before_mb"] = rss_mb()
         with step(record, "step"):
-            prune(model, ratio=0.2, importance="second_moment", tokens=tokens[:8],
-                  reconstruct="both", recon_tokens=tokens)
+            prune_and_reconstruct(model, ratio=0.2, importance="second_moment",
+                                  tokens=tokens[:8], reconstruct="both", recon_tokens=tokens)
     return record
 
 

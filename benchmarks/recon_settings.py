@@ -33,9 +33,8 @@ def worker(spec: dict) -> dict:
     from quality import _perplexity
 
     from depgraph_cli.models import load_model, load_tokenizer
-    from pruning import prune
     from pruning.calibration import calibration_tokens
-    from recovery import SequentialSettings
+    from recovery import SequentialSettings, prune_and_reconstruct
 
     record = dict(spec)
     tokenizer = load_tokenizer(spec["model"])
@@ -50,9 +49,9 @@ def worker(spec: dict) -> dict:
         recon_tokens = calibration_tokens(tokenizer, "bundled", n_samples=spec["samples"],
                                           seq_len=128, seed=1)
     with step(record, "prune"):
-        result = prune(model, spec["ratio"], spec["criterion"], tokenizer=tokenizer,
-                       tokens=calib, seed=0, kinds="mlp,attention", reconstruct=settings,
-                       recon_tokens=recon_tokens)
+        result = prune_and_reconstruct(model, spec["ratio"], spec["criterion"], tokenizer=tokenizer,
+                                       tokens=calib, seed=0, kinds="mlp,attention",
+                                       reconstruct=settings, recon_tokens=recon_tokens)
     with step(record, "eval"):
         record["ppl"] = _perplexity(result.model, tokenizer, spec["ppl_tokens"])
     return record

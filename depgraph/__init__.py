@@ -16,6 +16,7 @@ from .errors import (
 )
 from .graph import DependencyGraph, build_graph
 from .groups import Group
+from .kinds import Kind, Tag
 
-__all__ = ["build_graph", "DependencyGraph", "Group", "DepGraphError", "UnsupportedOpError",
+__all__ = ["build_graph", "DependencyGraph", "Group", "Kind", "Tag", "DepGraphError", "UnsupportedOpError",
            "RuleError", "LayoutError", "TraceError", "PlanError", "NonFiniteError"]

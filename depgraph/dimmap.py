@@ -20,7 +20,7 @@ import torch.fx
 
 __all__ = [
     "InputDim", "Flatten", "Split", "Broadcast", "Slice", "Concat", "ValueAxis", "DimSpec",
-    "Coupling", "view_groups", "normalize_dim", "SELECTS",
+    "Coupling", "view_groups", "normalize_dim",
 ]
 
 
@@ -80,11 +80,6 @@ class ValueAxis:
 
 
 DimSpec = InputDim | Flatten | Split | Broadcast | Slice | Concat | ValueAxis
-
-
-#: Tag prefix of an axis that ``topk`` picks ``k`` channels of (``"selects:2"``): at least
-#: ``k`` must stay (the experts a router sends each token to).
-SELECTS = "selects:"
 
 
 @dataclass

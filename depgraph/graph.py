@@ -25,9 +25,10 @@ import networkx as nx
 import torch
 from torch import nn
 
-from .dimmap import SELECTS
 from .groups import ZERO_UNSAFE_TAGS, Group, Member, classify
+from .kinds import Tag
 from .layout import AxisStore
+from .paths import atomic_files, write_text_atomically
 from .propagate import Propagator, Value
 from .trace import Trace, trace_model
 
@@ -85,7 +86,7 @@ class DependencyGraph:
         for root, group_members in members.items():
             if root not in store.pins and _is_repeat(store, root, group_members):
                 store.pins[root] = [REPEAT_REASON]
-            if root not in store.pins and "created" in store.tags.get(root, ()):
+            if root not in store.pins and Tag.CREATED in store.tags.get(root, ()):
                 store.pins[root] = [CREATED_REASON]
         raw = []
         for root, group_members in members.items():
@@ -170,15 +171,14 @@ class DependencyGraph:
     def write_json(self, path: str | Path) -> None:
         data = self.to_dict()
         data["graph"] = nx.node_link_data(self._plain_graph(), edges="edges")
-        _atomic_write(Path(path), json.dumps(data, indent=1))
+        write_text_atomically(path, json.dumps(data, indent=1))
 
     def write_graphml(self, path: str | Path) -> None:
         plain = self._plain_graph()
         for _, data in plain.nodes(data=True):
             data["groups"] = ",".join(data.get("groups", []))
-        tmp = Path(path).with_suffix(".tmp")
-        nx.write_graphml(plain, tmp)
-        tmp.replace(path)
+        with atomic_files(path) as (staged,):
+            nx.write_graphml(plain, staged)
 
     def write_dot(self, path: str | Path) -> None:
         lines = ["digraph depgraph {", "  node [shape=box, fontsize=9];"]
@@ -188,7 +188,7 @@ class DependencyGraph:
         for src, dst, data in self.nx.edges(data=True):
             lines.append(f'  "{src}" -> "{dst}" [label="{data.get("kind", "")}"];')
         lines.append("}")
-        _atomic_write(Path(path), "\n".join(lines) + "\n")
+        write_text_atomically(path, "\n".join(lines) + "\n")
 
     def _plain_graph(self) -> nx.MultiDiGraph:
         plain = nx.MultiDiGraph()
@@ -209,7 +209,7 @@ def _stacked_expert_params(store: AxisStore, param_layouts: dict) -> set[str]:
     routing indices): kernels run them as grouped GEMMs."""
     found = set()
     for (param, _dim), layout in param_layouts.items():
-        if any("looked_up" in store.tags.get(a, ()) for a in store.atoms(layout)
+        if any(Tag.LOOKED_UP in store.tags.get(a, ()) for a in store.atoms(layout)
                if store.sizes[a] > 1):
             found.add(param)
     rank = defaultdict(int)
@@ -221,13 +221,13 @@ def _stacked_expert_params(store: AxisStore, param_layouts: dict) -> set[str]:
 def _constrain(group: Group, store: AxisStore, stacked: set[str]) -> None:
     """Set ``min_units`` and ``multiple`` of ``group`` from what its axes meet."""
     for tag in store.tags.get(group.root, ()):
-        if tag.startswith(SELECTS):
-            picked = int(tag[len(SELECTS):])
+        if isinstance(tag, tuple) and tag[0] == Tag.SELECTS:
+            picked = tag[1]
             group.min_units = max(group.min_units, picked)
             group.constraints.append(f"it must keep at least {picked} units (topk picks {picked})")
     multiple = 1
     for member, per_unit in zip(group.members, group.channels_per_unit, strict=True):
-        if member.param not in stacked or "looked_up" in store.tags.get(group.root, ()):
+        if member.param not in stacked or Tag.LOOKED_UP in store.tags.get(group.root, ()):
             continue
         align = math.gcd(EXPERT_ROW_ALIGN, member.size)
         multiple = math.lcm(multiple, align // math.gcd(align, per_unit))
@@ -245,14 +245,14 @@ def _is_repeat(store: AxisStore, root: int, members: list[Member]) -> bool:
     """A query-head axis made by repeating KV heads (``expand`` in ``repeat_kv``, or the
     repeat factor of ``enable_gqa``); also one that directly follows another head axis."""
     tags = store.tags.get(root, ())
-    if "attention_heads" not in tags:
+    if Tag.ATTENTION_HEADS not in tags:
         return False
-    if "repeat" in tags:
+    if Tag.REPEAT in tags:
         return True
     for member in members:
         atoms = [a for a in store.atoms(member.layout) if store.sizes[a] > 1]
         position = atoms.index(root) if root in atoms else -1
-        if position > 0 and "attention_heads" in store.tags.get(atoms[position - 1], ()):
+        if position > 0 and Tag.ATTENTION_HEADS in store.tags.get(atoms[position - 1], ()):
             return True
     return False
 
@@ -266,12 +266,6 @@ def _common_prefix(names: list[str]) -> str:
         else:
             break
     return ".".join(prefix)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def build_graph(model: nn.Module, seq_len: int = 7) -> DependencyGraph:

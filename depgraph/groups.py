@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from .errors import PlanError
+from .kinds import Kind, Tag
 from .layout import AxisStore, Layout
 
 __all__ = ["Group", "Member", "ZERO_UNSAFE_TAGS", "block_index"]
 
-ZERO_UNSAFE_TAGS = frozenset({"normalizing", "activation_contraction", "attention_logits"})
+ZERO_UNSAFE_TAGS = frozenset({Tag.NORMALIZING, Tag.ACTIVATION_CONTRACTION, Tag.ATTENTION_LOGITS})
 _BLOCK = re.compile(r"\.(\d+)\.")
 
 
@@ -127,13 +128,13 @@ def classify(store: AxisStore, root: int, members: list[Member]) -> tuple[str, i
     tags = store.tags.get(root, set())
     layers = {block_index(m.param) for m in members}
     layer = layers.pop() if len(layers) == 1 else None
-    if "attention_heads" in tags:
-        return ("kv_group" if _has_repeat(store, root, members) else "attention_head"), layer
-    if "looked_up" in tags:
-        return "expert", layer
+    if Tag.ATTENTION_HEADS in tags:
+        return (Kind.KV_GROUP if _has_repeat(store, root, members) else Kind.ATTENTION_HEAD), layer
+    if Tag.LOOKED_UP in tags:
+        return Kind.EXPERT, layer
     if layer is None:
-        return "hidden", None
-    return "mlp", layer
+        return Kind.HIDDEN, None
+    return Kind.MLP, layer
 
 
 def _has_repeat(store: AxisStore, root: int, members: list[Member]) -> bool:
@@ -142,7 +143,7 @@ def _has_repeat(store: AxisStore, root: int, members: list[Member]) -> bool:
         atoms = store.atoms(member.layout)
         if root in atoms:
             after = atoms[atoms.index(root) + 1:]
-            if any("repeat" in store.tags.get(a, ()) or "attention_heads" in store.tags.get(a, ())
+            if any(Tag.REPEAT in store.tags.get(a, ()) or Tag.ATTENTION_HEADS in store.tags.get(a, ())
                    for a in after):
                 return True
     return False

@@ -21,6 +21,7 @@ import numpy as np
 
 from .graph import DependencyGraph
 from .groups import Group, block_index
+from .paths import write_text_atomically
 
 __all__ = ["MAX_NODES", "NODE_FIELDS", "STRIP_CELLS", "page_data", "write_html"]
 
@@ -44,15 +45,7 @@ def write_html(graph: DependencyGraph, path: str | os.PathLike[str], layer: int 
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     title = html.escape(f"depgraph: {data['model']}")
     text = _PAGE.replace("__TITLE__", title).replace("__DATA__", payload)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomically(path, text)
 
 
 def page_data(graph: DependencyGraph, layer: int | None = None) -> dict:

@@ -101,7 +101,7 @@ class AxisStore:
     sizes: list[int] = field(default_factory=list)
     parent: list[int] = field(default_factory=list)
     definition: dict[int, Layout] = field(default_factory=dict)
-    tags: dict[int, set[str]] = field(default_factory=dict)
+    tags: dict[int, set] = field(default_factory=dict)  # Tag members, (Tag.SELECTS, k)
     pins: dict[int, list[str]] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
 

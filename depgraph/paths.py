@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["shared_dir", "data_dir", "models_dir", "cache_dir", "atomic_folder", "atomic_files",
-           "remove_stale_temps"]
+           "write_text_atomically", "remove_stale_temps"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,3 +212,10 @@ def atomic_files(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     finally:
         for folder in folders:
             _remove(folder)
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_files` (all of it or nothing)."""
+    with atomic_files(path) as (staged,):
+        staged.write_text(text, encoding="utf-8")
+    return Path(path)

@@ -20,6 +20,7 @@ import torch.fx
 
 from .dimmap import Broadcast, Concat, Coupling, Flatten, InputDim, Slice, Split, ValueAxis
 from .errors import RuleError, UnsupportedOpError
+from .kinds import Tag
 from .layout import AxisStore, Layout, make_cat, make_prod
 from .rules import lookup, op_name
 
@@ -163,7 +164,7 @@ class Propagator:
                 continue
             self.store.unify(left, right, where)
             if isinstance(first, ValueAxis) or isinstance(second, ValueAxis):
-                self.store.tag(left, "looked_up")
+                self.store.tag(left, Tag.LOOKED_UP)
             self._edge(prefix, first, second, "same", env)
         for spec, tag in coupling.reduced:
             layout = resolve(spec)
@@ -182,7 +183,7 @@ class Propagator:
             values.append(Value(layouts, axis))
             if coupling.created:
                 for layout in layouts:
-                    self.store.tag(layout, "created")
+                    self.store.tag(layout, Tag.CREATED)
         for out_index, dim, tag in coupling.output_tags:
             self.store.tag(values[out_index].dims[dim], tag)
         result = _package(node, values)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from depgraph.errors import DepGraphError
-from depgraph.paths import atomic_files
+from depgraph.paths import atomic_files, write_text_atomically
 
 from .argtypes import positive_int
 from .outputs import Output, check_outputs, local_path
@@ -42,8 +42,7 @@ def _out_path(text: str) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    with atomic_files(path) as (staged,):
-        staged.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    write_text_atomically(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

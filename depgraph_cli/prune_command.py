@@ -95,7 +95,8 @@ def run_prune(args: argparse.Namespace) -> int:
     from depgraph.progress import progress_bar
     from pruning.importance import get_importance
     from pruning.io import save_pruned
-    from pruning.prune import prune
+    from pruning.prune import PruneSettings, prune
+    from recovery import prune_and_reconstruct
 
     from .fingerprint import dense_record
     from .model_checks import check_finite
@@ -108,12 +109,17 @@ def run_prune(args: argparse.Namespace) -> int:
     before_ppl = quick_ppl(model, tokenizer, args.ppl_tokens)
     data_passes = get_importance(args.importance)[1] or args.reconstruct  # else nothing to count
     progress = progress_bar(total=args.samples, desc="scoring") if data_passes else None
-    options = {"tau": args.tau} if args.tau is not None else {}
-    result = prune(model, args.ratio, args.importance, tokenizer=tokenizer, calib=args.calib,
-                   n_samples=args.samples, seq_len=args.seq_len, kinds=args.kinds,
-                   layers=args.layers, ranking=args.ranking, round_to=args.round_to,
-                   aggregation=args.aggregation, seed=args.seed, options=options, progress=progress,
-                   reconstruct=args.reconstruct, recon_samples=args.recon_samples)
+    settings = PruneSettings(
+        ratio=args.ratio, importance=args.importance, calib=args.calib, n_samples=args.samples,
+        seq_len=args.seq_len, kinds=args.kinds, layers=args.layers, ranking=args.ranking,
+        round_to=args.round_to, aggregation=args.aggregation, seed=args.seed,
+        options={"tau": args.tau} if args.tau is not None else {})
+    if args.reconstruct:
+        result = prune_and_reconstruct(model, settings=settings, reconstruct=args.reconstruct,
+                                       tokenizer=tokenizer, recon_samples=args.recon_samples,
+                                       progress=progress)
+    else:
+        result = prune(model, settings=settings, tokenizer=tokenizer, progress=progress)
     if progress is not None:
         progress.close()
     after_ppl = quick_ppl(result.model, tokenizer, args.ppl_tokens)

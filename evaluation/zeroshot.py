@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pruning.text import encode_text
+
 from ._common import (
     check_finite_logits,
     check_positive_int,
@@ -37,10 +39,6 @@ from .zeroshot_data import TASKS, MCItem, load_task
 
 __all__ = ["TASKS", "accuracy_stderr", "encode_pair", "evaluate_task", "evaluate_zeroshot", "loglikelihoods",
            "score_items"]
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def encode_pair(
@@ -67,8 +65,8 @@ def encode_pair(
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = _encode(tokenizer, context + continuation)
-    ctx = _encode(tokenizer, context) if context else []
+    whole = encode_text(tokenizer, context + continuation)
+    ctx = encode_text(tokenizer, context) if context else []
     cont = whole[len(ctx):]
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = bos if bos is not None else getattr(tokenizer, "eos_token_id", None)

@@ -3,7 +3,8 @@
 from .apply import apply_plan, plan_slices, zero_plan
 from .importance import available_importance, register_importance
 from .io import load_pruned, save_pruned
-from .prune import PruneResult, prune
+from .prune import PruneResult, PruneSettings, eligible_groups, prune, score, select
 
 __all__ = ["apply_plan", "plan_slices", "zero_plan", "load_pruned", "save_pruned", "prune",
-           "PruneResult", "available_importance", "register_importance"]
+           "PruneResult", "PruneSettings", "eligible_groups", "score", "select",
+           "available_importance", "register_importance"]

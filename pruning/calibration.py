@@ -48,6 +48,7 @@ from depgraph.paths import data_dir
 from depgraph.progress import progress_bar
 
 from .corpus import MAX_UNDECODABLE, FileCorpus, RowCorpus, text_column
+from .text import encode_text, load_hf_dataset
 
 __all__ = ["MAX_UNDECODABLE", "PAPER_DEFAULTS", "SELF_SAMPLING", "calibration_tokens",
            "check_source", "describe_source"]
@@ -130,15 +131,6 @@ def describe_source(source: str | os.PathLike[str]) -> str:
 
 
 # ------------------------------------------------------------------------------- corpora
-def _load_dataset(*args: Any, split: str) -> Any:
-    try:
-        import datasets  # optional dependency, imported lazily
-    except ImportError as exc:
-        raise ValueError(f"loading {args[0]!r} needs the `datasets` package (pip install "
-                         "datasets), or pass a text file or folder instead") from exc
-    return datasets.load_dataset(*args, split=split)
-
-
 def _open_corpus(parsed: _Source, label: str, region: tuple[float, float]
                  ) -> FileCorpus | RowCorpus:
     if parsed.kind == "bundled":
@@ -150,11 +142,11 @@ def _open_corpus(parsed: _Source, label: str, region: tuple[float, float]
     if parsed.kind == "wikitext2":
         if _wikitext_file().is_file():
             return FileCorpus([_wikitext_file()], label, region)
-        rows = _load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+        rows = load_hf_dataset("wikitext", "wikitext-2-raw-v1", split="train")
         return RowCorpus(rows, text_column(rows, label), label, region)
     if parsed.kind == "hf":
         name, config, split = parsed.location.split(":")
-        rows = _load_dataset(*([name, config] if config else [name]), split=split)
+        rows = load_hf_dataset(*([name, config] if config else [name]), split=split)
         return RowCorpus(rows, text_column(rows, label), label, region)
     if parsed.kind == "folder":
         paths = sorted(Path(parsed.location).glob("*.txt"))
@@ -165,12 +157,6 @@ def _open_corpus(parsed: _Source, label: str, region: tuple[float, float]
 
 
 # ------------------------------------------------------------------------------- windows
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    if hasattr(tokenizer, "encode"):
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _drop_partial_word(text: str) -> str:
     """Text after the first whitespace (the chunk began inside a word)."""
     for index, char in enumerate(text):
@@ -186,7 +172,7 @@ def _window(corpus, tokenizer, rng: np.random.Generator, seq_len: int,
     for _ in range(_MAX_TRIES):
         text, starts_mid, ends_mid = corpus.draw(rng, chars)
         text = _drop_partial_word(text) if starts_mid else text
-        ids = _encode(tokenizer, text)
+        ids = encode_text(tokenizer, text)
         # a chunk that ends mid-text may end mid-word: then its last token is unreliable
         if len(ids) >= seq_len + ends_mid:
             return ids[:seq_len], len(text) / len(ids)
@@ -218,7 +204,7 @@ def _start_tokens(tokenizer: Any) -> list[int]:
         return [int(bos)]
     if not callable(tokenizer):  # a model config without BOS: start from token 0
         return [0]
-    starts = [ids[0] for ids in (_encode(tokenizer, word) for word in _START_WORDS) if ids]
+    starts = [ids[0] for ids in (encode_text(tokenizer, word) for word in _START_WORDS) if ids]
     if not starts:
         raise ValueError("the tokenizer has no BOS token and encodes no start word")
     return sorted(set(starts))

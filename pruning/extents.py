@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from depgraph import DependencyGraph
+from depgraph.kinds import Tag
 from depgraph.layout import Atom, Prod
 
 __all__ = ["group_extents", "plan_extents", "layout_signature", "expected_signatures"]
@@ -58,7 +59,7 @@ def _canonical(store, layout, sizes: dict[int, int]):
         size = sizes.get(layout.id, layout.size)
         # a head axis is marked: "1 head of 8" and "8 heads of 1" both drop their size-1
         # factor and would otherwise read alike, though attention computes them differently
-        heads = size > 1 and "attention_heads" in store.tags.get(store.find(layout.id), ())
+        heads = size > 1 and Tag.ATTENTION_HEADS in store.tags.get(store.find(layout.id), ())
         return ("a", f"{size}h" if heads else size)
     kind = "p" if isinstance(layout, Prod) else "c"
     parts = []

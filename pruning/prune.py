@@ -1,32 +1,106 @@
-"""``prune``: score groups, choose a plan, apply it.
+"""``prune``: score groups, choose a plan, apply it — three public steps and their composition.
 
 >>> result = prune(model, ratio=0.2, importance="taylor", tokenizer=tok)   # doctest: +SKIP
 >>> result.plan                          # {group_id: [removed units]}       # doctest: +SKIP
+
+The same with the steps one by one (what a plug-in or another pruner calls):
+
+>>> settings = PruneSettings(ratio=0.2, importance="taylor")               # doctest: +SKIP
+>>> graph = build_graph(model)                                             # doctest: +SKIP
+>>> groups = eligible_groups(graph, settings)                              # doctest: +SKIP
+>>> scores, stats = score(model, graph, groups, settings, tokenizer=tok)   # doctest: +SKIP
+>>> plan = select(model, groups, scores, settings)                         # doctest: +SKIP
+>>> apply_plan(model, plan, graph)                                         # doctest: +SKIP
+
+Pruning block by block with least-squares reconstruction composes these steps too; it lives
+in :func:`recovery.prune_and_reconstruct`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from depgraph import DependencyGraph, build_graph
+from depgraph import DependencyGraph, Group, Kind, build_graph
 
 from .apply import apply_plan
 from .calibration import calibration_tokens
 from .importance import ScoringContext, get_importance, score_groups
-from .selection import parse_layers, select_plan
+from .selection import RANKINGS, parse_layers, select_plan
 
-__all__ = ["prune", "PruneResult", "KIND_ALIASES", "RECONSTRUCT_MODES", "expand_kinds",
-           "kept_widths"]
+__all__ = ["prune", "PruneResult", "PruneSettings", "KIND_ALIASES", "expand_kinds",
+           "kept_widths", "eligible_groups", "score", "select", "calibration_for",
+           "settings_from", "pruned_result"]
 
 #: User-facing kind names and the group kinds they stand for.
-KIND_ALIASES = {"attention": {"attention_head", "kv_group"}, "heads": {"attention_head", "kv_group"},
-                "mlp": {"mlp"}, "hidden": {"hidden"}, "expert": {"expert"}, "experts": {"expert"},
-                "attention_head": {"attention_head"}, "kv_group": {"kv_group"}}
+KIND_ALIASES = {"attention": {Kind.ATTENTION_HEAD, Kind.KV_GROUP},
+                "heads": {Kind.ATTENTION_HEAD, Kind.KV_GROUP}, "mlp": {Kind.MLP},
+                "hidden": {Kind.HIDDEN}, "expert": {Kind.EXPERT}, "experts": {Kind.EXPERT},
+                "attention_head": {Kind.ATTENTION_HEAD}, "kv_group": {Kind.KV_GROUP}}
+
+
+def expand_kinds(kinds) -> frozenset[Kind]:
+    """``"mlp,attention"`` or an iterable of names -> group kinds; ValueError if unknown."""
+    names = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
+    out: set[Kind] = set()
+    for name in names:
+        key = name.value if isinstance(name, Kind) else name
+        if key not in KIND_ALIASES:
+            raise ValueError(f"unknown group kind {name!r}; expected some of "
+                             f"{', '.join(sorted(KIND_ALIASES))}")
+        out |= KIND_ALIASES[key]
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """How :func:`prune` chooses what goes; every value is checked here, before any work.
+
+    ratio : fraction of all parameters to remove, in (0, 1); ``None`` with ``kind_ratios``.
+    importance : a registered criterion (``pruning.importance.available_importance``).
+    calib, n_samples, seq_len : calibration data when the criterion needs some.
+    kinds : which group kinds may shrink (``"mlp,attention"``; add ``hidden``, ``experts``).
+    layers : blocks that may shrink, as ``"3:-2"`` (LLM-Pruner keeps the first and last).
+    ranking : ``global`` (scores normalised per group, ranked together), ``global_raw`` or
+        ``local`` (see :mod:`pruning.selection`).
+    round_to : kept channel widths are multiples of this.
+    aggregation : how a group's per-parameter scores combine (``sum``, ``max`` ...).
+    kind_ratios : ``{kind: fraction of each group's units}`` instead of ``ratio``.
+    seed : calibration sampling and any randomness of the criterion.
+    options : criterion options (``{"tau": 0.3}``).
+    """
+
+    ratio: float | None = 0.2
+    importance: str = "taylor"
+    calib: str = "bundled"
+    n_samples: int = 10
+    seq_len: int = 128
+    kinds: frozenset[Kind] | str = "mlp,attention"
+    layers: str | None = None
+    ranking: str = "global"
+    round_to: int = 1
+    aggregation: str = "sum"
+    kind_ratios: Mapping[str, float] | None = None
+    seed: int = 0
+    options: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "kinds", expand_kinds(self.kinds))
+        if self.kind_ratios is None and (self.ratio is None or isinstance(self.ratio, bool)
+                                         or not 0 < self.ratio < 1):
+            raise ValueError(f"ratio must be in (0, 1), got {self.ratio!r}")
+        get_importance(self.importance)  # unknown criterion: ValueError naming the known ones
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        for name in ("n_samples", "seq_len", "round_to"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -39,131 +113,108 @@ class PruneResult:
     stats: dict = field(default_factory=dict)
 
 
-def expand_kinds(kinds) -> set[str]:
-    """``"mlp,attention"`` or an iterable of names -> group kinds; ValueError if unknown."""
-    names = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
-    out: set[str] = set()
-    for name in names:
-        if name not in KIND_ALIASES:
-            raise ValueError(f"unknown group kind {name!r}; expected some of "
-                             f"{', '.join(sorted(KIND_ALIASES))}")
-        out |= KIND_ALIASES[name]
-    return out
-
-
 def kept_widths(graph: DependencyGraph, plan: dict) -> dict[str, float]:
     """Mean units kept per group of each kind."""
     widths: dict[str, list[int]] = {}
     for group in graph.groups():
-        widths.setdefault(group.kind, []).append(group.num_units - len(set(plan.get(group.id, ()))))
+        widths.setdefault(str(group.kind), []).append(group.num_units - len(set(plan.get(group.id, ()))))
     return {kind: float(np.mean(values)) for kind, values in widths.items()}
 
 
-def prune(model: nn.Module, ratio: float | None = 0.2, importance: str = "taylor", *,
-          tokenizer=None, calib: str = "bundled", n_samples: int = 10, seq_len: int = 128,
-          tokens: torch.Tensor | None = None, kinds="mlp,attention", layers: str | None = None,
-          ranking: str = "global", round_to: int = 1, aggregation: str = "sum",
-          kind_ratios: dict[str, float] | None = None, seed: int = 0, options: dict | None = None,
-          graph: DependencyGraph | None = None, progress=None, reconstruct=None,
-          recon_samples: int = 32, recon_tokens: torch.Tensor | None = None) -> PruneResult:
-    """Prune ``model`` in place and return a :class:`PruneResult`.
-
-    Parameters
-    ----------
-    ratio : fraction of all parameters to remove, in (0, 1) (or ``kind_ratios``).
-    importance : a registered criterion (see ``pruning.importance.available_importance``).
-    tokenizer, calib, n_samples, seq_len, tokens : calibration data (``tokens`` wins).
-    kinds : which group kinds may shrink (``"mlp,attention"``; add ``hidden``, ``experts``).
-    layers : blocks that may shrink, as ``"3:-2"`` (LLM-Pruner keeps the first and last).
-    ranking : ``global`` (scores normalised per group, ranked together) or ``local``.
-    round_to : kept channel widths are multiples of this.
-    reconstruct : ``None`` (one shot), or least-squares reconstruction while pruning block by
-        block (arXiv 2407.19126): ``"pre"``, ``"post"``, ``"both"`` or a
-        :class:`recovery.SequentialSettings`. The selection above fixes how many units each
-        group loses; the sequential pass re-scores each block on refit weights and picks
-        which (see :mod:`recovery.sequential`).
-    recon_samples, recon_tokens : calibration for the reconstruction (``recon_tokens`` wins;
-        otherwise ``recon_samples`` windows of ``seq_len`` tokens from ``calib``).
-    """
-    criterion_fn, needs_data = get_importance(importance)
-    del criterion_fn
-    if ratio is not None and not 0 < ratio < 1:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
-    if reconstruct is not None:
-        _sequential_settings(reconstruct)  # fail before any work
-    start = time.perf_counter()
-    graph = graph or build_graph(model)
-    group_kinds = expand_kinds(kinds)
+# ------------------------------------------------------------------------ the steps
+def eligible_groups(graph: DependencyGraph, settings: PruneSettings) -> list[Group]:
+    """The groups ``settings`` lets shrink (kinds and blocks); ValueError if none."""
     blocks = sorted({g.layer for g in graph.groups() if g.layer is not None})
-    layer_range = parse_layers(layers, len(blocks)) if layers else None
-    eligible = [g for g in graph.groups() if g.kind in group_kinds
+    layer_range = parse_layers(settings.layers, len(blocks)) if settings.layers else None
+    eligible = [g for g in graph.groups() if g.kind in settings.kinds
                 and (layer_range is None or g.layer is None or g.layer in layer_range)]
     if not eligible:
-        raise ValueError(f"no group of kinds {sorted(group_kinds)} in layers {layers!r}")
-    if needs_data and tokens is None:
-        if tokenizer is None and calib != "self":
-            raise ValueError(f"importance {importance!r} needs calibration data: pass a tokenizer")
-        tokens = calibration_tokens(tokenizer, calib, n_samples=n_samples, seq_len=seq_len,
-                                    seed=seed, model=model)
-    context = ScoringContext(model, graph, eligible, tokens=tokens, aggregation=aggregation,
-                             seed=seed, options={**(options or {}), "progress": progress})
-    scores = score_groups(context, importance)
-    scored_at = time.perf_counter()
+        raise ValueError(f"no group of kinds {sorted(settings.kinds)} in layers {settings.layers!r}")
+    return eligible
+
+
+def calibration_for(model: nn.Module, settings: PruneSettings, tokenizer=None,
+                    n_samples: int | None = None) -> torch.Tensor:
+    """Calibration windows as ``settings`` asks (``n_samples`` overrides its count)."""
+    if tokenizer is None and settings.calib != "self":
+        raise ValueError(f"importance {settings.importance!r} needs calibration data: pass a "
+                         f"tokenizer (or tokens)")
+    return calibration_tokens(tokenizer, settings.calib, n_samples=n_samples or settings.n_samples,
+                              seq_len=settings.seq_len, seed=settings.seed, model=model)
+
+
+def score(model: nn.Module, graph: DependencyGraph, groups: list[Group], settings: PruneSettings,
+          *, tokenizer=None, tokens: torch.Tensor | None = None, progress=None
+          ) -> tuple[dict[str, np.ndarray], dict]:
+    """Per-unit importance of every group in ``groups`` (higher = keep), and the scoring's
+    own numbers (``calibration`` shape, criterion statistics)."""
+    if get_importance(settings.importance)[1] and tokens is None:
+        tokens = calibration_for(model, settings, tokenizer)
+    context = ScoringContext(model, graph, groups, tokens=tokens, aggregation=settings.aggregation,
+                             seed=settings.seed, options={**settings.options, "progress": progress})
+    scores = score_groups(context, settings.importance)
+    stats = {"calibration": None if tokens is None else list(tokens.shape), **context.stats}
+    return scores, stats
+
+
+def select(model: nn.Module, groups: list[Group], scores: Mapping[str, np.ndarray],
+           settings: PruneSettings) -> dict[str, list[int]]:
+    """The plan ``{group_id: [units]}`` that ``settings`` asks for (:func:`select_plan`) over
+    ``groups`` (already limited to its kinds and blocks by :func:`eligible_groups`)."""
     total = sum(p.numel() for p in model.parameters())
-    plan = select_plan(eligible, scores, ratio=None if kind_ratios else ratio,
-                       kind_ratios=kind_ratios, total_params=total, layers=layer_range,
-                       kinds=group_kinds, ranking=ranking, round_to=round_to)
-    recon_stats = None
-    if reconstruct is not None:
-        plan, recon_stats, scores = _prune_sequential(
-            model, graph, plan, scores, importance, tokens, reconstruct, recon_tokens,
-            dict(tokenizer=tokenizer, source=calib, n_samples=recon_samples, seq_len=seq_len,
-                 seed=seed), aggregation=aggregation, seed=seed, options=options,
-            progress=progress)
-    else:
-        apply_plan(model, plan, graph)
+    return select_plan(groups, scores, ratio=None if settings.kind_ratios else settings.ratio,
+                       kind_ratios=settings.kind_ratios, total_params=total, layers=None,
+                       kinds=settings.kinds, ranking=settings.ranking, round_to=settings.round_to)
+
+
+def settings_from(settings: PruneSettings | None, **overrides) -> PruneSettings:
+    """``settings`` (or the defaults) with ``overrides``; unknown names are a ValueError."""
+    known = {f.name for f in fields(PruneSettings)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        hint = ("; reconstruction while pruning is recovery.prune_and_reconstruct"
+                if "reconstruct" in unknown else "")
+        raise ValueError(f"unknown prune settings {unknown}; expected some of {sorted(known)}{hint}")
+    given = {k: v for k, v in overrides.items() if v is not None or k in ("ratio", "layers")}
+    return replace(settings, **given) if settings is not None else PruneSettings(**given)
+
+
+# ------------------------------------------------------------------------ composed
+def prune(model: nn.Module, ratio: float | None = None, importance: str | None = None, *,
+          settings: PruneSettings | None = None, tokenizer=None, tokens: torch.Tensor | None = None,
+          graph: DependencyGraph | None = None, progress=None, **options) -> PruneResult:
+    """Prune ``model`` in place and return a :class:`PruneResult`: the composition of
+    :func:`eligible_groups`, :func:`score`, :func:`select` and :func:`pruning.apply_plan`.
+
+    ``settings`` (a :class:`PruneSettings`) says what to remove; ``ratio``, ``importance``
+    and any other :class:`PruneSettings` field given as a keyword override it
+    (``prune(model, ratio=0.2, importance="taylor", tokenizer=tok)``). ``tokens`` (samples ×
+    seq_len ids) replaces sampling calibration text with ``tokenizer``.
+    """
+    if ratio is not None:
+        options["ratio"] = ratio
+    if importance is not None:
+        options["importance"] = importance
+    settings = settings_from(settings, **options)
+    start = time.perf_counter()
+    graph = graph or build_graph(model)
+    groups = eligible_groups(graph, settings)
+    total = sum(p.numel() for p in model.parameters())
+    scores, score_stats = score(model, graph, groups, settings, tokenizer=tokenizer,
+                                tokens=tokens, progress=progress)
+    score_stats["score_seconds"] = round(time.perf_counter() - start, 3)
+    plan = select(model, groups, scores, settings)
+    apply_plan(model, plan, graph)
+    return pruned_result(model, graph, plan, scores, settings, total, start, score_stats)
+
+
+def pruned_result(model: nn.Module, graph: DependencyGraph, plan: dict, scores: dict,
+                  settings: PruneSettings, params_before: int, start: float, stats: dict
+                  ) -> PruneResult:
+    """The :class:`PruneResult` of a finished pruning run (``start``: its perf_counter)."""
     after = sum(p.numel() for p in model.parameters())
-    stats = {"criterion": importance, "ratio_requested": ratio, "params_before": total,
-             "params_after": after, "ratio_removed": 1 - after / total,
-             "kept_widths": kept_widths(graph, plan), "score_seconds": round(scored_at - start, 3),
-             "total_seconds": round(time.perf_counter() - start, 3),
-             "calibration": None if tokens is None else list(tokens.shape), **context.stats}
-    if recon_stats is not None:
-        stats["reconstruction"] = recon_stats
-    return PruneResult(model, plan, scores, stats)
-
-
-def _prune_sequential(model, graph, plan, scores, importance, tokens, reconstruct, recon_tokens,
-                      calib_args: dict, **kwargs):
-    """Re-choose the plan's units block by block with reconstruction (recovery.sequential)."""
-    from recovery.sequential import prune_sequential
-
-    settings = _sequential_settings(reconstruct)
-    if recon_tokens is None:
-        if calib_args["tokenizer"] is None and calib_args["source"] != "self":
-            raise ValueError("reconstruction needs calibration data: pass a tokenizer or "
-                             "recon_tokens")
-        recon_tokens = calibration_tokens(model=model, **calib_args)
-    counts = {gid: len(set(units)) for gid, units in plan.items()}
-    new_plan, info = prune_sequential(model, graph, counts, importance, tokens, recon_tokens,
-                                      settings, **kwargs)
-    merged = {**scores, **info["scores"]}
-    summary = {k: v for k, v in info["stats"].items() if k != "blocks"}  # per-layer detail
-    return new_plan, summary, merged
-
-
-#: ``reconstruct=`` shorthands: which recovery steps the sequential pass runs.
-RECONSTRUCT_MODES = {"pre": {"pre": True, "post": False},
-                     "post": {"pre": False, "post": True, "targets": "all"},
-                     "both": {"pre": True, "post": True, "targets": "level2"}}
-
-
-def _sequential_settings(reconstruct):
-    from recovery.sequential import SequentialSettings
-
-    if isinstance(reconstruct, SequentialSettings):
-        return reconstruct
-    if reconstruct in RECONSTRUCT_MODES:
-        return SequentialSettings(**RECONSTRUCT_MODES[reconstruct])
-    raise ValueError(f"reconstruct must be one of {sorted(RECONSTRUCT_MODES)} or a "
-                     f"SequentialSettings, got {reconstruct!r}")
+    summary = {"criterion": settings.importance, "ratio_requested": settings.ratio,
+               "params_before": params_before, "params_after": after,
+               "ratio_removed": 1 - after / params_before, "kept_widths": kept_widths(graph, plan),
+               "total_seconds": round(time.perf_counter() - start, 3), **stats}
+    return PruneResult(model, plan, scores, summary)

@@ -42,15 +42,17 @@ from typing import Any
 
 import numpy as np
 
+from depgraph.kinds import Kind
+
 __all__ = ["KINDS", "CHANNEL_KINDS", "DEFAULT_KINDS", "RANKINGS", "LLM_PRUNER_LAYERS",
            "group_scale", "parse_layers", "removed_params", "select_plan"]
 
 #: Group kinds (see :mod:`depgraph.groups`).
-KINDS: tuple[str, ...] = ("hidden", "mlp", "attention_head", "kv_group", "expert")
+KINDS: tuple[Kind, ...] = tuple(Kind)
 #: Kinds whose unit is one channel; ``round_to`` applies to them.
-CHANNEL_KINDS = frozenset({"hidden", "mlp"})
+CHANNEL_KINDS = frozenset({Kind.HIDDEN, Kind.MLP})
 #: What shrinks by default: the inner channels of MLPs and whole attention heads / KV groups.
-DEFAULT_KINDS = frozenset({"mlp", "attention_head", "kv_group"})
+DEFAULT_KINDS = frozenset({Kind.MLP, Kind.ATTENTION_HEAD, Kind.KV_GROUP})
 RANKINGS: tuple[str, ...] = ("global", "global_raw", "local")
 #: LLM-Pruner's layer range for 32-block LLaMA-7B: blocks 4..29 shrink (``--block_*_layer_start
 #: 4 --block_*_layer_end 30``); the first 4 and the last 2 stay whole.

@@ -2,8 +2,9 @@
 
 * :func:`reconstruct`: refit a pruned model's linear layers block by block so that each block
   reproduces the dense one on calibration data (arXiv 2407.19126, post-pruning);
-* :func:`prune_sequential`: prune block by block with reconstruction before and after each
-  block (the paper's pre-pruning recovery), used by ``pruning.prune(..., reconstruct=...)``;
+* :func:`prune_and_reconstruct`: :func:`pruning.prune` block by block with reconstruction
+  before and after each block (the paper's pre-pruning recovery, :func:`prune_sequential`),
+  composed from pruning's public steps;
 * :func:`train_lora` / :func:`merge`: LoRA adapters trained with the Hugging Face Trainer on
   Alpaca-style or plain text, merged back into the weights.
 """
@@ -11,8 +12,9 @@
 from .lora import LoraDivergedError, LoraResult, LoraSettings, merge, train_lora
 from .lstsq import ReconstructionError
 from .reconstruct import kept_channels, reconstruct
-from .sequential import SequentialSettings, prune_sequential
+from .sequential import SequentialSettings, prune_and_reconstruct, prune_sequential
 
-__all__ = ["reconstruct", "kept_channels", "prune_sequential", "SequentialSettings",
+__all__ = ["reconstruct", "kept_channels", "prune_sequential", "prune_and_reconstruct",
+           "SequentialSettings",
            "ReconstructionError", "train_lora", "merge", "LoraSettings", "LoraResult",
            "LoraDivergedError"]

@@ -29,6 +29,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from pruning.calibration import calibration_tokens
+from pruning.text import encode_text, load_hf_dataset
+
 __all__ = ["ALPACA_TEMPLATE", "check_instruction_source", "load_examples", "format_alpaca",
            "is_instruction_source"]
 
@@ -56,16 +59,12 @@ def format_alpaca(record: dict[str, Any]) -> tuple[str, str]:
     return prompt, str(record["output"])
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _instruction_example(tokenizer, record: dict, seq_len: int, train_on_inputs: bool) -> dict:
     prompt, response = format_alpaca(record)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt_ids = bos + _encode(tokenizer, prompt)
-    ids = (prompt_ids + _encode(tokenizer, response) + eos)[:seq_len]
+    prompt_ids = bos + encode_text(tokenizer, prompt)
+    ids = (prompt_ids + encode_text(tokenizer, response) + eos)[:seq_len]
     labels = list(ids) if train_on_inputs else (
         [IGNORE] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids):])
     return {"input_ids": ids, "labels": labels}
@@ -113,11 +112,10 @@ def _check_records(records: list, label: str) -> None:
 
 
 def _hf_rows(source: str) -> Any:
-    from pruning.calibration import _load_dataset
 
     name, _, rest = source[3:].partition(":")
     config, _, split = rest.partition(":")
-    return _load_dataset(*([name, config] if config else [name]), split=split or "train")
+    return load_hf_dataset(*([name, config] if config else [name]), split=split or "train")
 
 
 def is_instruction_source(source: str | os.PathLike[str]) -> bool:
@@ -158,7 +156,6 @@ def load_examples(tokenizer, source: str | os.PathLike[str], *, seq_len: int = 2
                              "response token left; raise seq_len")
         n_val = max(1, round(len(examples) * val_fraction))
         return examples[:-n_val], examples[-n_val:]
-    from pruning.calibration import calibration_tokens
 
     split = 1 - val_fraction
     train = calibration_tokens(tokenizer, source, n_samples=max_examples - n_val,

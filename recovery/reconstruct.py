@@ -26,6 +26,10 @@ import time
 import torch
 from torch import nn
 
+from depgraph import build_graph
+from depgraph.trace import meta_copy
+from pruning.apply import apply_plan, plan_slices
+
 from .blocks import batches, capture_calls, find_blocks
 from .refit import Refit, block_outputs, dense_targets, linear_layers, refit_block
 
@@ -60,10 +64,6 @@ def kept_channels(dense: nn.Module, plans: list[dict]) -> dict[tuple[str, int], 
     Computed on a meta copy of ``dense`` (no weights are read or copied); only dims that
     lost channels are listed.
     """
-    from depgraph import build_graph
-    from depgraph.trace import meta_copy
-    from pruning.apply import apply_plan, plan_slices
-
     model = meta_copy(dense)
     kept: dict[tuple[str, int], torch.Tensor] = {}
     for index, plan in enumerate(plans):

@@ -38,13 +38,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from depgraph import build_graph
 from depgraph.progress import restart
+from pruning.apply import apply_plan, plan_slices, zero_plan
+from pruning.importance import ScoringContext, get_importance, needs_loss, score_groups
+from pruning.prune import (
+    PruneResult,
+    PruneSettings,
+    calibration_for,
+    eligible_groups,
+    pruned_result,
+    score,
+    select,
+    settings_from,
+)
 
 from .blocks import BlockCall, batches, capture_calls, find_blocks, truncated
 from .reconstruct import TARGETS, check_correction, check_damping, check_tokens, summarize
 from .refit import Refit, block_outputs, block_structure, dense_targets, linear_layers, refit_block
 
-__all__ = ["SequentialSettings", "prune_sequential", "masked_refits"]
+__all__ = ["SequentialSettings", "prune_sequential", "masked_refits", "prune_and_reconstruct",
+           "RECONSTRUCT_MODES", "sequential_settings"]
 
 
 @dataclass(frozen=True)
@@ -134,16 +148,14 @@ class _Stream:
         return block_outputs(block, self.states, self.at(index))
 
 
-def _scores(model, graph, groups, criterion: str, tokens, score: _Stream | None, path: str,
+def _scores(model, graph, groups, criterion: str, tokens, stream: _Stream | None, path: str,
             index: int, context: dict) -> dict[str, np.ndarray]:
     """Scores of one block's groups on the current model. Criteria that only read
     activations see the block run on the scoring batches' activations in front of it
     (``run_forward``) and, for anything else they run, the model cut after the block."""
-    from pruning.importance import ScoringContext, needs_loss, score_groups
-
     options = dict(context.get("options") or {})
-    if score is not None:
-        options["run_forward"] = lambda: score.run(model.get_submodule(path)[index], index)
+    if stream is not None:
+        options["run_forward"] = lambda: stream.run(model.get_submodule(path)[index], index)
     ctx = ScoringContext(model, graph, groups, tokens=tokens, options=options,
                          aggregation=context.get("aggregation", "sum"),
                          seed=context.get("seed", 0))
@@ -159,15 +171,12 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
                      aggregation: str = "sum", seed: int = 0, options: dict | None = None,
                      progress=None) -> tuple[dict[str, list[int]], dict]:
     """Prune ``model`` in place block by block (see the module docs); returns plan and stats."""
-    from pruning.apply import apply_plan, plan_slices, zero_plan
-    from pruning.importance import needs_loss
-
     recon_tokens = check_tokens(recon_tokens)
     start = time.perf_counter()
     by_block = _check_groups(graph, counts)
     path, blocks = find_blocks(model)
     recon = _Stream.capture(model, blocks, recon_tokens, settings.batch_size)
-    score = None if tokens is None or needs_loss(criterion) else _Stream.capture(
+    scoring = None if tokens is None or needs_loss(criterion) else _Stream.capture(
         model, blocks, check_tokens(tokens), settings.batch_size)
     dense_states = list(recon.states)
     context = {"aggregation": aggregation, "seed": seed, "options": options}
@@ -191,7 +200,7 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
                                  next_dense, settings.correction, structure)
             layers.update({f"pre:{k}": v for k, v in fitted.items()})
         if groups:
-            block_scores = _scores(model, graph, groups, criterion, tokens, score, path, index,
+            block_scores = _scores(model, graph, groups, criterion, tokens, scoring, path, index,
                                    context)
             local = {g.id: _lowest(block_scores[g.id], counts[g.id]) for g in groups}
             scores.update(block_scores)
@@ -204,8 +213,8 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
                                    settings.damping, next_dense, settings.correction, structure)
                 layers.update({f"post:{k}": v for k, v in post.items()})
         recon.states, dense_states = recon.run(block, index), next_dense
-        if score is not None:
-            score.states = score.run(block, index)
+        if scoring is not None:
+            scoring.states = scoring.run(block, index)
         report.append({"block": index, "layers": layers})
         del dense_block, targets
         if progress is not None:
@@ -218,3 +227,58 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
              "seconds": round(time.perf_counter() - start, 3), "blocks": report,
              **summarize(report)}
     return plan, {"stats": stats, "scores": scores}
+
+
+#: ``reconstruct=`` shorthands: which recovery steps the sequential pass runs.
+RECONSTRUCT_MODES = {"pre": {"pre": True, "post": False},
+                     "post": {"pre": False, "post": True, "targets": "all"},
+                     "both": {"pre": True, "post": True, "targets": "level2"}}
+
+
+def sequential_settings(reconstruct: str | SequentialSettings) -> SequentialSettings:
+    """``"pre"``, ``"post"``, ``"both"`` or a :class:`SequentialSettings` as settings."""
+    if isinstance(reconstruct, SequentialSettings):
+        return reconstruct
+    if reconstruct in RECONSTRUCT_MODES:
+        return SequentialSettings(**RECONSTRUCT_MODES[reconstruct])
+    raise ValueError(f"reconstruct must be one of {sorted(RECONSTRUCT_MODES)} or a "
+                     f"SequentialSettings, got {reconstruct!r}")
+
+
+def prune_and_reconstruct(model: nn.Module, ratio: float | None = None,
+                          importance: str | None = None, *, settings: PruneSettings | None = None,
+                          reconstruct: str | SequentialSettings = "both", tokenizer=None,
+                          tokens: torch.Tensor | None = None, recon_samples: int = 32,
+                          recon_tokens: torch.Tensor | None = None, graph=None, progress=None,
+                          **options) -> PruneResult:
+    """:func:`pruning.prune` with least-squares reconstruction while pruning block by block
+    (arXiv 2407.19126): pruning's public steps choose how many units each group loses
+    (:func:`pruning.prune.eligible_groups`, :func:`~pruning.prune.score`,
+    :func:`~pruning.prune.select`), then :func:`prune_sequential` re-scores each block on
+    refit weights and picks which. ``recon_tokens`` (or ``recon_samples`` windows of the
+    settings' calibration text) feed the refits. Returns a :class:`pruning.PruneResult` whose
+    ``stats["reconstruction"]`` summarises the refits.
+    """
+    if ratio is not None:
+        options["ratio"] = ratio
+    if importance is not None:
+        options["importance"] = importance
+    settings = settings_from(settings, **options)
+    recon = sequential_settings(reconstruct)  # fail before any work
+    start = time.perf_counter()
+    graph = graph or build_graph(model)
+    groups = eligible_groups(graph, settings)
+    total = sum(p.numel() for p in model.parameters())
+    if get_importance(settings.importance)[1] and tokens is None:
+        tokens = calibration_for(model, settings, tokenizer)
+    scores, stats = score(model, graph, groups, settings, tokens=tokens, progress=progress)
+    stats["score_seconds"] = round(time.perf_counter() - start, 3)
+    counts = {gid: len(set(units)) for gid, units in select(model, groups, scores, settings).items()}
+    if recon_tokens is None:
+        recon_tokens = calibration_for(model, settings, tokenizer, n_samples=recon_samples)
+    plan, info = prune_sequential(model, graph, counts, settings.importance, tokens, recon_tokens,
+                                  recon, aggregation=settings.aggregation, seed=settings.seed,
+                                  options=dict(settings.options), progress=progress)
+    stats["reconstruction"] = {k: v for k, v in info["stats"].items() if k != "blocks"}
+    return pruned_result(model, graph, plan, {**scores, **info["scores"]}, settings, total,
+                         start, stats)

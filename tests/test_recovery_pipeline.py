@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from depgraph.paths import data_dir, models_dir
 from depgraph_cli.main import main
 from pruning import load_pruned, prune
-from recovery import LoraDivergedError, LoraSettings, merge, train_lora
+from recovery import LoraDivergedError, LoraSettings, merge, prune_and_reconstruct, train_lora
 from recovery.lora import lora_targets
 
 TINY = models_dir() / "stories260K"
@@ -52,8 +52,9 @@ def one_shot(tiny):
 
 def test_sequential_reconstruction_beats_one_shot(tiny, held_out, one_shot):
     model, tokenizer = tiny
-    result = prune(copy.deepcopy(model), 0.3, "second_moment", tokenizer=tokenizer, n_samples=8,
-                   reconstruct="both", recon_samples=32)
+    result = prune_and_reconstruct(copy.deepcopy(model), 0.3, "second_moment",
+                                   tokenizer=tokenizer, n_samples=8, reconstruct="both",
+                                   recon_samples=32)
     counts = {g: len(u) for g, u in result.plan.items()}
     assert counts == {g: len(u) for g, u in one_shot.plan.items()}  # how many: the same
     assert result.stats["params_after"] == one_shot.stats["params_after"]
@@ -65,7 +66,8 @@ def test_sequential_reconstruction_beats_one_shot(tiny, held_out, one_shot):
 def test_reconstruct_mode_is_checked_before_any_work(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="reconstruct must be one of"):
-        prune(copy.deepcopy(model), 0.2, "l2", tokenizer=tokenizer, reconstruct="sometimes")
+        prune_and_reconstruct(copy.deepcopy(model), 0.2, "l2", tokenizer=tokenizer,
+                              reconstruct="sometimes")
 
 
 def test_lora_lowers_validation_loss_and_merges_exactly(tiny, one_shot):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ..dimmap import SELECTS, Broadcast, Coupling, DimSpec, InputDim, Slice, Split, normalize_dim
+from ..dimmap import Broadcast, Coupling, DimSpec, InputDim, Slice, Split, normalize_dim
+from ..kinds import Tag, selects
 from .common import arg, broadcast_dims, dims_of, is_tensor, ndim, shape
 from .registry import register, register_pointwise
 
 # Reductions after which zeroing a channel is not the same as removing it.
-NORMALIZING = "normalizing"
+NORMALIZING = Tag.NORMALIZING
 
 
 @register_pointwise
@@ -73,12 +74,12 @@ def _activation_contraction(coupling: Coupling, a: torch.fx.Node, b: torch.fx.No
     if _is_parameter(a) or _is_parameter(b):
         return coupling
     contracted = coupling.same[0][0]
-    coupling.reduced.append((contracted, "activation_contraction"))
+    coupling.reduced.append((contracted, Tag.ACTIVATION_CONTRACTION))
     coupling.pinned.append((contracted, "contracted between two activations (attention "
                                         "scores over head_dim): the scale depends on its size"))
     out_rank = len(coupling.outputs[0])
     for spec in coupling.outputs[0][:max(out_rank - 2, 0)]:
-        coupling.reduced.append((spec, "attention_heads"))
+        coupling.reduced.append((spec, Tag.ATTENTION_HEADS))
     if out_rank >= 1:  # the per-head features of the second operand (the values' head_dim)
         coupling.pinned.append((coupling.outputs[0][-1], "per-head features of an attention "
                                 "product (value head_dim): configs tie it to head_dim"))
@@ -144,7 +145,7 @@ def einsum(node: torch.fx.Node) -> Coupling:
     coupling = Coupling(outputs=[outputs], same=same, edge_kind="einsum")
     for letter, dims in letters.items():
         if letter not in output and not any(_is_parameter(d.arg) for d in dims):
-            coupling.reduced.append((dims[0], "activation_contraction"))
+            coupling.reduced.append((dims[0], Tag.ACTIVATION_CONTRACTION))
     return coupling
 
 
@@ -165,7 +166,7 @@ def scaled_dot_product_attention(node: torch.fx.Node) -> Coupling:
         if d == rank - 3 and heads_q != heads_k:
             group = (heads_k, heads_q // heads_k)
             same.append((Split(InputDim(q, d), group, 0), InputDim(k, d)))
-            repeats.append((Split(InputDim(q, d), group, 1), "repeat"))
+            repeats.append((Split(InputDim(q, d), group, 1), Tag.REPEAT))
             same.append((InputDim(k, d), InputDim(v, d)))
             continue
         for other in (k, v):
@@ -178,8 +179,8 @@ def scaled_dot_product_attention(node: torch.fx.Node) -> Coupling:
             if d + offset < rank - 2 and shape(mask)[d] == shape(q)[d + offset] != 1:
                 same.append((InputDim(q, d + offset), InputDim(mask, d)))
     outputs = dims_of(q)[:-1] + [InputDim(v, rank - 1)]
-    reduced = [(InputDim(q, rank - 1), "attention_logits")]
-    reduced += [(InputDim(q, rank - 3), "attention_heads")] if rank >= 3 else []
+    reduced = [(InputDim(q, rank - 1), Tag.ATTENTION_LOGITS)]
+    reduced += [(InputDim(q, rank - 3), Tag.ATTENTION_HEADS)] if rank >= 3 else []
     reduced += repeats
     return Coupling(outputs=[outputs], same=same, reduced=reduced, edge_kind="attention",
                     pinned=[(InputDim(q, rank - 1), "head_dim: the attention scale depends on it"),
@@ -215,11 +216,11 @@ def norm(node: torch.fx.Node) -> Coupling:
 
 
 _REDUCTIONS = {
-    "aten::sum": "sum", "aten::mean": NORMALIZING, "aten::amax": NORMALIZING,
+    "aten::sum": Tag.SUM, "aten::mean": NORMALIZING, "aten::amax": NORMALIZING,
     "aten::amin": NORMALIZING, "aten::var": NORMALIZING, "aten::std": NORMALIZING,
     "aten::var_mean": NORMALIZING, "aten::std_mean": NORMALIZING, "aten::logsumexp": NORMALIZING,
     "aten::norm": NORMALIZING, "aten::linalg_vector_norm": NORMALIZING, "aten::prod": NORMALIZING,
-    "aten::all": NORMALIZING, "aten::any": NORMALIZING, "aten::nansum": "sum",
+    "aten::all": NORMALIZING, "aten::any": NORMALIZING, "aten::nansum": Tag.SUM,
     "aten::count_nonzero": NORMALIZING,
 }
 
@@ -282,7 +283,7 @@ def select_by_value(node: torch.fx.Node) -> Coupling:
     value_axes[-1] = InputDim(x, dim)  # the indices output (argmax's only output)
     reduced = [(InputDim(x, dim), NORMALIZING)]
     if name == "aten::topk":  # k channels are picked: at least k must stay (experts per token)
-        reduced.append((InputDim(x, dim), f"{SELECTS}{int(arg(node, 1, 'k'))}"))
+        reduced.append((InputDim(x, dim), selects(int(arg(node, 1, "k")))))
     return Coupling(outputs=outputs, reduced=reduced, value_axes=value_axes,
                     edge_kind="select_by_value")
 

@@ -16,6 +16,7 @@ from ..dimmap import (
     normalize_dim,
     view_groups,
 )
+from ..kinds import Tag
 from .common import arg, dim_arg, dims_of, ndim, shape
 from .registry import register
 
@@ -110,7 +111,7 @@ def expand(node: torch.fx.Node) -> Coupling:
     for d, size in enumerate(out_shape):
         keep = d >= offset and in_shape[d - offset] == size
         outputs.append(InputDim(source, d - offset) if keep else Broadcast(size))
-    tags = [(0, d, "repeat") for d, spec in enumerate(outputs) if isinstance(spec, Broadcast)]
+    tags = [(0, d, Tag.REPEAT) for d, spec in enumerate(outputs) if isinstance(spec, Broadcast)]
     return Coupling(outputs=[outputs], edge_kind="expand", output_tags=tags)
 
 
@@ -273,7 +274,7 @@ def broadcast_tensors(node: torch.fx.Node) -> Coupling:
             keep = d >= offset and shape(source)[d - offset] == size
             dims.append(InputDim(source, d - offset) if keep else Broadcast(size))
             if not keep:
-                tags.append((index, d, "repeat"))
+                tags.append((index, d, Tag.REPEAT))
         outputs.append(dims)
     return Coupling(outputs=outputs, edge_kind="expand", output_tags=tags)
 

@@ -30,6 +30,3 @@ def member_params(model, groups: list[Group]) -> dict[str, torch.nn.Parameter]:
     params = dict(model.named_parameters())
     return {m.param: params[m.param] for g in groups for m in g.members}
 
-
-def as_numpy(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v, dtype=np.float64) for k, v in scores.items()}

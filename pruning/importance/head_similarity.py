@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from depgraph.kinds import Kind
+
 from .registry import ScoringContext, register_importance
 from .second_moment import second_moment_scores
 
@@ -20,7 +22,7 @@ __all__ = ["attention_divergences", "DEFAULT_TAU"]
 
 DEFAULT_TAU = 0.05  # nats; JS divergence lies in [0, ln 2]
 _REDUNDANT_FACTOR = 1e-9
-_HEAD_KINDS = ("attention_head", "kv_group")
+_HEAD_KINDS = (Kind.ATTENTION_HEAD, Kind.KV_GROUP)
 
 
 def _js(p: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""The engine's vocabulary: group kinds and the tags rules put on axes.
+
+Both are string enums that equal, hash and print as their values (``Kind.MLP == "mlp"``,
+``f"{Kind.MLP}"`` is ``mlp``, ``json.dumps`` writes ``"mlp"``), so ids, reports and saved
+plans read as before, while code names them once.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = ["Kind", "Tag", "selects"]
+
+
+class _Name(str, Enum):
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__  # a member is found in sets and dicts keyed by its value
+
+
+class Kind(_Name):
+    """What a coupled group is, as the graph shows it (see :mod:`depgraph.groups`)."""
+
+    HIDDEN = "hidden"  # an axis whose members span several blocks (the residual stream)
+    MLP = "mlp"  # any other block-local axis (the inner channels of a depth-2 module)
+    ATTENTION_HEAD = "attention_head"  # the head axis of an attention op
+    KV_GROUP = "kv_group"  # one KV head and the query heads that share it
+    EXPERT = "expert"  # rows looked up by routing indices (topk over a router)
+
+
+class Tag(_Name):
+    """What an op did to an axis (kept on the axis in :class:`depgraph.layout.AxisStore`)."""
+
+    NORMALIZING = "normalizing"  # reduced so that zeroing a channel is not removing it
+    SUM = "sum"  # summed over
+    ACTIVATION_CONTRACTION = "activation_contraction"  # contracted between two activations
+    ATTENTION_LOGITS = "attention_logits"  # the dim queries and keys contract over
+    ATTENTION_HEADS = "attention_heads"  # the head axis of an attention op
+    REPEAT = "repeat"  # made by expanding (KV heads repeated for grouped queries)
+    LOOKED_UP = "looked_up"  # rows picked by routing indices
+    CREATED = "created"  # meets a tensor the model creates at run time from a size
+    SELECTS = "selects"  # topk picks k channels: tagged (Tag.SELECTS, k), see selects()
+
+
+def selects(k: int) -> tuple[Tag, int]:
+    """The tag of an axis that ``topk`` picks ``k`` channels of: at least ``k`` must stay."""
+    return (Tag.SELECTS, int(k))
