@@ -97,7 +97,7 @@ def test_hf_source_uses_load_dataset(tokenizer, monkeypatch):
         return _FakeDataset({"id": i, "body": f"Row {i} says hello to the tiny model."}
                             for i in range(200))
 
-    monkeypatch.setattr(calibration, "_load_dataset", fake_load)
+    monkeypatch.setattr(calibration, "load_hf_dataset", fake_load)
     tokens = calibration_tokens(tokenizer, "hf:some/corpus:cfg", n_samples=4, seq_len=40)
     assert tokens.shape == (4, 40) and calls[0] == (("some/corpus", "cfg"), "train")
     again = calibration_tokens(tokenizer, "hf:some/corpus:cfg", n_samples=4, seq_len=40)
@@ -115,7 +115,7 @@ def test_wikitext2_falls_back_to_hf_train_split(tokenizer, monkeypatch, tmp_path
         return _FakeDataset({"id": i, "body": " = Heading = \n" + "word " * 50} for i in range(30))
 
     monkeypatch.setattr(calibration, "data_dir", lambda: tmp_path)
-    monkeypatch.setattr(calibration, "_load_dataset", fake_load)
+    monkeypatch.setattr(calibration, "load_hf_dataset", fake_load)
     assert calibration_tokens(tokenizer, "wikitext2", n_samples=2, seq_len=64).shape == (2, 64)
     assert calls == [(("wikitext", "wikitext-2-raw-v1"), "train")]
     with pytest.raises(ValueError, match="bundled calibration text not found"):
