@@ -7,14 +7,12 @@ plans read as before, while code names them once.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["Kind", "Tag", "selects"]
 
 
-class _Name(str, Enum):
-    __str__ = str.__str__
-    __format__ = str.__format__
+class _Name(StrEnum):
     __hash__ = str.__hash__  # a member is found in sets and dicts keyed by its value
 
 

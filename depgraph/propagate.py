@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .dimmap import Broadcast, Concat, Coupling, Flatten, InputDim, Slice, Split, ValueAxis
 from .errors import RuleError, UnsupportedOpError
@@ -106,6 +107,8 @@ class Propagator:
             return item
         if isinstance(node.target, torch._ops.HigherOrderOperator):
             return self._higher_order(module, node, env, prefix)
+        if _is_python_scalar_op(node):  # `item >= 0`, `math.ceil(n / 2)`: sizes, not channels
+            return None
         rule = lookup(node.target)
         if rule is None:
             raise UnsupportedOpError(
@@ -116,6 +119,11 @@ class Propagator:
             return self._apply(node, coupling, env, prefix)
         except UnsupportedOpError:
             raise
+        except GuardOnDataDependentSymNode as error:  # sizes known only when data flows
+            raise UnsupportedOpError(
+                f"Operator {op_name(node.target)} has data-dependent sizes (e.g. MoE routing "
+                f"that splits tokens by count), which no coupling rule can map; "
+                f"{describe_node(node)}") from error
         except NotImplementedError as error:  # a rule that does not cover this use of its op
             raise UnsupportedOpError(f"Operator {op_name(node.target)}: {error}; "
                                      f"{describe_node(node)}") from error
@@ -267,6 +275,15 @@ class _Resolver:
                 return None
             return store.slice(whole, spec.start, spec.stop, spec.step, self.where)
         raise TypeError(f"unknown dim spec {spec!r}")
+
+
+def _is_python_scalar_op(node: torch.fx.Node) -> bool:
+    """A call of Python's ``operator`` / ``math`` functions or ``torch.sym_*`` on symbolic
+    scalars: export keeps them in the graph, and they make no tensor."""
+    module = getattr(node.target, "__module__", None) or ""
+    name = getattr(node.target, "__name__", "") or ""
+    return (not isinstance(node.meta.get("val"), torch.Tensor)
+            and (module in ("_operator", "operator", "math") or name.startswith("sym_")))
 
 
 def _sources(spec) -> list[tuple]:

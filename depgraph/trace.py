@@ -59,12 +59,19 @@ def _trace_friendly_config(model: nn.Module) -> None:
     configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")]
     configs += [sub for c in configs for sub in _sub_configs(c)]
     for cfg in {id(c): c for c in configs}.values():
-        if getattr(cfg, "_experts_implementation", None) not in (None, "batched_mm"):
-            cfg._experts_implementation = "batched_mm"
-        elif hasattr(cfg, "_experts_implementation") and cfg._experts_implementation is None:
-            cfg._experts_implementation = "batched_mm"
+        if hasattr(cfg, "_experts_implementation") and cfg._experts_implementation != "batched_mm":
+            _set(cfg, "_experts_implementation", "batched_mm")
         if getattr(cfg, "_attn_implementation", None) not in (None, "eager", "sdpa"):
-            cfg._attn_implementation = "sdpa"
+            _set(cfg, "_attn_implementation", "sdpa")
+
+
+def _set(config, key: str, value: str) -> None:
+    """Set an implementation choice; configs whose setter trips over a sub-config kept as a
+    plain dict (Moshi) are left as they are."""
+    try:
+        setattr(config, key, value)
+    except (AttributeError, TypeError):
+        pass
 
 
 def _sub_configs(config) -> list:

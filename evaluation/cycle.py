@@ -129,12 +129,18 @@ def _check_shapes(model: nn.Module, pruned: nn.Module, graph, plan: dict) -> Non
 
 
 def _check_regroup(pruned: nn.Module, graph, plan: dict) -> None:
-    rebuilt = {g.id: g.num_units for g in build_graph(pruned).groups()}
+    """The pruned model's graph holds every group that keeps more than one unit, with the
+    removed units gone. Groups are matched by their first member (a parameter dim), not by
+    id: a group left with one unit is no group any more, and a sibling that shared its
+    module path may then drop the kind from its id."""
+    rebuilt = {(g.members[0].param, g.members[0].dim): g for g in build_graph(pruned).groups()}
     for group in graph.groups():
         want = group.num_units - len(set(plan.get(group.id, ())))
-        if want > 1 and rebuilt.get(group.id) != want:
+        found = rebuilt.get((group.members[0].param, group.members[0].dim))
+        if want > 1 and (found is None or found.num_units != want or found.kind != group.kind):
             raise CycleFailure(f"re-built graph: group {group.id!r} has "
-                               f"{rebuilt.get(group.id)} units, expected {want}")
+                               f"{found and (found.id, found.kind, found.num_units)}, expected "
+                               f"{want} units of kind {group.kind}")
 
 
 def _check_reload(pruned: nn.Module, ids: torch.Tensor, folder: Path, plain: bool) -> None:

@@ -202,7 +202,7 @@ def _copy_attributes(model: nn.Module, config, include: Callable[[str, int | Non
         if twin is None or not include(path, own):
             continue
         if per_block and own is not None and hasattr(twin, "config") and hasattr(module, "config"):
-            module.config = config  # modules that read their config at run time
+            module.config = twin.config  # modules that read their (sub-)config at run time
         changed = False
         for key, value in vars(twin).items():
             if key.startswith("_") or not isinstance(value, (int, float, tuple, list, str)):
@@ -232,12 +232,21 @@ def _refresh_buffers(model: nn.Module, module: nn.Module) -> None:
 
 
 def _replace_config(model: nn.Module, config) -> None:
-    """Update the model's config object in place (modules hold references to it)."""
-    for key, value in config.to_dict().items():
+    """Update the model's config object in place (modules hold references to it and to its
+    sub-configs, such as a multimodal model's ``text_config``, which are updated likewise)."""
+    _update_config(model.config, config)
+
+
+def _update_config(target, source) -> None:
+    for key, value in source.to_dict().items():
         if key in ("transformers_version", "architectures", RECORD_KEY):
             continue
+        current, new = getattr(target, key, None), getattr(source, key, None)
         try:
-            setattr(model.config, key, value)
+            if hasattr(current, "to_dict") and hasattr(new, "to_dict"):
+                _update_config(current, new)
+            else:
+                setattr(target, key, value)
         except (AttributeError, TypeError):
             continue
 

@@ -565,6 +565,8 @@ _MORE = [
     ("pad_crop", lambda x: F.pad(x, (0, 0, 2, -1)), [(3, 4, 5)], False),
     ("broadcast_tensors", lambda x, y: torch.broadcast_tensors(x, y)[0] * 2 + torch.broadcast_tensors(
         x, y)[1], [(3, 1), (4,)], False),
+    ("log_sigmoid", F.logsigmoid, [(3, 4)], True),
+    ("unfold", lambda x: x.unfold(1, 3, 1).sum(-1), [(2, 6, 4)], False),
     ("complex_rotary", lambda x, a: torch.view_as_real(
         torch.view_as_complex(x.reshape(3, 4, 2)) * torch.polar(torch.ones_like(a), a)).flatten(-2),
      [(3, 8), (3, 4)], False),

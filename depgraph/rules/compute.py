@@ -25,7 +25,9 @@ NORMALIZING = Tag.NORMALIZING
           "aten::bitwise_or", "aten::bitwise_xor", "aten::bitwise_not", "aten::logical_and",
           "aten::logical_or", "aten::logical_xor", "aten::eq", "aten::ne", "aten::lt", "aten::le",
           "aten::gt", "aten::ge", "aten::maximum", "aten::minimum", "aten::polar",
-          "aten::complex")
+          "aten::complex", "aten::log_sigmoid", "aten::multiply", "aten::divide",
+          "aten::subtract", "aten::true_divide", "aten::greater", "aten::less",
+          "aten::greater_equal", "aten::less_equal", "aten::not_equal")
 def pointwise(node: torch.fx.Node) -> Coupling:
     """Elementwise with broadcasting: equal-sized dims aligned from the right are one."""
     operands = [a for a in [*node.args, *node.kwargs.values()] if is_tensor(a)]

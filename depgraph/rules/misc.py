@@ -25,7 +25,8 @@ def factory(node: torch.fx.Node) -> Coupling:
           "aten::sym_numel", "aten::sym_stride", "aten::sym_constrain_range",
           "aten::sym_constrain_range_for_size", "aten::_assert_async", "aten::item",
           "aten::_local_scalar_dense", "aten::_functional_assert_async", "aten::is_nonzero",
-          "aten::equal", "aten::dim", "aten::size", "aten::numel", "aten::_check_is_size")
+          "aten::equal", "aten::dim", "aten::size", "aten::numel", "aten::_check_is_size",
+          "aten::_is_all_true", "aten::_is_any_true")
 def no_tensor(node: torch.fx.Node) -> Coupling:
     """Checks and scalar reads: nothing flows to channels."""
     del node

@@ -301,3 +301,17 @@ def pad(node: torch.fx.Node) -> Coupling:
                              Broadcast(right) if right > 0 else None) if p is not None]
         outputs[dim] = parts[0] if len(parts) == 1 else Concat(tuple(parts))
     return Coupling(outputs=[outputs], edge_kind="pad")
+
+
+@register("aten::unfold")
+def unfold(node: torch.fx.Node) -> Coupling:
+    """Sliding windows of ``size`` every ``step`` along ``dim``: that dim becomes the windows
+    and a new last dim the positions in a window; positions repeat across windows, so the
+    unfolded dim's channels can never shrink."""
+    source = node.args[0]
+    dim = dim_arg(node, 1, "dimension", source)
+    out = shape(node)
+    outputs = dims_of(source)
+    outputs[dim] = Broadcast(out[dim])
+    return Coupling(outputs=[[*outputs, Broadcast(out[-1])]], edge_kind="unfold",
+                    pinned=[(InputDim(source, dim), "unfolded into overlapping windows")])
