@@ -296,14 +296,16 @@ def build_tiny_model(config, dtype: torch.dtype = torch.float32, seed: int = 0) 
     torch.manual_seed(seed)
     config = copy.deepcopy(config)
     try:
-        model = AutoModelForCausalLM.from_config(config)
+        # built in its dtype as from_pretrained builds it, so that buffers computed at
+        # construction (an embedding scale) round the same way in the model and its reload
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as error:  # noqa: BLE001 - reported as "not constructible"
         raise ValueError(f"{type(error).__name__}: {_first_line(error)}") from error
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1 and param.is_floating_point():
                 param.add_(torch.randn_like(param) * 0.1)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def _first_line(error: BaseException) -> str:

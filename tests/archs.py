@@ -85,11 +85,13 @@ def tiny_config(arch: str, dims: Dims = Dims()):
 
 def tiny_model(arch: str, dims: Dims = Dims(), seed: int = 0, dtype=None):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, dims))
+    # grouped-mm MoE kernels have no float64 path
+    dtype = dtype or (torch.float32 if arch == "mixtral" else torch.float64)
+    # built in its dtype, as from_pretrained builds it: buffers computed at construction
+    # (Gemma's embedding scale) then round the same way in the model and in its reload
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, dims), dtype=dtype)
     with torch.no_grad():  # non-trivial norms and biases so every coupling shows in outputs
         for param in model.parameters():
             if param.dim() == 1:
                 param.add_(torch.randn_like(param) * 0.1)
-    # grouped-mm MoE kernels have no float64 path
-    dtype = dtype or (torch.float32 if arch == "mixtral" else torch.float64)
-    return model.to(dtype).eval()
+    return model.eval()
