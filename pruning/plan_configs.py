@@ -151,11 +151,8 @@ def _layouts_match(candidate, signatures: dict, block: int | None,
     (for every block when ``block`` is None); model-wide parameters are compared as they are.
     With ``names``, only those parameters are compared.
     """
-    reduced = copy.deepcopy(candidate)
-    try:
-        reduced.num_hidden_layers = 1
-        found = expected_signatures(build_graph(instantiate_meta(reduced, model_class)), {})
-    except (DepGraphError, ValueError, AttributeError, TypeError, RuntimeError, KeyError, IndexError):
+    found = _one_block_signatures(candidate, model_class)
+    if found is None:
         return False
     for (param, dim), signature in signatures.items():
         own = block_index(param)
@@ -167,6 +164,33 @@ def _layouts_match(candidate, signatures: dict, block: int | None,
         if found.get((name, dim)) != signature:
             return False
     return True
+
+
+# a candidate config's layouts, by (class, config as JSON): one apply_plan tries the same
+# candidates for many blocks and scopes, and load_pruned replays the very same ones
+_SIGNATURES: dict[tuple, dict | None] = {}
+_SIGNATURES_KEPT = 512
+
+
+def _one_block_signatures(candidate, model_class: type | None) -> dict | None:
+    """The layouts of a one-block meta model of ``candidate``; ``None`` if it cannot be built."""
+    reduced = copy.deepcopy(candidate)
+    try:
+        reduced.num_hidden_layers = 1
+        key = (model_class, type(reduced), reduced.to_json_string(use_diff=False))
+    except Exception:  # noqa: BLE001 - a config that will not serialize is simply not cached
+        key = None
+    if key is not None and key in _SIGNATURES:
+        return _SIGNATURES[key]
+    try:
+        found = expected_signatures(build_graph(instantiate_meta(reduced, model_class)), {})
+    except (DepGraphError, ValueError, AttributeError, TypeError, RuntimeError, KeyError, IndexError):
+        found = None
+    if key is not None:
+        if len(_SIGNATURES) >= _SIGNATURES_KEPT:
+            _SIGNATURES.pop(next(iter(_SIGNATURES)))
+        _SIGNATURES[key] = found
+    return found
 
 
 # ------------------------------------------------------------------ attributes
