@@ -188,7 +188,7 @@ def _failing_blocks(model: nn.Module, expected: dict[tuple[str, int], str]) -> s
     """Blocks whose attributes are wrong: the block the export fails in, else the blocks
     whose re-traced parameters differ from ``expected``; empty when all is right."""
     clone = meta_copy(model)
-    paths = {id(m): path for path, m in clone.named_modules()}
+    paths = {id(vars(m)): path for path, m in clone.named_modules()}
     try:
         found = expected_signatures(graph_of_trace(trace_copy(clone), type(model).__name__), {})
     except TraceError as error:  # the export's traceback runs through the clone's modules
@@ -200,12 +200,14 @@ def _failing_blocks(model: nn.Module, expected: dict[tuple[str, int], str]) -> s
 
 
 def _failing_block(error: BaseException, paths: dict[int, str]) -> int | None:
-    """The block of the innermost module of the model in ``error``'s traceback."""
+    """The block of the innermost module of the model in ``error``'s traceback. ``paths``
+    is keyed by the id of each module's ``__dict__``: the export's tracer runs proxies of
+    the modules that share it (``torch.fx`` ``AttrProxy``), not the modules themselves."""
     block = None
     frame = error.__traceback__
     while frame is not None:
         owner = frame.tb_frame.f_locals.get("self")
-        path = paths.get(id(owner)) if owner is not None else None
+        path = paths.get(id(getattr(owner, "__dict__", None))) if owner is not None else None
         if path is not None:
             found = block_index(path + ".")
             block = found if found is not None else block
