@@ -164,11 +164,13 @@ class Propagator:
                     isinstance(first, ValueAxis) or isinstance(second, ValueAxis)):
                 table = resolve(second if isinstance(first, ValueAxis) else first)
                 self.store.pin(table, f"rows looked up by positions ({module_path(node) or node.name})")
+                self.store.tag(table, Tag.LOOKED_UP)  # pinned, but still a stacked table
                 continue
             if left is None or right is None:
                 known = left if left is not None else right
                 if known is not None:
                     self.store.pin(known, f"rows looked up by data of unknown origin ({module_path(node) or node.name})")
+                    self.store.tag(known, Tag.LOOKED_UP)
                 continue
             self.store.unify(left, right, where)
             if isinstance(first, ValueAxis) or isinstance(second, ValueAxis):
@@ -223,7 +225,9 @@ class Propagator:
             return None
         axes = [v.value_axis for a in _flat_nodes(node.args) if isinstance(v := env.get(a), Value)
                 and v.value_axis is not None]
-        return axes[0] if len(axes) == 1 else None
+        # indices of one axis stay so when combined (the top-2 of a router, concatenated)
+        distinct = {str(self.store.resolve(axis)) for axis in axes}
+        return axes[0] if len(distinct) == 1 else None
 
     # ---------------------------------------------------------- networkx graph
     def _add_nodes(self, prefix: str, node: torch.fx.Node, value: object) -> None:

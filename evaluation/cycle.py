@@ -37,7 +37,7 @@ from pruning.apply import library_class
 
 from .tiny_config import build_tiny_model, tiny_config
 
-__all__ = ["CycleFailure", "check_cycle", "cycle_row", "random_plan", "uniform_plan",
+__all__ = ["CycleFailure", "check_cycle", "cycle_row", "tiny_dense_model", "random_plan", "uniform_plan",
            "CycleRow"]
 
 
@@ -206,7 +206,7 @@ def check_cycle(model: nn.Module, seed: int = 0, folder: str | Path | None = Non
     return done
 
 
-def _dense(model_type: str, seed: int) -> nn.Module:
+def tiny_dense_model(model_type: str, seed: int = 0) -> nn.Module:
     """The tiny model in float64 where it runs so (float32 otherwise)."""
     try:
         config = tiny_config(model_type)
@@ -226,7 +226,7 @@ def _dense(model_type: str, seed: int) -> nn.Module:
 def cycle_row(model_type: str, seed: int = 0) -> CycleRow:
     """Run :func:`check_cycle` on ``model_type``'s tiny config and classify the outcome."""
     try:
-        model = _dense(model_type, seed)
+        model = tiny_dense_model(model_type, seed)
     except ValueError as error:
         return CycleRow(model_type, "unconstructible", _one_line(error))
     try:
