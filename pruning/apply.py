@@ -35,7 +35,7 @@ from .plan_configs import (
     sync_attributes,
     sync_scopes,
 )
-from .rollback import ModelState, check_runs
+from .rollback import ModelState, check_runs, steps_that_run
 
 __all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY", "REPLAYS_PLANS"]
 
@@ -104,6 +104,7 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
     configs = configs_for(model, target, graph, plan, probe)
     scopes = scope_configs(model, target, graph, plan, probe) if configs is None else {}
     original = config.to_dict() if hasattr(config, "to_dict") else {}
+    steps = steps_that_run(model)
     state = ModelState(model)
     try:
         with torch.no_grad():
@@ -116,7 +117,7 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
             sync_attributes(model, configs, library_class(model))
         else:
             _sync_unsolved(model, graph, plan, scopes)
-        _check_runs(model)
+        _check_runs(model, steps)
     except BaseException:  # refused after slicing: put everything back as it was
         state.restore()
         raise
@@ -148,9 +149,9 @@ def _sync_unsolved(model: nn.Module, graph: DependencyGraph, plan: dict, scopes:
         sync_by_extent(model, graph, plan)
 
 
-def _check_runs(model: nn.Module) -> None:
+def _check_runs(model: nn.Module, steps: tuple[str, ...]) -> None:
     try:
-        check_runs(model)
+        check_runs(model, steps=steps)
     except Exception as error:  # noqa: BLE001 - any failure of the forward refuses the plan
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise PlanError(f"the pruned model fails a forward pass ({type(error).__name__}: "

@@ -21,7 +21,7 @@ from torch import nn
 
 from depgraph.trace import forward_kwargs
 
-__all__ = ["ModelState", "check_runs"]
+__all__ = ["ModelState", "check_runs", "steps_that_run"]
 
 _PLAIN = (int, float, str, bool, tuple, list, type(None))
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
@@ -79,13 +79,16 @@ def _hooks_set_aside(model: nn.Module):
             getattr(module, name).update(hooks)
 
 
-def check_runs(model: nn.Module, tokens: int = 4) -> None:
+STEPS = ("forward", "decode")
+
+
+def check_runs(model: nn.Module, tokens: int = 4, steps: tuple[str, ...] = STEPS) -> None:
     """A forward pass of ``tokens`` tokens as a user calls it (the model's own cache default),
-    then one more token through the cache when there is one, as ``generate`` does; raises
-    what the model raises. Models on the meta device (being built by ``load_pruned``) are
-    skipped: they have nothing to run."""
+    then (``"decode"`` in ``steps``) one more token through the cache when there is one, as
+    ``generate`` does; raises what the model raises. Models on the meta device (being built
+    by ``load_pruned``) are skipped: they have nothing to run."""
     first = next(model.parameters(), None)
-    if first is None or first.is_meta:
+    if first is None or first.is_meta or "forward" not in steps:
         return
     input_ids = torch.zeros(1, tokens, dtype=torch.long, device=first.device)
     kwargs = forward_kwargs(model, input_ids)
@@ -96,10 +99,22 @@ def check_runs(model: nn.Module, tokens: int = 4) -> None:
         with _hooks_set_aside(model), torch.no_grad():
             output = model(**kwargs)
             name, cache = _cache_of(model, output)
-            if cache is not None and "input_ids" in kwargs:
+            if "decode" in steps and cache is not None and "input_ids" in kwargs:
                 model(input_ids=input_ids[:, :1], **{name: cache})
     finally:
         model.train(training)
+
+
+def steps_that_run(model: nn.Module) -> tuple[str, ...]:
+    """The steps of :func:`check_runs` that ``model`` passes as it is: a pruned model is held
+    to what its dense self does (CPM-Ant's cache cannot decode one more token even dense)."""
+    for count in range(len(STEPS), 0, -1):
+        try:
+            check_runs(model, steps=STEPS[:count])
+            return STEPS[:count]
+        except Exception:  # noqa: BLE001 - whatever the dense model cannot do is not asked
+            continue
+    return ()
 
 
 def _cache_of(model: nn.Module, output) -> tuple[str, object]:

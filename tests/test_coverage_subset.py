@@ -21,8 +21,9 @@ MORE_FAMILIES = ["mpt", "olmo2", "falcon_mamba", "minimax_m2", "emu3", "fuyu", "
                  "persimmon", "granitemoe", "gpt_bigcode", "cohere", "bert"]
 # each once failed the sweep: openai-gpt (the attribute search lost the failing block),
 # phimoe / zaya (expert rows unaligned for the grouped-GEMM kernel), got_ocr2 (a text
-# model's attention read the top-level config), minicpm3 (re-built graph lost a group)
-FIXED = ["openai-gpt", "phimoe", "zaya", "got_ocr2", "minicpm3"]
+# model's attention read the top-level config), minicpm3 (re-built graph lost a group),
+# cpmant (its cache cannot decode one more token even dense: every plan was refused)
+FIXED = ["openai-gpt", "phimoe", "zaya", "got_ocr2", "minicpm3", "cpmant"]
 
 
 @pytest.mark.parametrize("model_type", MORE_FAMILIES + FIXED)
