@@ -51,6 +51,7 @@ class DependencyGraph:
         self._param_layouts = param_layouts
         self._groups, self._fixed = self._find_groups()
         self._by_id = {g.id: g for g in self._groups}
+        self._excluded: dict[str, str] = {}
         self._annotate()
 
     # ---------------------------------------------------------------- groups
@@ -60,9 +61,23 @@ class DependencyGraph:
 
     def group(self, group_id: str) -> Group:
         """The group with this id; ``KeyError`` naming the valid ids' count if unknown."""
+        if group_id in self._excluded:
+            raise KeyError(f"group {group_id!r} was excluded: {self._excluded[group_id]}")
         if group_id not in self._by_id:
             raise KeyError(f"no group {group_id!r} (the graph has {len(self._by_id)} groups)")
         return self._by_id[group_id]
+
+    def exclude(self, reasons: dict[str, str]) -> None:
+        """Take groups out of :meth:`groups` for good, each with its reason (a pruner found
+        that the model's code cannot follow their removal); :meth:`excluded` lists them."""
+        for group_id, reason in reasons.items():
+            self.group(group_id)  # a KeyError for an unknown id
+            self._excluded[group_id] = reason
+        self._groups = [g for g in self._groups if g.id not in self._excluded]
+
+    def excluded(self) -> dict[str, str]:
+        """``{group id: reason}`` of the groups taken out by :meth:`exclude`."""
+        return dict(self._excluded)
 
     def fixed(self) -> list[dict]:
         """Parameter dims that no group may shrink, each with the reasons."""
@@ -166,7 +181,7 @@ class DependencyGraph:
 
     def to_dict(self) -> dict:
         return {"model": self.model_name, "groups": [g.to_dict() for g in self._groups],
-                "fixed": self._fixed, "summary": self.summary()}
+                "fixed": self._fixed, "excluded": self.excluded(), "summary": self.summary()}
 
     def write_json(self, path: str | Path) -> None:
         data = self.to_dict()

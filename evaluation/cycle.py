@@ -14,7 +14,9 @@ everything that can be checked exactly:
 3. a *uniform* plan (every block loses as many units of each kind): where the config
    describes the pruned model, plain ``AutoModelForCausalLM.from_pretrained`` reloads it.
 
-:func:`cycle_row` runs it on a model type's tiny config and sorts the outcome into
+:func:`cycle_row` runs it on a model type's tiny config, after
+:func:`pruning.probe.exclude_unprunable` has taken out the groups whose removal the model's
+code cannot follow (as ``prune`` does), and sorts the outcome into
 ``pass`` / ``refused`` (the tool said why, in one line) / ``unconstructible`` (the tiny
 config or its dense forward fails in transformers itself) / ``FAIL`` (a crash or a silent
 mismatch). ``benchmarks/coverage.py`` runs it over every causal-LM type of transformers.
@@ -34,6 +36,7 @@ from torch import nn
 from depgraph import DepGraphError, RuleError, build_graph
 from pruning import apply_plan, load_pruned, plan_slices, save_pruned, zero_plan
 from pruning.apply import library_class
+from pruning.probe import exclude_unprunable
 
 from .tiny_config import build_tiny_model, tiny_config
 
@@ -237,11 +240,19 @@ def cycle_row(model_type: str, seed: int = 0) -> CycleRow:
         return CycleRow(model_type, "refused", _one_line(error))
     except Exception as error:  # noqa: BLE001 - anything else is a crash
         return CycleRow(model_type, "FAIL", f"{type(error).__name__}: {_one_line(error)}")
+    try:  # groups whose removal the model's code cannot follow are not offered (a reason each)
+        excluded = exclude_unprunable(model, graph)
+    except Exception as error:  # noqa: BLE001 - a crash of the probe is a failure to fix
+        return CycleRow(model_type, "FAIL", f"probe: {type(error).__name__}: {_one_line(error)}")
+    if not graph.groups() and excluded:
+        return CycleRow(model_type, "refused", next(iter(excluded.values())))
     try:  # from here on, the tool offered these groups: a refusal to prune them is a failure
         done = check_cycle(model, seed=seed, graph=graph)
     except Exception as error:  # noqa: BLE001 - every other outcome is a failure to fix
         return CycleRow(model_type, "FAIL", f"{type(error).__name__}: {_one_line(error)}")
     groups = ", ".join(f"{k} {v}" for k, v in sorted(done["groups"].items()))
+    if excluded:
+        groups += f" ({len(excluded)} excluded by the probe)"
     if not done["groups"]:
         return CycleRow(model_type, "refused", "no prunable group (every channel is fixed)")
     return CycleRow(model_type, "pass", "", groups)

@@ -53,6 +53,9 @@ def plan_slices(graph: DependencyGraph, plan: dict[str, list[int]]) -> dict[tupl
         try:
             group = graph.group(group_id)
         except KeyError:
+            if group_id in graph.excluded():
+                raise PlanError(f"group {group_id!r} in plan was excluded: "
+                                f"{graph.excluded()[group_id]}") from None
             raise PlanError(f"unknown group {group_id!r} in plan (expected one of the "
                             f"{len(graph.groups())} ids of graph.groups())") from None
         unique = {int(u) for u in units}

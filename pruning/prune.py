@@ -31,6 +31,7 @@ from depgraph import DependencyGraph, Group, Kind, build_graph
 from .apply import apply_plan
 from .calibration import calibration_tokens
 from .importance import ScoringContext, get_importance, score_groups
+from .probe import exclude_unprunable
 from .selection import RANKINGS, parse_layers, select_plan
 
 __all__ = ["prune", "PruneResult", "PruneSettings", "KIND_ALIASES", "expand_kinds",
@@ -122,8 +123,13 @@ def kept_widths(graph: DependencyGraph, plan: dict) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------ the steps
-def eligible_groups(graph: DependencyGraph, settings: PruneSettings) -> list[Group]:
-    """The groups ``settings`` lets shrink (kinds and blocks); ValueError if none."""
+def eligible_groups(graph: DependencyGraph, settings: PruneSettings,
+                    model: nn.Module | None = None) -> list[Group]:
+    """The groups ``settings`` lets shrink (kinds and blocks); ValueError if none. With
+    ``model``, groups whose removal its code cannot follow are first excluded from ``graph``
+    (:func:`pruning.probe.exclude_unprunable`, once per graph)."""
+    if model is not None:
+        exclude_unprunable(model, graph)
     blocks = sorted({g.layer for g in graph.groups() if g.layer is not None})
     layer_range = parse_layers(settings.layers, len(blocks)) if settings.layers else None
     eligible = [g for g in graph.groups() if g.kind in settings.kinds
@@ -198,7 +204,7 @@ def prune(model: nn.Module, ratio: float | None = None, importance: str | None =
     settings = settings_from(settings, **options)
     start = time.perf_counter()
     graph = graph or build_graph(model)
-    groups = eligible_groups(graph, settings)
+    groups = eligible_groups(graph, settings, model)
     total = sum(p.numel() for p in model.parameters())
     scores, score_stats = score(model, graph, groups, settings, tokenizer=tokenizer,
                                 tokens=tokens, progress=progress)

@@ -267,7 +267,7 @@ def prune_and_reconstruct(model: nn.Module, ratio: float | None = None,
     recon = sequential_settings(reconstruct)  # fail before any work
     start = time.perf_counter()
     graph = graph or build_graph(model)
-    groups = eligible_groups(graph, settings)
+    groups = eligible_groups(graph, settings, model)
     total = sum(p.numel() for p in model.parameters())
     if get_importance(settings.importance)[1] and tokens is None:
         tokens = calibration_for(model, settings, tokenizer)

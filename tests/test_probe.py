@@ -1,0 +1,67 @@
+"""Groups whose removal the model's own code cannot follow are not offered to any pruner."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from archs import tiny_model
+
+from depgraph import Kind, PlanError, build_graph
+from evaluation.cycle import tiny_dense_model
+from pruning import apply_plan, prune
+from pruning.probe import exclude_unprunable, probe_plan
+from pruning.prune import PruneSettings, eligible_groups
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def trocr():
+    """TrOCR's attention reshapes its output to the size of its *input*: no head can go
+    while the hidden size stays, whatever the attributes say."""
+    model = tiny_dense_model("trocr")
+    graph = build_graph(model)
+    heads = [g.id for g in graph.groups() if g.kind == Kind.ATTENTION_HEAD]
+    return model, graph, heads, exclude_unprunable(model, graph)
+
+
+def test_heads_that_the_code_cannot_follow_are_excluded_with_a_reason(trocr):
+    trocr, graph, heads, excluded = trocr
+    assert heads
+    assert set(heads) <= set(excluded)
+    assert all("cannot follow" in excluded[h] for h in heads)
+    assert not any(g.kind == Kind.ATTENTION_HEAD for g in graph.groups())
+    assert graph.excluded() == excluded
+    assert any(g.kind == Kind.MLP for g in graph.groups())  # the MLPs still prune
+    with pytest.raises(PlanError, match="excluded"):
+        apply_plan(trocr, {heads[0]: [0]}, graph)
+
+
+def test_prune_uses_only_what_the_probe_kept(trocr):
+    model, graph, _, _ = trocr
+    result = prune(copy.deepcopy(model), ratio=0.1, importance="l2", kinds=("mlp", "attention"),
+                   graph=graph)
+    assert result.plan and all("self_attn" not in gid for gid in result.plan)
+    with torch.no_grad():
+        assert torch.isfinite(result.model(torch.zeros(1, 5, dtype=torch.long)).logits).all()
+
+
+def test_a_family_the_code_follows_loses_nothing():
+    model = tiny_model("qwen3")
+    graph = build_graph(model)
+    before = [g.id for g in graph.groups()]
+    assert exclude_unprunable(model, graph) == {}
+    assert [g.id for g in graph.groups()] == before
+    settings = PruneSettings(kinds=("mlp",))
+    assert [g.id for g in eligible_groups(graph, settings, model)] == \
+        [g.id for g in graph.groups() if g.kind == Kind.MLP]
+
+
+def test_the_probe_removes_what_each_group_allows():
+    graph = build_graph(tiny_model("mixtral"))
+    plan = probe_plan(graph.groups())
+    for group in graph.groups():
+        kept = group.num_units - len(plan[group.id])
+        assert group.allows(kept) and kept < group.num_units
