@@ -10,6 +10,7 @@ Each type runs in its own interpreter (a crash or a hang costs one row, not the 
 
     python benchmarks/coverage.py --jobs 2 --json out/coverage.json > coverage.md
     python benchmarks/coverage.py --types llama,gpt2,mixtral      # a few types
+    python benchmarks/coverage.py --json out/coverage.json --resume  # go on after a stop
 """
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ def markdown(rows: list[dict]) -> str:
     counts = Counter(r["status"] for r in rows)
     attention = [r for r in rows if r["attention"]]
     passed = sum(r["status"] == "pass" for r in attention)
+    built = [r for r in attention if r["status"] != "unconstructible"]
     lines += ["", "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
               + f" (of {len(rows)} types).",
               f"Decoder-only attention families: {passed} of {len(attention)} pass "
-              f"({100 * passed / max(1, len(attention)):.1f}%)."]
+              f"({100 * passed / max(1, len(attention)):.1f}%); of the {len(built)} whose tiny "
+              f"model transformers builds and runs, {100 * passed / max(1, len(built)):.1f}%."]
     return "\n".join(lines)
 
 
@@ -105,22 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1200)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="the rows, rewritten after each one")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --json and run only the other types")
     args = parser.parse_args(argv)
     types = args.types.split(",") if args.types else all_types()
-    rows = []
+    kept = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else []
+    done = {row["model_type"]: row for row in kept if row["model_type"] in types}
+    todo = [t for t in types if t not in done]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {t: pool.submit(_run_one, t, args.seed, args.timeout, args.threads) for t in types}
-        for model_type in types:
+        futures = {t: pool.submit(_run_one, t, args.seed, args.timeout, args.threads) for t in todo}
+        for model_type in todo:
             row = futures[model_type].result()
             row["attention"] = attention_family(model_type)
             print(f"{model_type}: {row['status']} {row.get('reason') or row.get('groups')} "
                   f"({row['seconds']} s)", file=sys.stderr, flush=True)
-            rows.append(row)
-    print(markdown(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+            done[model_type] = row
+            if args.json:  # an interrupted sweep keeps what it finished (--resume goes on)
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps([done[t] for t in types if t in done], indent=1))
+    print(markdown([done[t] for t in types]))
     return 0
 
 
