@@ -169,14 +169,26 @@ def _score_pass(run: _Run, graph, by_block: dict, settings: PruneSettings, token
     return scores, stats
 
 
+def check_names(model: nn.Module, checkpoint: LazyCheckpoint) -> None:
+    """The checkpoint stores every parameter under one of its names, and nothing else."""
+    aliases = parameter_aliases(model)
+    missing = [name for name, names in aliases.items()
+               if name == names[0] and not any(n in checkpoint.files for n in names)]
+    if missing:
+        raise ValueError(f"{str(checkpoint.folder)!r} lacks {len(missing)} parameter(s) under the "
+                         f"model's names, e.g. {missing[0]!r} (transformers converts some "
+                         "layouts, e.g. per-expert MoE weights, while loading); streaming reads "
+                         "tensors by the model's own names: prune this model in memory")
+    buffers = {name for name, _ in model.named_buffers()}
+    unknown = [key for key in checkpoint.keys() if key not in aliases and key not in buffers]
+    if unknown:
+        raise ValueError(f"{str(checkpoint.folder)!r} holds {len(unknown)} tensor(s) the "
+                         f"model does not create, e.g. {unknown[:3]}; prune it in memory")
+
+
 def _output_layout(run: _Run, drops: dict) -> list[list[tuple[str, torch.dtype, tuple]]]:
     """Shards (outside the blocks first, then one per block) of (key, dtype, pruned shape)."""
     aliases = parameter_aliases(run.model)
-    buffers = {name for name, _ in run.model.named_buffers()}
-    unknown = [key for key in run.checkpoint.keys() if key not in aliases and key not in buffers]
-    if unknown:
-        raise ValueError(f"{str(run.checkpoint.folder)!r} holds {len(unknown)} tensor(s) the "
-                         f"model does not create, e.g. {unknown[:3]}; load it in memory instead")
     shards: list[list] = [[] for _ in range(run.count + 1)]
     prefix = f"{run.path}."
     for key in run.checkpoint.keys():
@@ -252,6 +264,7 @@ def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings 
         raise ValueError(f"output {str(out)!r} lies in the input model folder {str(source)!r}")
     checkpoint = LazyCheckpoint(source)
     model = skeleton_model(source, checkpoint.dtype())
+    check_names(model, checkpoint)
     graph = build_graph(model)
     groups = eligible_groups(graph, settings)
     by_block = _check_groups(groups)
