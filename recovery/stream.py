@@ -245,12 +245,13 @@ def _finish(run: _Run, source: Path, tokenizer, extra: dict) -> None:
 
 def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings | None = None, *,
                    tokenizer=None, tokens: torch.Tensor | None = None, device: str = "cpu",
-                   overwrite: bool = False, extra: dict | None = None,
+                   dtype: torch.dtype | None = None, overwrite: bool = False, extra: dict | None = None,
                    on_block: BlockCallback | None = None) -> StreamResult:
     """Prune the model in folder ``source`` into folder ``out`` block by block (module doc).
 
     ``settings`` as for :func:`pruning.prune`; ``tokens`` (rows × seq_len ids) replaces
-    sampling the calibration text with ``tokenizer``; ``device`` runs each block there;
+    sampling the calibration text with ``tokenizer``; ``device`` runs each block there, in
+    ``dtype`` (default: the checkpoint's; the written weights keep the checkpoint's dtype);
     ``on_block(phase, index, blocks)`` is called after each block of the ``"score"`` and
     ``"write"`` passes (progress). ``FileExistsError`` if ``out`` exists and not ``overwrite``.
     """
@@ -263,7 +264,8 @@ def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings 
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
         raise ValueError(f"output {str(out)!r} lies in the input model folder {str(source)!r}")
     checkpoint = LazyCheckpoint(source)
-    model = skeleton_model(source, checkpoint.dtype())
+    stored = checkpoint.dtype()
+    model = skeleton_model(source, dtype or stored)
     check_names(model, checkpoint)
     graph = build_graph(model)
     groups = eligible_groups(graph, settings)
@@ -271,7 +273,7 @@ def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings 
     if get_importance(settings.importance)[1] and tokens is None:
         tokens = calibration_for(model, settings, tokenizer)
     path, blocks = find_blocks(model)
-    partial = PartialFolder(out, run_key(source, checkpoint, settings, tokens))
+    partial = PartialFolder(out, run_key(source, checkpoint, settings, tokens, dtype or stored))
     run = _Run(model, checkpoint, path, len(blocks), torch.device(device), partial, on_block)
     resumed = {"scored": partial.state["scored"], "written": len(partial.state["written"])}
     total = sum(p.numel() for p in model.parameters())
@@ -287,8 +289,9 @@ def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings 
     stats = {"criterion": settings.importance, "ratio_requested": settings.ratio,
              "params_before": total, "params_after": after, "ratio_removed": 1 - after / total,
              "kept_widths": kept_widths(graph, plan), "streamed": True, "blocks": len(blocks),
-             "resumed": resumed, "calibration": None if tokens is None else list(tokens.shape),
+             "resumed": resumed, "compute_dtype": str(dtype or stored), "calibration": None if tokens is None else list(tokens.shape),
              **score_stats, "total_seconds": round(time.perf_counter() - start, 3)}
+    model.config.dtype = stored  # the weights are written as stored, whatever ran them
     _finish(run, source, tokenizer, {**{k: v for k, v in stats.items() if k != "kept_widths"},
                                      **(extra or {})})
     partial.complete(out)

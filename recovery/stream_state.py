@@ -6,7 +6,7 @@ the shards written), each scored block's scores and the calibration activations 
 last scored block. Every file is written under a temporary name and renamed, and the state
 is updated only after the file it counts, so a run killed at any instant resumes from the
 last block it finished. The key (:func:`run_key`) covers the input weights (names, sizes and
-modification times of the files), the settings and the calibration tokens: a run with other
+modification times of the files), the settings, the compute dtype and the calibration tokens: a run with other
 inputs clears the folder and starts afresh.
 """
 
@@ -29,14 +29,15 @@ WORK = "_stream"
 VERSION = 1
 
 
-def run_key(source: Path, checkpoint, settings, tokens: torch.Tensor | None) -> str:
+def run_key(source: Path, checkpoint, settings, tokens: torch.Tensor | None, dtype) -> str:
     """A digest of everything that decides a streamed run's result (see the module doc)."""
     digest = hashlib.sha256()
     files = sorted(set(checkpoint.files.values()))
     stamp = [(name, (source / name).stat().st_size, (source / name).stat().st_mtime_ns)
              for name in files]
     config = (source / "config.json").read_bytes()
-    digest.update(json.dumps([VERSION, str(source.resolve()), stamp, repr(settings)]).encode())
+    digest.update(json.dumps([VERSION, str(source.resolve()), stamp, repr(settings),
+                              str(dtype)]).encode())
     digest.update(config)
     if tokens is not None:
         digest.update(tokens.to(torch.int64).contiguous().numpy().tobytes())

@@ -69,6 +69,20 @@ def test_streamed_equals_in_memory(arch, tied, importance, tmp_path):
     assert _digest(source) == before  # the input folder is never touched
 
 
+def test_a_bf16_checkpoint_computed_in_float32_is_written_in_bf16(tmp_path):
+    source = _saved("llama", tmp_path, dtype=torch.bfloat16)
+    settings = PruneSettings(ratio=0.2, importance="second_moment")
+    memory = prune(load_pruned(source, dtype=torch.float32), settings=settings, tokens=TOKENS)
+    streamed = prune_streamed(source, tmp_path / "out", settings, tokens=TOKENS,
+                              dtype=torch.float32)
+    assert streamed.plan == memory.plan
+    reloaded = load_pruned(tmp_path / "out")
+    assert reloaded.dtype == torch.bfloat16
+    expected = {n: t.to(torch.bfloat16) for n, t in memory.model.state_dict().items()}
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
 def test_a_sharded_bf16_checkpoint_streams_and_keeps_its_dtype(tmp_path):
     source = _saved("llama", tmp_path, dtype=torch.bfloat16, max_shard_size="20KB")
     assert (source / "model.safetensors.index.json").is_file()
