@@ -116,9 +116,6 @@ def _check_stream(args: argparse.Namespace, source) -> None:
     if not isinstance(source, Path):
         raise ValueError(f"--stream reads a local model folder; {args.model!r} is a hub id "
                          "(download it first, e.g. with huggingface-cli download)")
-    if args.reconstruct:
-        raise ValueError("--stream does not reconstruct yet; prune with --stream, then "
-                         "run `depgraph recover` on a model that fits, or drop --reconstruct")
     check_streamable(_settings(args))
 
 
@@ -170,7 +167,8 @@ def _run_streamed(args: argparse.Namespace, source: Path) -> int:
 
     dtype = compute_dtype(args.device)
     result = prune_streamed(source, args.out, _settings(args), tokenizer=tokenizer,
-                            device=args.device, dtype=dtype, overwrite=args.overwrite, on_block=BlockProgress(),
+                            device=args.device, dtype=dtype, reconstruct=args.reconstruct,
+                            recon_samples=args.recon_samples, overwrite=args.overwrite, on_block=BlockProgress(),
                             extra=stats)
     stats = {**result.stats, **stats}
     if args.json:

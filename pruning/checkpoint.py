@@ -133,12 +133,14 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 @contextmanager
 def materialized(model: nn.Module, names: Iterable[str], checkpoint: LazyCheckpoint,
-                 device: str | torch.device = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+                 device: str | torch.device = "cpu", writable: bool = False
+                 ) -> Iterator[dict[str, torch.Tensor]]:
     """Parameters ``names`` of ``model`` hold the checkpoint's values inside the block.
 
     Each meta parameter is swapped for a real one (under every name a tied parameter has,
     read under whichever of them the checkpoint holds) and put back afterwards, so the real
-    tensors are freed when the block ends. Yields ``{name: tensor}`` as loaded.
+    tensors are freed when the block ends. Yields ``{name: parameter}``. The values may
+    share the read-only file mapping unless ``writable`` (then they are copies).
     """
     aliases = parameter_aliases(model)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -158,7 +160,10 @@ def materialized(model: nn.Module, names: Iterable[str], checkpoint: LazyCheckpo
             if tuple(value.shape) != tuple(original.shape):
                 raise ValueError(f"weight {key!r} of {str(checkpoint.folder)!r} has shape "
                                  f"{tuple(value.shape)}, the model expects {tuple(original.shape)}")
-            real = nn.Parameter(value.to(device=device, dtype=original.dtype), requires_grad=False)
+            moved = value.to(device=device, dtype=original.dtype)
+            if writable and moved.data_ptr() == value.data_ptr():
+                moved = moved.clone()
+            real = nn.Parameter(moved, requires_grad=False)
             for alias in aliases[name]:
                 owner, _, attr = alias.rpartition(".")
                 module = model.get_submodule(owner) if owner else model

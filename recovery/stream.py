@@ -18,7 +18,10 @@ model held as a skeleton whose parameters live on ``meta``
    whatever :func:`pruning.select` offers), and apply the plan to the meta skeleton, which
    solves the config and records the plan for :func:`pruning.load_pruned`;
 4. **writing pass**, block after block: read the block's tensors, cut them as the plan says
-   (the slices :func:`pruning.apply_plan` cuts), write them as one shard.
+   (the slices :func:`pruning.apply_plan` cuts), write them as one shard. With
+   ``reconstruct``, the pass is instead :func:`recovery.prune_and_reconstruct`'s sequential
+   pass (:func:`recovery.sequential.prune_block`: refit, re-score, choose the counts the
+   selection gave, refit) on each loaded block, which is then written from its refit weights.
 
 The output is a normal folder: sharded safetensors with an index, config, ``pruning.json``,
 the tokenizer. It is built in ``.<out>.partial`` beside ``out`` and renamed to ``out`` when
@@ -29,8 +32,8 @@ computes on it), the calibration activations and the largest tensor outside the 
 
 Refused, each with a one-line reason: criteria that differentiate the loss (Taylor: a
 backward pass through the whole model), head similarity (attention maps of the whole model),
-self-generated calibration, and groups outside the blocks (the hidden stream couples every
-block and the embeddings).
+self-generated calibration, groups outside the blocks (the hidden stream couples every block
+and the embeddings), and checkpoints whose tensors are not stored under the model's names.
 """
 
 from __future__ import annotations
@@ -60,6 +63,15 @@ from pruning.prune import (
 from pruning.shards import shard_name, write_index, write_shard
 
 from .blocks import find_blocks, run_block
+from .reconstruct import check_tokens
+from .sequential import (
+    SequentialSettings,
+    Stream,
+    check_sequential_groups,
+    prune_block,
+    sequential_settings,
+    sequential_stats,
+)
 from .stream_inputs import block_parameter_names, capture_streamed
 from .stream_state import PartialFolder, run_key
 
@@ -164,7 +176,7 @@ def _score_pass(run: _Run, graph, by_block: dict, settings: PruneSettings, token
                 states = [run_block(block, s, call[index])
                           for s, call in zip(states, calls, strict=True)]
         scores.update(block_scores)
-        run.partial.save_block_scores(index, block_scores, states)
+        run.partial.save_scored(index, block_scores, states)
         run.report("score", index)
     return scores, stats
 
@@ -203,10 +215,24 @@ def _output_layout(run: _Run, drops: dict) -> list[list[tuple[str, torch.dtype, 
     return shards
 
 
-def _write_pass(run: _Run, drops: dict) -> None:
-    """One shard for everything outside the blocks, then one per block, each cut by ``drops``."""
+def _shard_writer(run: _Run, drops: dict, read) -> callable:
+    """``produce(key)`` for :func:`write_shard`: ``read(key)`` cut by ``drops``, stored dtype."""
     aliases = parameter_aliases(run.model)
+
+    def produce(key):
+        canonical = aliases[key][0] if key in aliases else key
+        tensor = read(key, canonical).to(run.checkpoint.meta[key][0])
+        dims = {dim: ids for (param, dim), ids in drops.items() if param == canonical}
+        return cut(tensor, dims) if dims else tensor
+
+    return produce
+
+
+def _write_pass(run: _Run, drops: dict) -> None:
+    """One shard for everything outside the blocks, then one per block, each cut by ``drops``
+    (shards already written are kept), and the index."""
     shards = _output_layout(run, drops)
+    produce = _shard_writer(run, drops, lambda key, _name: run.checkpoint.read([key])[key])
     weight_map, total = {}, 0
     for index, entries in enumerate(shards):
         name = shard_name(index, len(shards))
@@ -215,18 +241,57 @@ def _write_pass(run: _Run, drops: dict) -> None:
                      for _, d, s in entries)
         if index in run.partial.state["written"]:
             continue
-
-        def produce(key, aliases=aliases):
-            tensor = run.checkpoint.read([key])[key]
-            canonical = aliases[key][0] if key in aliases else key
-            dims = {dim: ids for (param, dim), ids in drops.items() if param == canonical}
-            return cut(tensor, dims) if dims else tensor
-
         write_shard(run.partial.folder / name, entries, produce)
         run.partial.mark_written(index)
         if index > 0:
             run.report("write", index - 1)
     write_index(run.partial.folder, weight_map, total)
+
+
+def _sequential_pass(run: _Run, graph, counts: dict, settings: PruneSettings,
+                     recon: SequentialSettings, tokens, recon_tokens) -> tuple[dict, dict, dict]:
+    """:func:`recovery.prune_block` on each block in turn, each written as soon as it is
+    pruned and refit (from its refit weights): the plan, the scores and the stats."""
+    start = time.perf_counter()
+    by_block = check_sequential_groups(graph, counts)
+
+    def capture(ids):
+        return Stream(*capture_streamed(run.model, run.path, run.checkpoint, ids, run.device,
+                                        recon.batch_size))
+
+    stream = capture(check_tokens(recon_tokens))
+    scoring = None if tokens is None else capture(check_tokens(tokens))
+    done = {"plan": {}, "scores": {}, "report": [], "dense": list(stream.states)}
+    first = next((i for i in range(run.count) if i + 1 not in run.partial.state["written"]),
+                 run.count)
+    if first > 0:
+        done = run.partial.load_sequential(first - 1)
+        stream.states = [s.to(run.device) for s in done["recon"]]
+        done["dense"] = [s.to(run.device) for s in done["dense"]]
+        if scoring is not None:
+            scoring.states = [s.to(run.device) for s in done["scoring"]]
+    context = {"aggregation": settings.aggregation, "seed": settings.seed,
+               "options": dict(settings.options)}
+    for index in range(first, run.count):
+        with materialized(run.model, run.block_names(index), run.checkpoint, run.device,
+                          writable=True) as params:
+            local, block_scores, layers, done["dense"] = prune_block(
+                run.model, graph, run.path, index, by_block.get(index, []), counts,
+                settings.importance, tokens, stream, done["dense"], scoring, recon, context)
+            drops = plan_slices(graph, local)
+            entries = _output_layout(run, drops)[index + 1]
+            write_shard(run.partial.folder / shard_name(index + 1, run.count + 1), entries,
+                        _shard_writer(run, drops, lambda _key, name: params[name].data))
+        done["plan"].update(local)
+        done["scores"].update(block_scores)
+        done["report"].append({"block": index, "layers": layers})
+        run.partial.save_sequential(index, {
+            **done, "recon": [s.cpu() for s in stream.states],
+            "dense": [s.cpu() for s in done["dense"]],
+            "scoring": None if scoring is None else [s.cpu() for s in scoring.states]})
+        run.report("block", index)
+    stats = sequential_stats(recon, recon_tokens, start, done["report"])
+    return done["plan"], done["scores"], {k: v for k, v in stats.items() if k != "blocks"}
 
 
 def _finish(run: _Run, source: Path, tokenizer, extra: dict) -> None:
@@ -245,19 +310,25 @@ def _finish(run: _Run, source: Path, tokenizer, extra: dict) -> None:
 
 def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings | None = None, *,
                    tokenizer=None, tokens: torch.Tensor | None = None, device: str = "cpu",
-                   dtype: torch.dtype | None = None, overwrite: bool = False, extra: dict | None = None,
+                   dtype: torch.dtype | None = None, overwrite: bool = False,
+                   reconstruct: str | SequentialSettings | None = None, recon_samples: int = 32,
+                   recon_tokens: torch.Tensor | None = None, extra: dict | None = None,
                    on_block: BlockCallback | None = None) -> StreamResult:
     """Prune the model in folder ``source`` into folder ``out`` block by block (module doc).
 
     ``settings`` as for :func:`pruning.prune`; ``tokens`` (rows × seq_len ids) replaces
     sampling the calibration text with ``tokenizer``; ``device`` runs each block there, in
     ``dtype`` (default: the checkpoint's; the written weights keep the checkpoint's dtype);
-    ``on_block(phase, index, blocks)`` is called after each block of the ``"score"`` and
-    ``"write"`` passes (progress). ``FileExistsError`` if ``out`` exists and not ``overwrite``.
+    ``reconstruct`` (``"pre"``, ``"post"``, ``"both"`` or a :class:`SequentialSettings`)
+    refits while pruning on ``recon_tokens`` (or ``recon_samples`` calibration windows), as
+    :func:`recovery.prune_and_reconstruct`. ``on_block(phase, index, blocks)`` is called after
+    each block of the ``"score"`` pass and of the ``"write"`` (or, reconstructing, ``"block"``)
+    pass, for progress. ``FileExistsError`` if ``out`` exists and not ``overwrite``.
     """
     start = time.perf_counter()
     settings = settings or PruneSettings()
     check_streamable(settings)
+    recon = None if reconstruct is None else sequential_settings(reconstruct)
     source, out = Path(source), Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {str(out)!r} exists; pass overwrite=True to replace it")
@@ -273,7 +344,10 @@ def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings 
     if get_importance(settings.importance)[1] and tokens is None:
         tokens = calibration_for(model, settings, tokenizer)
     path, blocks = find_blocks(model)
-    partial = PartialFolder(out, run_key(source, checkpoint, settings, tokens, dtype or stored))
+    if recon is not None and recon_tokens is None:
+        recon_tokens = calibration_for(model, settings, tokenizer, n_samples=recon_samples)
+    partial = PartialFolder(out, run_key(source, checkpoint, settings, tokens, dtype or stored,
+                                         (recon, recon_tokens)))
     run = _Run(model, checkpoint, path, len(blocks), torch.device(device), partial, on_block)
     resumed = {"scored": partial.state["scored"], "written": len(partial.state["written"])}
     total = sum(p.numel() for p in model.parameters())
@@ -282,9 +356,13 @@ def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings 
     else:
         scores, score_stats = _score_pass(run, graph, by_block, settings, tokens)
     plan = select(model, groups, scores, settings)
-    drops = plan_slices(graph, plan)
+    if recon is not None:  # which units: re-chosen block by block on refit weights
+        counts = {group_id: len(units) for group_id, units in plan.items()}
+        plan, block_scores, score_stats["reconstruction"] = _sequential_pass(
+            run, graph, counts, settings, recon, tokens, recon_tokens)
+        scores = {**scores, **block_scores}
     apply_plan(model, plan, graph)  # on meta: shapes, config and the plan record
-    _write_pass(run, drops)
+    _write_pass(run, plan_slices(graph, plan))
     after = sum(p.numel() for p in model.parameters())
     stats = {"criterion": settings.importance, "ratio_requested": settings.ratio,
              "params_before": total, "params_after": after, "ratio_removed": 1 - after / total,

@@ -11,8 +11,9 @@ model's parameters live on ``meta`` (:func:`pruning.checkpoint.skeleton_model`):
   call — rotary tables, masks of its attention type, positions — each block receives, as
   :func:`recovery.blocks.capture_calls` does for a model in memory.
 
-Rows are captured one at a time, as :meth:`pruning.importance.ScoringContext.run_forward`
-runs them, so the activations block after block are bit-identical to the in-memory pass.
+Rows are captured in the batches the in-memory pass uses (one at a time for scoring, as
+:meth:`pruning.importance.ScoringContext.run_forward` runs them; the reconstruction's batches
+for it), so the activations block after block are bit-identical to the in-memory pass.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from pruning.checkpoint import LazyCheckpoint, materialized
 
-from .blocks import BlockCall, capture_calls
+from .blocks import BlockCall, batches, capture_calls
 
 __all__ = ["capture_streamed", "block_parameter_names", "to_device"]
 
@@ -111,12 +112,12 @@ def _call(block: nn.Module, hidden: torch.Tensor, call: BlockCall):
 
 
 def capture_streamed(model: nn.Module, path: str, checkpoint: LazyCheckpoint,
-                     tokens: torch.Tensor, device="cpu"
+                     tokens: torch.Tensor, device="cpu", batch_size: int = 1
                      ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
-    """Block-0 hidden states per calibration row, and each block's call per row
-    (``[row][block]``), all on ``device`` (see the module doc)."""
+    """Block-0 hidden states per batch of ``batch_size`` calibration rows, and each block's
+    call per batch (``[batch][block]``), all on ``device`` (see the module doc)."""
     blocks = list(model.get_submodule(path))
-    rows = [tokens[i:i + 1] for i in range(tokens.shape[0])]
+    rows = batches(tokens, batch_size)
     with torch.no_grad(), _outside_loaded_on_call(model, path, checkpoint, "cpu"):
         first_states, first_calls = capture_calls(model, blocks[:1], rows[:1], "cpu")
         with materialized(model, block_parameter_names(model, path, 0), checkpoint, "cpu"):

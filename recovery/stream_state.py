@@ -3,9 +3,11 @@
 ``.<out name>.partial`` beside ``out`` holds the shards written so far and, under
 ``_stream/``, what resuming needs: ``state.json`` (the run's key, the number of blocks scored,
 the shards written), each scored block's scores and the calibration activations after the
-last scored block. Every file is written under a temporary name and renamed, and the state
-is updated only after the file it counts, so a run killed at any instant resumes from the
-last block it finished. The key (:func:`run_key`) covers the input weights (names, sizes and
+last scored block (with reconstruction: the plan, scores and activations after the last
+block written). Every file is written under a temporary name and renamed, files are named by
+the block they follow, and the state is updated only after the file it counts (the previous
+one is deleted only then), so a run killed at any instant resumes from the last block it
+finished. The key (:func:`run_key`) covers the input weights (names, sizes and
 modification times of the files), the settings, the compute dtype and the calibration tokens: a run with other
 inputs clears the folder and starts afresh.
 """
@@ -29,7 +31,8 @@ WORK = "_stream"
 VERSION = 1
 
 
-def run_key(source: Path, checkpoint, settings, tokens: torch.Tensor | None, dtype) -> str:
+def run_key(source: Path, checkpoint, settings, tokens: torch.Tensor | None, dtype,
+            extra: tuple = ()) -> str:
     """A digest of everything that decides a streamed run's result (see the module doc)."""
     digest = hashlib.sha256()
     files = sorted(set(checkpoint.files.values()))
@@ -39,8 +42,11 @@ def run_key(source: Path, checkpoint, settings, tokens: torch.Tensor | None, dty
     digest.update(json.dumps([VERSION, str(source.resolve()), stamp, repr(settings),
                               str(dtype)]).encode())
     digest.update(config)
-    if tokens is not None:
-        digest.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
+    for value in (tokens, *extra):
+        if isinstance(value, torch.Tensor):
+            digest.update(value.to(torch.int64).contiguous().numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
     return digest.hexdigest()
 
 
@@ -73,18 +79,17 @@ class PartialFolder:
     def _save_state(self) -> None:
         _replace_json(self.work / "state.json", self.state)
 
-    def save_block_scores(self, index: int, scores: dict, states: list | None) -> None:
+    def save_scored(self, index: int, scores: dict, states: list | None) -> None:
         """Scores of block ``index`` and the activations after it; then count it scored."""
         if scores:
             tmp = self.work / f".scores-{index}.tmp.npz"
             np.savez(tmp, **{key: np.asarray(value) for key, value in scores.items()})
             os.replace(tmp, self.work / f"scores-{index}.npz")
         if states is not None:
-            tmp = self.work / ".states.tmp"
-            torch.save([s.cpu() for s in states], tmp)
-            os.replace(tmp, self.work / "states.pt")
+            self._save_tensors(f"states-{index}.pt", [s.cpu() for s in states])
         self.state["scored"] = index + 1
         self._save_state()
+        (self.work / f"states-{index - 1}.pt").unlink(missing_ok=True)
 
     def load_scores(self) -> dict[str, np.ndarray]:
         scores = {}
@@ -96,7 +101,24 @@ class PartialFolder:
         return scores
 
     def load_states(self, device) -> list[torch.Tensor]:
-        return [s.to(device) for s in torch.load(self.work / "states.pt", weights_only=True)]
+        """The activations after the last scored block."""
+        states = torch.load(self.work / f"states-{self.state['scored'] - 1}.pt", weights_only=True)
+        return [s.to(device) for s in states]
+
+    def save_sequential(self, index: int, payload: dict) -> None:
+        """What the sequential pass has after block ``index`` (its shard written): then count
+        the block's shard written."""
+        self._save_tensors(f"sequential-{index}.pt", payload)
+        self.mark_written(index + 1)
+        (self.work / f"sequential-{index - 1}.pt").unlink(missing_ok=True)
+
+    def load_sequential(self, index: int) -> dict:
+        return torch.load(self.work / f"sequential-{index}.pt", weights_only=False)
+
+    def _save_tensors(self, name: str, value) -> None:
+        tmp = self.work / f".{name}.tmp"
+        torch.save(value, tmp)
+        os.replace(tmp, self.work / name)
 
     def mark_written(self, shard: int) -> None:
         self.state["written"] = sorted({*self.state["written"], shard})

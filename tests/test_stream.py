@@ -184,3 +184,47 @@ def test_write_shard_is_read_back_by_safetensors(tmp_path):
     with pytest.raises(ValueError, match="expected torch.float32"):
         write_shard(tmp_path / "y.safetensors", [("a", torch.float32, (3, 5))], tensors.__getitem__)
     assert not list(tmp_path.glob("*y.safetensors*"))
+
+
+RECON = torch.randint(0, 61, (10, 12), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("arch,mode", [("llama", "both"), ("gpt2", "post")])
+def test_streamed_reconstruction_equals_prune_and_reconstruct(arch, mode, tmp_path):
+    from recovery import prune_and_reconstruct
+
+    source = _saved(arch, tmp_path)
+    settings = PruneSettings(ratio=0.2, importance="second_moment")
+    memory = prune_and_reconstruct(load_pruned(source), settings=settings, reconstruct=mode,
+                                   tokens=TOKENS, recon_tokens=RECON)
+    streamed = prune_streamed(source, tmp_path / "out", settings, tokens=TOKENS,
+                              reconstruct=mode, recon_tokens=RECON)
+    assert streamed.plan == memory.plan
+    assert streamed.stats["reconstruction"]["post"] is (mode != "pre")
+    expected = memory.model.state_dict()
+    for name, tensor in load_pruned(tmp_path / "out").state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_killed_reconstructing_run_resumes(tmp_path):
+    source = _saved("qwen3", tmp_path, layers=3)
+    settings = PruneSettings(ratio=0.3, importance="second_moment")
+    out = tmp_path / "out"
+
+    def kill(step, index, _count):
+        if (step, index) == ("block", 0):
+            raise Killed
+
+    with pytest.raises(Killed):
+        prune_streamed(source, out, settings, tokens=TOKENS, reconstruct="both",
+                       recon_tokens=RECON, on_block=kill)
+    seen = []
+    result = prune_streamed(source, out, settings, tokens=TOKENS, reconstruct="both",
+                            recon_tokens=RECON, on_block=lambda s, i, _c: seen.append((s, i)))
+    assert seen == [("block", 1), ("block", 2)]
+    fresh = prune_streamed(source, tmp_path / "fresh", settings, tokens=TOKENS,
+                           reconstruct="both", recon_tokens=RECON)
+    assert result.plan == fresh.plan
+    fresh_state = load_pruned(tmp_path / "fresh").state_dict()
+    for name, tensor in load_pruned(out).state_dict().items():
+        assert torch.equal(tensor, fresh_state[name]), name
