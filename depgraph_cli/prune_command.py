@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from .argtypes import positive_int, ratio
@@ -41,7 +42,8 @@ def add_prune(subparsers) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="prune a model bigger than memory: read, score, cut and write one "
                              "block at a time from a local safetensors folder (resumable; "
-                             "activation criteria: second_moment, l2, l1, random)")
+                             "activation criteria: second_moment, l2, l1, random); chosen "
+                             "automatically when the weights would not fit")
     parser.add_argument("--device", default="cpu",
                         help="where the model (with --stream: each block) runs, e.g. cuda:0")
     parser.add_argument("--seed", type=int, default=0)
@@ -150,6 +152,49 @@ class BlockProgress:
               f"ETA {int(left // 60)}m{int(left % 60):02d}s", file=sys.stderr, flush=True)
 
 
+def _available_memory() -> int:
+    import psutil  # an accelerate dependency
+
+    return int(psutil.virtual_memory().available)
+
+
+def _weights_in_memory(source: Path, device: str) -> int | None:
+    """Bytes the in-memory command's copy of the weights takes (float32 on the CPU), or None
+    when the folder holds no safetensors to measure."""
+    from pruning.checkpoint import LazyCheckpoint
+
+    from .models import compute_dtype
+
+    try:
+        checkpoint = LazyCheckpoint(source)
+    except ValueError:
+        return None
+    dtype = compute_dtype(device)
+    total = 0
+    for stored, shape in checkpoint.meta.values():
+        size = (dtype if dtype is not None and stored.is_floating_point else stored).itemsize
+        total += size * math.prod(shape)
+    return total
+
+
+def _stream_if_too_big(args: argparse.Namespace, source) -> None:
+    """Switch to --stream (and say so) when the weights alone would take more than 80% of
+    the memory available; say why not when the options cannot be streamed."""
+    if args.stream or not isinstance(source, Path):
+        return
+    need, available = _weights_in_memory(source, args.device), _available_memory()
+    if need is None or need <= 0.8 * available:
+        return
+    sizes = f"the weights need {need / 2**30:.1f} GiB in memory, {available / 2**30:.1f} GiB are free"
+    try:
+        _check_stream(argparse.Namespace(**{**vars(args), "stream": True}), source)
+    except ValueError as reason:
+        print(f"note: {sizes}; --stream cannot take over: {reason}", flush=True)
+        return
+    print(f"{sizes}: pruning block by block from disk (as with --stream)", flush=True)
+    args.stream = True
+
+
 def _run_streamed(args: argparse.Namespace, source: Path) -> int:
     from recovery.stream import prune_streamed
 
@@ -195,6 +240,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from .models import load_model, load_tokenizer
 
     source = _preflight(args)
+    _stream_if_too_big(args, source)
     if args.stream:
         return _run_streamed(args, source)
     dense = dense_record(source)

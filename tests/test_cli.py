@@ -188,3 +188,16 @@ def test_prune_stream_matches_in_memory_and_reports_each_block(tmp_path, capsys)
     model = load_pruned(tmp_path / "st")
     assert sum(p.numel() for p in model.parameters()) == memory["params_after"]
     assert (tmp_path / "st" / "tokenizer_config.json").is_file()
+
+
+def test_prune_streams_by_itself_when_the_weights_would_not_fit(tmp_path, capsys, monkeypatch):
+    from depgraph_cli import prune_command
+
+    monkeypatch.setattr(prune_command, "_available_memory", lambda: 1000)
+    assert main(["prune", str(TINY), "--ratio", "0.2", "--importance", "l2", "--ppl-tokens", "0",
+                 "--out", str(tmp_path / "auto"), "--json", str(tmp_path / "auto.json")]) == 0
+    assert "pruning block by block from disk" in capsys.readouterr().out
+    assert json.loads((tmp_path / "auto.json").read_text())["streamed"] is True
+    assert main(["prune", str(TINY), "--ratio", "0.2", "--importance", "taylor", "--ppl-tokens",
+                 "0", "--samples", "2", "--out", str(tmp_path / "mem")]) == 0
+    assert "--stream cannot take over: importance 'taylor'" in capsys.readouterr().out
