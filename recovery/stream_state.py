@@ -14,6 +14,7 @@ inputs clears the folder and starts afresh.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import torch
 
 from depgraph.paths import swap_in_folder
 
-__all__ = ["PartialFolder", "run_key"]
+__all__ = ["PartialFolder", "run_key", "settings_text"]
 
 WORK = "_stream"
 VERSION = 1
@@ -39,15 +40,31 @@ def run_key(source: Path, checkpoint, settings, tokens: torch.Tensor | None, dty
     stamp = [(name, (source / name).stat().st_size, (source / name).stat().st_mtime_ns)
              for name in files]
     config = (source / "config.json").read_bytes()
-    digest.update(json.dumps([VERSION, str(source.resolve()), stamp, repr(settings),
+    digest.update(json.dumps([VERSION, str(source.resolve()), stamp, settings_text(settings),
                               str(dtype)]).encode())
     digest.update(config)
     for value in (tokens, *extra):
         if isinstance(value, torch.Tensor):
             digest.update(value.to(torch.int64).contiguous().numpy().tobytes())
+        elif dataclasses.is_dataclass(value):
+            digest.update(settings_text(value).encode())
         else:
             digest.update(repr(value).encode())
     return digest.hexdigest()
+
+
+def settings_text(settings) -> str:
+    """A dataclass's fields as canonical JSON: the same text in every process (sets sorted;
+    ``repr`` of a frozenset follows the per-process string hash seed)."""
+    def plain(value):
+        if isinstance(value, (set, frozenset)):
+            return sorted(str(v) for v in value)
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+    fields = {f.name: plain(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+    return json.dumps(fields, sort_keys=True)
 
 
 def _replace_json(path: Path, data: dict) -> None:

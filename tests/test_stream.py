@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -228,3 +229,16 @@ def test_a_killed_reconstructing_run_resumes(tmp_path):
     fresh_state = load_pruned(tmp_path / "fresh").state_dict()
     for name, tensor in load_pruned(out).state_dict().items():
         assert torch.equal(tensor, fresh_state[name]), name
+
+
+def test_the_resume_key_is_the_same_in_every_process():
+    import subprocess
+    import sys
+
+    code = ("from pruning import PruneSettings; from recovery.stream_state import settings_text; "
+            "print(settings_text(PruneSettings(kinds='mlp,attention,experts', "
+            "options={'b': 1, 'a': {2}})))")
+    texts = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+             for seed in ("1", "2", "3")}  # repr() of the kinds differs between these seeds
+    assert len(texts) == 1 and "kv_group" in texts.pop()
