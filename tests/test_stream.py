@@ -164,6 +164,13 @@ def test_a_checkpoint_stored_under_other_names_is_refused(tmp_path):
         prune_streamed(source, tmp_path / "out", PruneSettings(importance="l2"))
 
 
+def test_a_folder_without_safetensors_is_refused(tmp_path):
+    source = _saved("llama", tmp_path, layers=1)
+    (source / "model.safetensors").rename(source / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="holds no safetensors weights"):
+        prune_streamed(source, tmp_path / "out", PruneSettings(importance="l2"))
+
+
 def test_an_existing_output_is_kept_unless_overwrite(tmp_path):
     source = _saved("llama", tmp_path, layers=2)
     (tmp_path / "out").mkdir()
