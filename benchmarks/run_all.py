@@ -80,6 +80,14 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         ["recon_memory.py", "--layers", "4,8,16"],
         "Target: the memory a reconstruction step needs beyond the weights does not grow with "
         "the number of blocks (issue 4)."),
+    "stream_memory": (
+        "Streamed pruning of models bigger than memory: Llama-3-8B widths at 2, 4 and 8 blocks",
+        ["stream_memory.py", "--blocks", "2,4,8"],
+        "Target: peak RSS <= 4 GiB and flat with depth, the output reloads and runs (issue 17). "
+        "Random bf16 weights, written shard by shard; second_moment at 20% on 10 x 128 random "
+        "tokens, global ranking, 1 torch thread; every step in a fresh interpreter, peak RSS "
+        "= its VmHWM (imports and file pages mapped included). The machine's 2 cores were "
+        "shared with other jobs, so seconds are upper bounds."),
     "sweep": (
         "Ratio sweep on SmolLM2-135M: every criterion at 10/30/50%, no recovery",
         ["quality.py", "--criteria", "all", "--ratios", "0.1,0.3,0.5", *_SWEEP_EVAL],

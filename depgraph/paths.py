@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["shared_dir", "data_dir", "models_dir", "cache_dir", "atomic_folder", "atomic_files",
-           "write_text_atomically", "remove_stale_temps"]
+           "write_text_atomically", "remove_stale_temps", "swap_in_folder"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,6 +183,15 @@ def atomic_folder(out: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def swap_in_folder(new: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Make the complete folder ``new`` become ``out`` (an existing ``out`` is swapped out
+    atomically and removed only afterwards), for writers that keep their own resumable
+    temporary folder instead of :func:`atomic_folder`'s."""
+    out = Path(out)
+    _check_folder_target(out)
+    _swap_in(Path(new), out)
 
 
 @contextmanager

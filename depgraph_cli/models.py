@@ -48,6 +48,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "compute_dtype",
 ]
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,13 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Any:
     except (ValueError, OSError, KeyError) as exc:
         raise ValueError(f"the tokenizer of {str(source)!r} cannot be loaded: "
                          f"{config_error(exc)}") from exc
+
+
+def compute_dtype(device: str | torch.device) -> torch.dtype | None:
+    """The dtype :func:`load_model` runs a model in by default on ``device``: float32 on
+    the CPU, the checkpoint's own (``None``) elsewhere."""
+    dtype = _parse_dtype(None, torch.device(device))
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from .argtypes import positive_int, ratio
@@ -38,6 +39,13 @@ def add_prune(subparsers) -> None:
                              "(the default when the flag is given alone)")
     parser.add_argument("--recon-samples", type=positive_int, default=32,
                         help="calibration windows for --reconstruct (default 32)")
+    parser.add_argument("--stream", action="store_true",
+                        help="prune a model bigger than memory: read, score, cut and write one "
+                             "block at a time from a local safetensors folder (resumable; "
+                             "activation criteria: second_moment, l2, l1, random); chosen "
+                             "automatically when the weights would not fit")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model (with --stream: each block) runs, e.g. cuda:0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ppl-tokens", type=int, default=4096,
                         help="WikiText-2 tokens for the quick before/after perplexity (0: skip)")
@@ -78,7 +86,10 @@ def _preflight(args: argparse.Namespace):
 
     get_importance(args.importance)  # fail fast on an unknown name
     _check_options(args)
+    _check_device(args.device)
     source = resolve_model_path(args.model)
+    if args.stream:
+        _check_stream(args, source)
     check_outputs([Output("--out", args.out, folder=True), Output("--json", args.json)],
                   [("MODEL", source), ("--calib", args.calib)], overwrite=args.overwrite)
     check_seq_len(load_config(source), args.seq_len, "--seq-len")
@@ -89,13 +100,139 @@ def _preflight(args: argparse.Namespace):
     return source
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--device {device!r} cannot be used here ({reason}); expected e.g. "
+                         "cpu or cuda:0") from None
+
+
+def _check_stream(args: argparse.Namespace, source) -> None:
+    """What --stream cannot do is refused before any work, with the reason."""
+    from recovery.stream import check_streamable
+
+    if not isinstance(source, Path):
+        raise ValueError(f"--stream reads a local model folder; {args.model!r} is a hub id "
+                         "(download it first, e.g. with huggingface-cli download)")
+    check_streamable(_settings(args))
+
+
+def _settings(args: argparse.Namespace):
+    from pruning.prune import PruneSettings
+
+    return PruneSettings(
+        ratio=args.ratio, importance=args.importance, calib=args.calib, n_samples=args.samples,
+        seq_len=args.seq_len, kinds=args.kinds, layers=args.layers, ranking=args.ranking,
+        round_to=args.round_to, aggregation=args.aggregation, seed=args.seed,
+        options={"tau": args.tau} if args.tau is not None else {})
+
+
+class BlockProgress:
+    """One line per finished block on stderr: pass, block, seconds per block, ETA."""
+
+    def __init__(self, passes: int = 2):
+        import time
+
+        self.clock = time.perf_counter
+        self.start = self.clock()
+        self.passes = passes
+        self.done = 0
+
+    def __call__(self, phase: str, index: int, count: int) -> None:
+        import sys
+
+        self.done += 1
+        per_block = (self.clock() - self.start) / self.done
+        left = max(self.passes * count - self.done, 0) * per_block
+        print(f"{phase} block {index + 1}/{count}  {per_block:.1f} s/block  "
+              f"ETA {int(left // 60)}m{int(left % 60):02d}s", file=sys.stderr, flush=True)
+
+
+def _available_memory() -> int:
+    import psutil  # an accelerate dependency
+
+    return int(psutil.virtual_memory().available)
+
+
+def _weights_in_memory(source: Path, device: str) -> int | None:
+    """Bytes the in-memory command's copy of the weights takes (float32 on the CPU), or None
+    when the folder holds no safetensors to measure."""
+    from pruning.checkpoint import LazyCheckpoint
+
+    from .models import compute_dtype
+
+    try:
+        checkpoint = LazyCheckpoint(source)
+    except ValueError:
+        return None
+    dtype = compute_dtype(device)
+    total = 0
+    for stored, shape in checkpoint.meta.values():
+        size = (dtype if dtype is not None and stored.is_floating_point else stored).itemsize
+        total += size * math.prod(shape)
+    return total
+
+
+def _stream_if_too_big(args: argparse.Namespace, source) -> None:
+    """Switch to --stream (and say so) when the weights alone would take more than 80% of
+    the memory available; say why not when the options cannot be streamed."""
+    if args.stream or not isinstance(source, Path):
+        return
+    need, available = _weights_in_memory(source, args.device), _available_memory()
+    if need is None or need <= 0.8 * available:
+        return
+    sizes = f"the weights need {need / 2**30:.1f} GiB in memory, {available / 2**30:.1f} GiB are free"
+    try:
+        _check_stream(argparse.Namespace(**{**vars(args), "stream": True}), source)
+    except ValueError as reason:
+        print(f"note: {sizes}; --stream cannot take over: {reason}", flush=True)
+        return
+    print(f"{sizes}: pruning block by block from disk (as with --stream)", flush=True)
+    args.stream = True
+
+
+def _run_streamed(args: argparse.Namespace, source: Path) -> int:
+    from recovery.stream import prune_streamed
+
+    from .fingerprint import dense_record
+    from .models import load_tokenizer
+
+    dense = dense_record(source)
+    tokenizer = load_tokenizer(source)
+    stats = {**dense, "model_spec": args.model, "ppl_before": None, "ppl_after": None,
+             "calib": args.calib, "seed": args.seed, "layers": args.layers, "kinds": args.kinds,
+             "ranking": args.ranking}
+    print(f"streaming {source} block by block on {args.device} (perplexity is not measured: "
+          "it needs the whole model)", flush=True)
+    from .models import compute_dtype
+
+    dtype = compute_dtype(args.device)
+    result = prune_streamed(source, args.out, _settings(args), tokenizer=tokenizer,
+                            device=args.device, dtype=dtype, reconstruct=args.reconstruct,
+                            recon_samples=args.recon_samples, overwrite=args.overwrite, on_block=BlockProgress(),
+                            extra=stats)
+    stats = {**result.stats, **stats}
+    if args.json:
+        from depgraph.paths import write_text_atomically
+
+        write_text_atomically(args.json, json.dumps({**stats, "plan": result.plan}, indent=1,
+                                                    default=str))
+    print(_table(stats))
+    print(f"\nsaved the pruned model to {args.out}")
+    return 0
+
+
 def run_prune(args: argparse.Namespace) -> int:
 
     from depgraph.paths import atomic_files
     from depgraph.progress import progress_bar
     from pruning.importance import get_importance
     from pruning.io import save_pruned
-    from pruning.prune import PruneSettings, prune
+    from pruning.prune import prune
     from recovery import prune_and_reconstruct
 
     from .fingerprint import dense_record
@@ -103,17 +240,17 @@ def run_prune(args: argparse.Namespace) -> int:
     from .models import load_model, load_tokenizer
 
     source = _preflight(args)
+    _stream_if_too_big(args, source)
+    if args.stream:
+        return _run_streamed(args, source)
     dense = dense_record(source)
-    model, tokenizer = load_model(source), load_tokenizer(source)  # a pruned folder too
+    model = load_model(source, device=args.device)  # a pruned folder too
+    tokenizer = load_tokenizer(source)
     check_finite(model, args.model)
     before_ppl = quick_ppl(model, tokenizer, args.ppl_tokens)
     data_passes = get_importance(args.importance)[1] or args.reconstruct  # else nothing to count
     progress = progress_bar(total=args.samples, desc="scoring") if data_passes else None
-    settings = PruneSettings(
-        ratio=args.ratio, importance=args.importance, calib=args.calib, n_samples=args.samples,
-        seq_len=args.seq_len, kinds=args.kinds, layers=args.layers, ranking=args.ranking,
-        round_to=args.round_to, aggregation=args.aggregation, seed=args.seed,
-        options={"tau": args.tau} if args.tau is not None else {})
+    settings = _settings(args)
     if args.reconstruct:
         result = prune_and_reconstruct(model, settings=settings, reconstruct=args.reconstruct,
                                        tokenizer=tokenizer, recon_samples=args.recon_samples,

@@ -37,7 +37,7 @@ from .plan_configs import (
 )
 from .rollback import ModelState, check_runs, steps_that_run
 
-__all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY", "REPLAYS_PLANS"]
+__all__ = ["apply_plan", "zero_plan", "plan_slices", "cut", "RECORD_KEY", "REPLAYS_PLANS"]
 
 #: Marks the class ``load_pruned`` derives to replay plans while it is built: models of the
 #: new sizes are built from the library class above it, never from it.
@@ -159,6 +159,12 @@ def _check_runs(model: nn.Module, steps: tuple[str, ...]) -> None:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise PlanError(f"the pruned model fails a forward pass ({type(error).__name__}: "
                         f"{message}); the plan was not applied") from error
+
+
+def cut(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``tensor`` without the indices ``dims[d]`` along each dim ``d`` (what
+    :func:`apply_plan` does to a parameter; ``dims`` from :func:`plan_slices`)."""
+    return _keep(tensor, dims)
 
 
 def _keep(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:

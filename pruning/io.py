@@ -23,7 +23,7 @@ from depgraph.paths import atomic_folder
 
 from .apply import RECORD_KEY, REPLAYS_PLANS, apply_plan
 
-__all__ = ["load_pruned", "save_pruned", "read_pruning_info"]
+__all__ = ["load_pruned", "save_pruned", "read_pruning_info", "write_pruning_files"]
 
 
 def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False,
@@ -41,15 +41,22 @@ def save_pruned(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bo
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        record = getattr(getattr(model, "config", None), RECORD_KEY, None) or {}
-        info = {"plans": record.get("plans", []), "config_exact": record.get("config_exact"),
-                **(extra or {})}
-        (tmp / "pruning.json").write_text(json.dumps(info, indent=1, default=str))
-        if record and not record.get("config_exact", True):
-            _write_remote_code(tmp, model)
+        write_pruning_files(tmp, model, extra)
         if writer is not None:
             writer(tmp)
     return out
+
+
+def write_pruning_files(folder: Path, model: nn.Module, extra: dict | None = None) -> None:
+    """``pruning.json`` (the plans in ``model.config`` and ``extra``) and, for non-uniform
+    plans, the remote code that loads them; only the config is read, so ``model`` may live
+    on the meta device (the streamed pipeline writes its weights itself)."""
+    record = getattr(getattr(model, "config", None), RECORD_KEY, None) or {}
+    info = {"plans": record.get("plans", []), "config_exact": record.get("config_exact"),
+            **(extra or {})}
+    (folder / "pruning.json").write_text(json.dumps(info, indent=1, default=str))
+    if record and not record.get("config_exact", True):
+        _write_remote_code(folder, model)
 
 
 REMOTE_MODULE = "modeling_depgraph"

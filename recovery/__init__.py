@@ -5,6 +5,8 @@
 * :func:`prune_and_reconstruct`: :func:`pruning.prune` block by block with reconstruction
   before and after each block (the paper's pre-pruning recovery, :func:`prune_sequential`),
   composed from pruning's public steps;
+* :func:`prune_streamed`: prune a model bigger than memory block by block from its folder
+  into another (the same plan and weights as in memory, resumable);
 * :func:`train_lora` / :func:`merge`: LoRA adapters trained with the Hugging Face Trainer on
   Alpaca-style or plain text, merged back into the weights.
 """
@@ -13,8 +15,9 @@ from .lora import LoraDivergedError, LoraResult, LoraSettings, merge, train_lora
 from .lstsq import ReconstructionError
 from .reconstruct import kept_channels, reconstruct
 from .sequential import SequentialSettings, prune_and_reconstruct, prune_sequential
+from .stream import StreamResult, prune_streamed
 
 __all__ = ["reconstruct", "kept_channels", "prune_sequential", "prune_and_reconstruct",
-           "SequentialSettings",
+           "SequentialSettings", "prune_streamed", "StreamResult",
            "ReconstructionError", "train_lora", "merge", "LoraSettings", "LoraResult",
            "LoraDivergedError"]

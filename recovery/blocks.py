@@ -75,9 +75,12 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     return rest.pop("hidden_states"), BlockCall((), rest, hidden_in_kwargs=True)
 
 
-def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[torch.Tensor]
+def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[torch.Tensor],
+                  device: torch.device | str | None = None
                   ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
-    """Block-0 hidden states per batch, and each block's call per batch (``[batch][block]``)."""
+    """Block-0 hidden states per batch, and each block's call per batch (``[batch][block]``).
+
+    The token ids go to ``device`` (default: the model's first parameter's)."""
     hidden: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = []
     last = len(blocks) - 1
@@ -95,7 +98,7 @@ def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[to
 
     handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True)
                for i, block in enumerate(blocks)]
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     try:
         with torch.no_grad():
             for ids in batch_tokens:

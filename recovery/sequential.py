@@ -58,7 +58,8 @@ from .reconstruct import TARGETS, check_correction, check_damping, check_tokens,
 from .refit import Refit, block_outputs, block_structure, dense_targets, linear_layers, refit_block
 
 __all__ = ["SequentialSettings", "prune_sequential", "masked_refits", "prune_and_reconstruct",
-           "RECONSTRUCT_MODES", "sequential_settings"]
+           "RECONSTRUCT_MODES", "sequential_settings", "prune_block", "Stream",
+           "check_sequential_groups", "sequential_stats"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ def _kept(drop: torch.Tensor | None, size: int) -> torch.Tensor | None:
     return torch.arange(size)[mask]
 
 
-def _check_groups(graph, counts: dict[str, int]) -> dict[int, list]:
+def check_sequential_groups(graph, counts: dict[str, int]) -> dict[int, list]:
+    """The groups of ``counts`` by block; ValueError for one the sequential pass cannot prune."""
     by_block: dict[int, list] = {}
     for group_id, count in counts.items():
         group = graph.group(group_id)
@@ -129,7 +131,7 @@ def _lowest(scores: np.ndarray, count: int) -> list[int]:
 
 
 @dataclass
-class _Stream:
+class Stream:
     """Batches flowing through the blocks: their inputs to the current block, and the call
     (``[batch][block]``) each block received in the model's own forward pass."""
 
@@ -138,7 +140,7 @@ class _Stream:
 
     @classmethod
     def capture(cls, model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor,
-                batch_size: int) -> _Stream:
+                batch_size: int) -> Stream:
         return cls(*capture_calls(model, blocks, batches(tokens, batch_size)))
 
     def at(self, index: int) -> list[BlockCall]:
@@ -148,7 +150,7 @@ class _Stream:
         return block_outputs(block, self.states, self.at(index))
 
 
-def _scores(model, graph, groups, criterion: str, tokens, stream: _Stream | None, path: str,
+def _scores(model, graph, groups, criterion: str, tokens, stream: Stream | None, path: str,
             index: int, context: dict) -> dict[str, np.ndarray]:
     """Scores of one block's groups on the current model. Criteria that only read
     activations see the block run on the scoring batches' activations in front of it
@@ -165,6 +167,45 @@ def _scores(model, graph, groups, criterion: str, tokens, stream: _Stream | None
         return score_groups(ctx, criterion)
 
 
+def prune_block(model: nn.Module, graph, path: str, index: int, groups: list,
+                counts: dict[str, int], criterion: str, tokens: torch.Tensor | None,
+                recon: Stream, dense_states: list[torch.Tensor], scoring: Stream | None,
+                settings: SequentialSettings, context: dict):
+    """Steps 1-6 of the module doc for block ``index`` (its groups ``groups``): returns its
+    plan, its scores, the refits' report and the dense inputs of the next block; the
+    ``recon`` and ``scoring`` streams move on past the block."""
+    block = model.get_submodule(path)[index]
+    dense_block, names = copy.deepcopy(block), list(linear_layers(block))
+    next_dense, targets = dense_targets(dense_block, dense_states, recon.at(index), names)
+    layers, local, block_scores = {}, {}, {}
+    groups = [g for g in groups if counts[g.id] > 0]
+    pre = settings.pre and not _same(recon.states, dense_states)
+    structure = None  # one for both refits: zeroing units changes weights, not wiring
+    if pre or (groups and settings.post):
+        structure = block_structure(block, recon.states[0], recon.at(index)[0],
+                                    probe=settings.correction > 0)
+    if pre:
+        fitted = refit_block(block, recon.states, recon.at(index),
+                             {n: Refit() for n in names}, targets, settings.damping,
+                             next_dense, settings.correction, structure)
+        layers.update({f"pre:{k}": v for k, v in fitted.items()})
+    if groups:
+        block_scores = _scores(model, graph, groups, criterion, tokens, scoring, path, index,
+                               context)
+        local = {g.id: _lowest(block_scores[g.id], counts[g.id]) for g in groups}
+        zero_plan(model, local, graph)
+        if settings.post:
+            refits = masked_refits(f"{path}.{index}", block, plan_slices(graph, local),
+                                   settings.targets)
+            post = refit_block(block, recon.states, recon.at(index), refits, targets,
+                               settings.damping, next_dense, settings.correction, structure)
+            layers.update({f"post:{k}": v for k, v in post.items()})
+    recon.states = recon.run(block, index)
+    if scoring is not None:
+        scoring.states = scoring.run(block, index)
+    return local, block_scores, layers, next_dense
+
+
 def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion: str,
                      tokens: torch.Tensor | None, recon_tokens: torch.Tensor,
                      settings: SequentialSettings = SequentialSettings(), *,
@@ -173,10 +214,10 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
     """Prune ``model`` in place block by block (see the module docs); returns plan and stats."""
     recon_tokens = check_tokens(recon_tokens)
     start = time.perf_counter()
-    by_block = _check_groups(graph, counts)
+    by_block = check_sequential_groups(graph, counts)
     path, blocks = find_blocks(model)
-    recon = _Stream.capture(model, blocks, recon_tokens, settings.batch_size)
-    scoring = None if tokens is None or needs_loss(criterion) else _Stream.capture(
+    recon = Stream.capture(model, blocks, recon_tokens, settings.batch_size)
+    scoring = None if tokens is None or needs_loss(criterion) else Stream.capture(
         model, blocks, check_tokens(tokens), settings.batch_size)
     dense_states = list(recon.states)
     context = {"aggregation": aggregation, "seed": seed, "options": options}
@@ -184,49 +225,29 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
     scores: dict[str, np.ndarray] = {}
     report = []
     restart(progress, len(blocks), "blocks (score, prune, refit)")
-    for index, block in enumerate(blocks):
-        dense_block, names = copy.deepcopy(block), list(linear_layers(block))
-        next_dense, targets = dense_targets(dense_block, dense_states, recon.at(index), names)
-        layers = {}
-        groups = [g for g in by_block.get(index, []) if counts[g.id] > 0]
-        pre = settings.pre and not _same(recon.states, dense_states)
-        structure = None  # one for both refits: zeroing units changes weights, not wiring
-        if pre or (groups and settings.post):
-            structure = block_structure(block, recon.states[0], recon.at(index)[0],
-                                        probe=settings.correction > 0)
-        if pre:
-            fitted = refit_block(block, recon.states, recon.at(index),
-                                 {n: Refit() for n in names}, targets, settings.damping,
-                                 next_dense, settings.correction, structure)
-            layers.update({f"pre:{k}": v for k, v in fitted.items()})
-        if groups:
-            block_scores = _scores(model, graph, groups, criterion, tokens, scoring, path, index,
-                                   context)
-            local = {g.id: _lowest(block_scores[g.id], counts[g.id]) for g in groups}
-            scores.update(block_scores)
-            zero_plan(model, local, graph)
-            plan.update(local)
-            if settings.post:
-                refits = masked_refits(f"{path}.{index}", block, plan_slices(graph, local),
-                                       settings.targets)
-                post = refit_block(block, recon.states, recon.at(index), refits, targets,
-                                   settings.damping, next_dense, settings.correction, structure)
-                layers.update({f"post:{k}": v for k, v in post.items()})
-        recon.states, dense_states = recon.run(block, index), next_dense
-        if scoring is not None:
-            scoring.states = scoring.run(block, index)
+    for index in range(len(blocks)):
+        local, block_scores, layers, dense_states = prune_block(
+            model, graph, path, index, by_block.get(index, []), counts, criterion, tokens,
+            recon, dense_states, scoring, settings, context)
+        plan.update(local)
+        scores.update(block_scores)
         report.append({"block": index, "layers": layers})
-        del dense_block, targets
         if progress is not None:
             progress.update(1)
     apply_plan(model, plan, graph)
-    stats = {"method": "sequential", "pre": settings.pre, "post": settings.post,
-             "targets": settings.targets, "damping": settings.damping,
-             "correction": settings.correction,
-             "samples": int(recon_tokens.shape[0]), "seq_len": int(recon_tokens.shape[1]),
-             "seconds": round(time.perf_counter() - start, 3), "blocks": report,
-             **summarize(report)}
-    return plan, {"stats": stats, "scores": scores}
+    return plan, {"stats": sequential_stats(settings, recon_tokens, start, report),
+                  "scores": scores}
+
+
+def sequential_stats(settings: SequentialSettings, recon_tokens: torch.Tensor, start: float,
+                     report: list) -> dict:
+    """The numbers a sequential pass reports (``report``: per block, its refits)."""
+    return {"method": "sequential", "pre": settings.pre, "post": settings.post,
+            "targets": settings.targets, "damping": settings.damping,
+            "correction": settings.correction,
+            "samples": int(recon_tokens.shape[0]), "seq_len": int(recon_tokens.shape[1]),
+            "seconds": round(time.perf_counter() - start, 3), "blocks": report,
+            **summarize(report)}
 
 
 #: ``reconstruct=`` shorthands: which recovery steps the sequential pass runs.

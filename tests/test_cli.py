@@ -109,6 +109,12 @@ def test_eval_compare_with_itself(capsys):
     (["prune", str(TINY), "--ratio", "0.2"], "--out"),
     (["recover", "somewhere", "--method", "lora", "--out", "x"], "'somewhere' is not a model folder"),
     (["recover", str(TINY), "--method", "magic", "--out", "x"], "magic"),
+    (["prune", str(TINY), "--ratio", "0.2", "--stream", "--out", "x"], "needs the gradient of the loss"),
+    (["prune", str(TINY), "--ratio", "0.2", "--stream", "--importance", "l2", "--kinds", "hidden",
+      "--out", "x"], "spans every block"),
+    (["prune", "owner/model", "--ratio", "0.2", "--stream", "--importance", "l2", "--out", "x"],
+     "--stream reads a local model folder"),
+    (["prune", str(TINY), "--ratio", "0.2", "--device", "nowhere", "--out", "x"], "--device 'nowhere'"),
     (["frobnicate"], "frobnicate"),
     ([], "COMMAND"),
 ])
@@ -162,3 +168,36 @@ def test_eval_lm_eval_backend_hands_our_model_to_the_harness(capsys, monkeypatch
     assert isinstance(calls["wrapped"], FakeHFLM) and hasattr(calls["model"], "config")
     zeroshot = json.loads(report.read_text())["zeroshot"]
     assert zeroshot["openbook_qa"] == {"acc": 0.5, "acc_norm": 0.25, "n": 7}
+
+
+def test_prune_stream_matches_in_memory_and_reports_each_block(tmp_path, capsys):
+    common = ["--ratio", "0.2", "--importance", "second_moment", "--samples", "4", "--seq-len",
+              "32", "--ppl-tokens", "0", "--threads", "1"]
+    assert main(["prune", str(TINY), *common, "--out", str(tmp_path / "mem"),
+                 "--json", str(tmp_path / "mem.json")]) == 0
+    assert main(["prune", str(TINY), *common, "--stream", "--out", str(tmp_path / "st"),
+                 "--json", str(tmp_path / "st.json")]) == 0
+    err = capsys.readouterr().err
+    assert "score block 5/5" in err and "write block 5/5" in err and "ETA" in err
+    memory = json.loads((tmp_path / "mem.json").read_text())
+    streamed = json.loads((tmp_path / "st.json").read_text())
+    assert streamed["plan"] == memory["plan"] and streamed["streamed"] is True
+    assert streamed["params_after"] == memory["params_after"]
+    from pruning import load_pruned
+
+    model = load_pruned(tmp_path / "st")
+    assert sum(p.numel() for p in model.parameters()) == memory["params_after"]
+    assert (tmp_path / "st" / "tokenizer_config.json").is_file()
+
+
+def test_prune_streams_by_itself_when_the_weights_would_not_fit(tmp_path, capsys, monkeypatch):
+    from depgraph_cli import prune_command
+
+    monkeypatch.setattr(prune_command, "_available_memory", lambda: 1000)
+    assert main(["prune", str(TINY), "--ratio", "0.2", "--importance", "l2", "--ppl-tokens", "0",
+                 "--out", str(tmp_path / "auto"), "--json", str(tmp_path / "auto.json")]) == 0
+    assert "pruning block by block from disk" in capsys.readouterr().out
+    assert json.loads((tmp_path / "auto.json").read_text())["streamed"] is True
+    assert main(["prune", str(TINY), "--ratio", "0.2", "--importance", "taylor", "--ppl-tokens",
+                 "0", "--samples", "2", "--out", str(tmp_path / "mem")]) == 0
+    assert "--stream cannot take over: importance 'taylor'" in capsys.readouterr().out

@@ -586,3 +586,21 @@ def test_eval_compare_marks_accuracy_differences_within_noise(workspace, capsys)
     row = next(line for line in capsys.readouterr().out.splitlines()
                if line.startswith("zeroshot.piqa.acc "))
     assert row.split()[-2:] == ["within", "noise"]
+
+
+def test_a_killed_stream_resumes_in_a_new_process(workspace, capsys):
+    """SIGKILL after the first shard: the next process (another hash seed) resumes the same
+    run from its .partial folder: no block scored again, and the folder of a fresh run."""
+    argv = ["prune", "m", *L2, "--stream", "--out", "o", *QUICK]
+    process = _paused(workspace, "after", "recovery.stream:write_shard", argv)
+    status, _ = _finish(process, signal.SIGKILL)
+    assert status == -signal.SIGKILL and not (workspace / "o").exists()
+    assert (workspace / ".o.partial" / "model-00001-of-00006.safetensors").is_file()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "score block" not in err and "write block 1/5" in err
+    assert not (workspace / ".o.partial").exists()
+    assert main(["prune", "m", *L2, "--stream", "--out", "fresh", *QUICK]) == 0
+    for name in ("model-00001-of-00006.safetensors", "model-00006-of-00006.safetensors",
+                 "model.safetensors.index.json", "config.json"):
+        assert (workspace / "o" / name).read_bytes() == (workspace / "fresh" / name).read_bytes()
