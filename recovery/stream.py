@@ -339,7 +339,7 @@ def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings 
     model = skeleton_model(source, dtype or stored)
     check_names(model, checkpoint)
     graph = build_graph(model)
-    groups = eligible_groups(graph, settings)
+    groups = eligible_groups(graph, settings, model)  # the probe runs on meta as it is
     by_block = _check_groups(groups)
     if get_importance(settings.importance)[1] and tokens is None:
         tokens = calibration_for(model, settings, tokenizer)
