@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -134,6 +135,31 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
     record = getattr(config, RECORD_KEY, None)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or "auto")
     replay = _replay(config, record)
+    with _quiet_report(bool((record or {}).get("added"))):
+        model, info = _load(path, config, record, replay, dtype)
+    _restore_every_tensor(model, path, info)
+    return model.to(device).eval()
+
+
+@contextmanager
+def _quiet_report(quiet: bool):
+    """No load report for the tensors the record says were added (they are restored and
+    checked here, every one of them), while ``from_pretrained`` runs."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load(path: Path, config, record: dict | None, replay, dtype):
+    """``(model, loading info)``: plain ``from_pretrained``, or the class that replays."""
     if not replay:
         model, info = _model_class(config).from_pretrained(path, dtype=dtype,
                                                            output_loading_info=True)
@@ -154,8 +180,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
         model, info = pruned_class.from_pretrained(path, config=base_config, dtype=dtype,
                                                    output_loading_info=True)
         setattr(model.config, RECORD_KEY, record)
-    _restore_every_tensor(model, path, info)
-    return model.to(device).eval()
+    return model, info
 
 
 def _tie_as_saved(model: nn.Module) -> None:
@@ -183,8 +208,8 @@ def _replay(config, record: dict | None):
     """``(config to build, plans to apply to it)``, or ``None`` when ``config`` describes
     the model. Folders written before ``replay`` was recorded rebuild from the original
     config and every plan."""
-    if not record or record.get("config_exact", True):
-        return None
+    if not record or record.get("config_exact", True) or record.get("replay", None) == []:
+        return None  # the config describes the shapes (added tensors are restored after)
     base = copy.deepcopy(config)
     if hasattr(base, RECORD_KEY):
         delattr(base, RECORD_KEY)
