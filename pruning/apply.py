@@ -42,7 +42,8 @@ from .plan_configs import (
 )
 from .rollback import ModelState, check_runs
 
-__all__ = ["apply_plan", "zero_plan", "plan_slices", "RECORD_KEY", "REPLAYS_PLANS"]
+__all__ = ["apply_plan", "zero_plan", "plan_slices", "plan_units", "check_biases", "add_biases",
+           "RECORD_KEY", "REPLAYS_PLANS"]
 
 #: Marks the class ``load_pruned`` derives to replay plans while it is built: models of the
 #: new sizes are built from the library class above it, never from it.
@@ -60,7 +61,7 @@ def plan_slices(graph: DependencyGraph, plan: dict[str, list[int]]) -> dict[tupl
         except (KeyError, TypeError):
             raise PlanError(f"unknown group {group_id!r} in plan (expected one of the "
                             f"{len(graph.groups())} ids of graph.groups())") from None
-        unique = _units(group_id, units)
+        unique = plan_units(group_id, units)
         if len(unique) >= group.num_units:
             raise PlanError(f"plan removes all {group.num_units} units of group {group_id!r}; "
                             f"at least one must stay")
@@ -79,7 +80,7 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _units(group_id: str, units: object) -> set[int]:
+def plan_units(group_id: str, units: object) -> set[int]:
     """The plan's units of one group as ints; PlanError unless a collection of integers."""
     if isinstance(units, (str, bytes, Mapping)) or not isinstance(units, Iterable):
         raise PlanError(f"units of group {group_id!r} must be a list of integers, got "

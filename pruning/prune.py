@@ -28,7 +28,7 @@ from torch import nn
 
 from depgraph import DependencyGraph, Group, Kind, build_graph
 
-from .apply import apply_plan
+from .apply import apply_plan, plan_slices
 from .calibration import calibration_tokens
 from .compensation import compensation_biases
 from .importance import ScoringContext, importance_name, resolve_importance, score_groups
@@ -37,7 +37,7 @@ from .statistics import input_statistics
 
 __all__ = ["prune", "PruneResult", "PruneSettings", "KIND_ALIASES", "expand_kinds",
            "kept_widths", "eligible_groups", "score", "select", "calibration_for",
-           "settings_from", "pruned_result", "compensation_for"]
+           "settings_from", "pruned_result", "compensation_for", "apply_given_plan"]
 
 #: User-facing kind names and the group kinds they stand for.
 KIND_ALIASES = {"attention": {Kind.ATTENTION_HEAD, Kind.KV_GROUP},
@@ -227,20 +227,19 @@ def prune(model: nn.Module, ratio: float | None = None, importance: str | None =
     plan = select(model, groups, scores, settings)
     biases = None
     if settings.compensate:
-        biases, score_stats["compensation"] = compensation_for(model, graph, plan, settings,
-                                                               tokenizer=tokenizer, tokens=tokens)
+        if tokens is None:
+            tokens = calibration_for(model, settings, tokenizer)
+        biases, score_stats["compensation"] = compensation_for(model, graph, plan, tokens)
     apply_plan(model, plan, graph, biases=biases)
     return pruned_result(model, graph, plan, scores, settings, total, start, score_stats)
 
 
 def compensation_for(model: nn.Module, graph: DependencyGraph, plan: dict,
-                     settings: PruneSettings, *, tokenizer=None,
-                     tokens: torch.Tensor | None = None) -> tuple[dict, dict]:
+                     tokens: torch.Tensor) -> tuple[dict, dict]:
     """The biases that compensate ``plan`` (:func:`pruning.compensation_biases`) from the
-    inputs of the consumers of its groups over ``tokens`` (or the settings' calibration
-    windows), measured on ``model`` before the plan is applied; and numbers to report."""
-    if tokens is None:
-        tokens = calibration_for(model, settings, tokenizer)
+    inputs of its groups' consumers over ``tokens``, measured on ``model`` before the plan
+    is applied; and numbers to report (layers compensated, tokens, groups without a layer
+    that reads them as a plain projection)."""
     pruned = [graph.group(group_id) for group_id in plan]
     stats = input_statistics(model, pruned, tokens)
     biases = compensation_biases(model, plan, stats, graph)
@@ -248,14 +247,40 @@ def compensation_for(model: nn.Module, graph: DependencyGraph, plan: dict,
                     "groups_without_consumer": sorted(g.id for g in pruned if not stats[g.id])}
 
 
+def apply_given_plan(model: nn.Module, plan: dict, graph: DependencyGraph | None = None, *,
+                     tokens: torch.Tensor | None = None) -> PruneResult:
+    """:func:`pruning.apply_plan` of a plan made elsewhere, with :func:`prune`'s result:
+    compensated (:func:`compensation_for`) when calibration ``tokens`` are given.
+
+    Raises
+    ------
+    PlanError
+        What :func:`pruning.apply_plan` refuses (the model is then left as it was).
+    """
+    start = time.perf_counter()
+    graph = graph or build_graph(model)
+    total = sum(p.numel() for p in model.parameters())
+    stats: dict = {}
+    biases = None
+    if tokens is not None:
+        plan_slices(graph, plan)  # refuse a bad plan before the calibration pass
+        biases, stats["compensation"] = compensation_for(model, graph, plan, tokens)
+    apply_plan(model, plan, graph, biases=biases)
+    return pruned_result(model, graph, plan, {}, None, total, start, stats)
+
+
 def pruned_result(model: nn.Module, graph: DependencyGraph, plan: dict, scores: dict,
-                  settings: PruneSettings, params_before: int, start: float, stats: dict
+                  settings: PruneSettings | None, params_before: int, start: float, stats: dict
                   ) -> PruneResult:
-    """The :class:`PruneResult` of a finished pruning run (``start``: its perf_counter)."""
+    """The :class:`PruneResult` of a finished pruning run (``start``: its perf_counter;
+    ``settings`` ``None`` for a plan made elsewhere)."""
     after = sum(p.numel() for p in model.parameters())
-    summary = {"criterion": importance_name(settings.importance),
+    chosen = ({"criterion": importance_name(settings.importance),
                "ratio_requested": settings.ratio, "ranking": settings.ranking,
-               "compensate": settings.compensate,
+               "compensate": settings.compensate} if settings is not None else
+              {"criterion": "given plan", "ratio_requested": None,
+               "compensate": "compensation" in stats})
+    summary = {**chosen,
                "params_before": params_before, "params_after": after,
                "ratio_removed": 1 - after / params_before, "kept_widths": kept_widths(graph, plan),
                "total_seconds": round(time.perf_counter() - start, 3), **stats}
