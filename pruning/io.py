@@ -229,7 +229,7 @@ def _restore_every_tensor(model: nn.Module, path: Path, info: dict) -> None:
     extra = sorted(info.get("unexpected_keys") or ())
     if not extra:
         return
-    tensors = _read_tensors(path, extra)
+    tensors = _read_tensors(path, extra, _load_names(model))
     modules = dict(model.named_modules())
     refused = []
     for key in extra:
@@ -252,14 +252,32 @@ def _reads(module: nn.Module, name: str) -> bool:
     return standard and name in ("bias", "weight") and getattr(module, name, None) is None
 
 
-def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+def _load_names(model: nn.Module):
+    """The name ``from_pretrained`` gives a key of the saved file: transformers renames
+    some on save and back on load (GPT-NeoX's ``lm_head`` is ``embed_out`` on disk), and
+    reports unexpected keys by their loaded name."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # a transformers without renaming on load
+        return lambda key: key
+    transforms = getattr(model, "_weight_conversions", None) or get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    return lambda key: apply_renamings(key, renamings)
+
+
+def _read_tensors(path: Path, keys: list[str], load_name=lambda key: key
+                  ) -> dict[str, torch.Tensor]:
+    """``{loaded name: tensor}`` of the saved tensors whose loaded name is in ``keys``."""
     from safetensors import safe_open
 
     wanted, found = set(keys), {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            for key in wanted & set(handle.keys()):
-                found[key] = handle.get_tensor(key)
+            for key in handle.keys():
+                name = key if key in wanted else load_name(key)
+                if name in wanted and name not in found:
+                    found[name] = handle.get_tensor(key)
     return found
 
 
