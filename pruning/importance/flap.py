@@ -8,13 +8,15 @@ back by bias compensation) times the energy of its weight column,
 
     S_j = Var(x_j) · ||W[:, j]||²        (WIFV, "weighted input feature variance"),
 
-summed over the channels of a unit and over every layer that reads the group. Scores are
-standardised per group (mean 0, standard deviation 1: FLAP standardises per layer and
-module) so that all groups rank together by raw value: the criterion is registered with
-``ranking="global_raw"``, FLAP's adaptive structure search, where each unit costs its
-parameters. Use it with ``compensate=True`` (``--compensate``): FLAP's baseline bias
-compensation, :func:`pruning.compensation_biases`. Groups that no layer reads as a plain
-projection (stacked experts) are scored by their weights' energy, standardised likewise.
+for every channel every layer that reads the group reads. As in FLAP's adaptive structure
+search (``AL-AM``), each channel's score is standardised over all channels of its kind in
+every layer (MLP channels together, attention channels together: mean 0, standard deviation
+1), a unit (a channel, a head, a KV group) scores the mean of its channels, and all units
+rank together by that value: the criterion is registered with ``ranking="global_raw"``,
+where each unit costs its parameters. Use it with ``compensate=True`` (``--compensate``):
+FLAP's baseline bias compensation, :func:`pruning.compensation_biases`. Groups that no layer reads as a plain
+projection (stacked experts) are scored by their units' weight energy, standardised
+likewise within their kind.
 All scores are shifted by one constant so that the lowest is 0 (the order is unchanged).
 """
 
@@ -41,36 +43,58 @@ def _weight_energy(ctx: ScoringContext, group: Group) -> np.ndarray:
     return sum(group.unit_sums(m, _energy(params[m.param], m.dim)) for m in group.members)
 
 
+def _channel_scores(ctx: ScoringContext, group: Group, feed_list: list, params: dict
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, units)``: the fluctuation of every channel the group's consumers read, and
+    each channel's unit (``-1``: none); a group no plain projection reads (stacked experts)
+    gives its units' weight energy, one value per unit."""
+    if not feed_list:
+        return _weight_energy(ctx, group), np.arange(group.num_units)
+    values, units = [], []
+    for feed in feed_list:
+        columns = _energy(params[feed.member.param], feed.member.dim)
+        values.append((feed.stats.variance * columns).numpy())
+        units.append(feed.units)
+    return np.concatenate(values), np.concatenate(units)
+
+
 def fluctuation(ctx: ScoringContext) -> dict[str, np.ndarray]:
     """Per unit, ``Σ Var(x_j) · ||W[:, j]||²`` over the unit's channels and the group's
     consumers (before standardisation); ``ctx.stats["flap_weight_only_groups"]`` counts the
     groups scored by weight energy instead."""
     feeds = ctx.input_stats()
     params = dict(ctx.model.named_parameters())
-    scores, weight_only = {}, 0
+    scores = {}
     for group in ctx.groups:
-        if not feeds[group.id]:
-            scores[group.id] = _weight_energy(ctx, group)
-            weight_only += 1
-            continue
-        total = np.zeros(group.num_units)
-        for feed in feeds[group.id]:
-            columns = _energy(params[feed.member.param], feed.member.dim)
-            total += group.unit_sums(feed.member, feed.stats.variance * columns)
-        scores[group.id] = total
-    ctx.stats["flap_weight_only_groups"] = weight_only
+        values, units = _channel_scores(ctx, group, feeds[group.id], params)
+        keep = units >= 0
+        scores[group.id] = np.bincount(units[keep], values[keep], minlength=group.num_units)
+    ctx.stats["flap_weight_only_groups"] = sum(not feeds[g.id] for g in ctx.groups)
     return scores
-
-
-def _standardised(values: np.ndarray) -> np.ndarray:
-    spread = float(values.std())
-    return (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
 
 
 @register_importance("flap", needs_data=True, ranking="global_raw",
                      summary="FLAP (2312.11983): input variance x weight-column energy, "
-                             "standardised per group; with --compensate")
+                             "standardised per kind across layers; with --compensate")
 def flap(ctx: ScoringContext) -> dict[str, np.ndarray]:
-    standard = {gid: _standardised(v) for gid, v in fluctuation(ctx).items()}
-    lowest = min((float(v.min()) for v in standard.values()), default=0.0)
-    return {gid: v - lowest for gid, v in standard.items()}
+    """FLAP's adaptive structure (its ``AL-AM``): every channel's fluctuation is standardised
+    over all channels of its kind in every layer (MLP channels with MLP channels, attention
+    with attention), a unit scores the mean over its channels, and all kinds rank together."""
+    feeds = ctx.input_stats()
+    params = dict(ctx.model.named_parameters())
+    channels = {g.id: _channel_scores(ctx, g, feeds[g.id], params) for g in ctx.groups}
+    ctx.stats["flap_weight_only_groups"] = sum(not feeds[g.id] for g in ctx.groups)
+    scores = {}
+    for kind in dict.fromkeys(g.kind for g in ctx.groups):
+        members = [g for g in ctx.groups if g.kind == kind]
+        pooled = np.concatenate([channels[g.id][0][channels[g.id][1] >= 0] for g in members])
+        mean, spread = float(pooled.mean()), float(pooled.std())
+        for group in members:
+            values, units = channels[group.id]
+            keep = units >= 0
+            standard = (values[keep] - mean) / spread if spread > 0 else 0 * values[keep]
+            counts = np.bincount(units[keep], minlength=group.num_units)
+            scores[group.id] = (np.bincount(units[keep], standard, minlength=group.num_units)
+                                / np.maximum(counts, 1))
+    lowest = min((float(v.min()) for v in scores.values()), default=0.0)
+    return {gid: v - lowest for gid, v in scores.items()}
