@@ -322,30 +322,24 @@ def test_flap_and_wanda_sp_prune_with_compensation_and_reload_exactly(importance
     assert torch.equal(_logits(reloaded, ids), _logits(result.model, ids))
 
 
-def test_flap_is_the_fluctuation_standardised_per_kind_across_layers():
+def test_flap_is_the_fluctuation_standardised_per_layer_and_module():
     """FLAP's AL-AM by hand: Var(x_j) * ||W[:, j]||^2 per channel read, standardised over
-    every channel of the kind in every layer; a unit (a KV group here) is its channels' mean."""
+    the channels of each layer's module; a unit (a KV group here) is its channels' mean."""
     model = tiny_model("llama")
     graph = build_graph(model)
     groups = [g for g in graph.groups() if g.kind in ("mlp", "kv_group")]
     tokens = _tokens(61, 2, 8)
     scores = score_groups(ScoringContext(model, graph, groups, tokens=tokens), "flap")
     stats = input_statistics(model, groups, tokens)
-    channels = {}
+    by_hand = {}
     for group in groups:
         feed, = stats[group.id]
         weight = model.get_submodule(feed.module).weight.detach().double()
-        channels[group.id] = ((feed.stats.variance * (weight ** 2).sum(0)).numpy(), feed.units)
-    by_hand = {}
-    for kind in ("mlp", "kv_group"):
-        ids = [g.id for g in groups if g.kind == kind]
-        pooled = np.concatenate([channels[i][0] for i in ids])
-        for group_id in ids:
-            values, units = channels[group_id]
-            standard = (values - pooled.mean()) / pooled.std()
-            by_hand[group_id] = np.array([standard[units == u].mean()
-                                          for u in range(graph.group(group_id).num_units)])
+        values = (feed.stats.variance * (weight ** 2).sum(0)).numpy()
+        standard = (values - values.mean()) / values.std(ddof=1)
+        by_hand[group.id] = np.array([standard[feed.units == u].mean()
+                                      for u in range(group.num_units)])
     lowest = min(v.min() for v in by_hand.values())
-    assert len(by_hand) == len(groups) and any(g.kind == "kv_group" for g in groups)
+    assert any(g.kind == "kv_group" for g in groups)
     for group in groups:
         np.testing.assert_allclose(scores[group.id], by_hand[group.id] - lowest, atol=1e-9)

@@ -9,14 +9,14 @@ back by bias compensation) times the energy of its weight column,
     S_j = Var(x_j) · ||W[:, j]||²        (WIFV, "weighted input feature variance"),
 
 for every channel every layer that reads the group reads. As in FLAP's adaptive structure
-search (``AL-AM``), each channel's score is standardised over all channels of its kind in
-every layer (MLP channels together, attention channels together: mean 0, standard deviation
-1), a unit (a channel, a head, a KV group) scores the mean of its channels, and all units
-rank together by that value: the criterion is registered with ``ranking="global_raw"``,
+search (``AL-AM``), each channel's score is standardised over the channels of its group
+(one layer's MLP, one layer's attention: mean 0, standard deviation 1, as FLAP's code
+standardises each layer's row), a unit (a channel, a head, a KV group) scores the mean of
+its channels, and all units rank together by that value: the criterion is registered with ``ranking="global_raw"``,
 where each unit costs its parameters. Use it with ``compensate=True`` (``--compensate``):
 FLAP's baseline bias compensation, :func:`pruning.compensation_biases`. Groups that no layer reads as a plain
 projection (stacked experts) are scored by their units' weight energy, standardised
-likewise within their kind.
+likewise.
 All scores are shifted by one constant so that the lowest is 0 (the order is unchanged).
 """
 
@@ -75,26 +75,24 @@ def fluctuation(ctx: ScoringContext) -> dict[str, np.ndarray]:
 
 @register_importance("flap", needs_data=True, ranking="global_raw",
                      summary="FLAP (2312.11983): input variance x weight-column energy, "
-                             "standardised per kind across layers; with --compensate")
+                             "standardised per layer and module; with --compensate")
 def flap(ctx: ScoringContext) -> dict[str, np.ndarray]:
     """FLAP's adaptive structure (its ``AL-AM``): every channel's fluctuation is standardised
-    over all channels of its kind in every layer (MLP channels with MLP channels, attention
-    with attention), a unit scores the mean over its channels, and all kinds rank together."""
+    over the channels of its group (one layer's MLP, one layer's attention: FLAP's
+    per-layer ``standarlization`` along the channel axis), a unit scores the mean of its
+    channels (a head: of its ``head_dim`` channels), and all units rank together."""
     feeds = ctx.input_stats()
     params = dict(ctx.model.named_parameters())
-    channels = {g.id: _channel_scores(ctx, g, feeds[g.id], params) for g in ctx.groups}
     ctx.stats["flap_weight_only_groups"] = sum(not feeds[g.id] for g in ctx.groups)
     scores = {}
-    for kind in dict.fromkeys(g.kind for g in ctx.groups):
-        members = [g for g in ctx.groups if g.kind == kind]
-        pooled = np.concatenate([channels[g.id][0][channels[g.id][1] >= 0] for g in members])
-        mean, spread = float(pooled.mean()), float(pooled.std())
-        for group in members:
-            values, units = channels[group.id]
-            keep = units >= 0
-            standard = (values[keep] - mean) / spread if spread > 0 else 0 * values[keep]
-            counts = np.bincount(units[keep], minlength=group.num_units)
-            scores[group.id] = (np.bincount(units[keep], standard, minlength=group.num_units)
-                                / np.maximum(counts, 1))
+    for group in ctx.groups:
+        values, units = _channel_scores(ctx, group, feeds[group.id], params)
+        keep = units >= 0
+        values, units = values[keep], units[keep]
+        spread = float(values.std(ddof=1)) if values.size > 1 else 0.0
+        standard = (values - values.mean()) / spread if spread > 0 else 0 * values
+        counts = np.bincount(units, minlength=group.num_units)
+        scores[group.id] = (np.bincount(units, standard, minlength=group.num_units)
+                            / np.maximum(counts, 1))
     lowest = min((float(v.min()) for v in scores.values()), default=0.0)
     return {gid: v - lowest for gid, v in scores.items()}
