@@ -343,3 +343,11 @@ def test_flap_is_the_fluctuation_standardised_per_layer_and_module():
     assert any(g.kind == "kv_group" for g in groups)
     for group in groups:
         np.testing.assert_allclose(scores[group.id], by_hand[group.id] - lowest, atol=1e-9)
+
+
+def test_compensation_and_reconstruction_do_not_combine():
+    from recovery import prune_and_reconstruct
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="compensate=True does not combine with reconstruction"):
+        prune_and_reconstruct(model, 0.2, "l2", compensate=True, tokens=_tokens(61, 2, 8))
