@@ -12,7 +12,9 @@ windows of 128 tokens. A cell is
 * ``dense``: the model as it is;
 * a depgraph criterion at a ratio of parameters, on a block range (``all`` or ``3:-2``,
   LLM-Pruner's choice: the first 3 and last 2 blocks stay), global ranking of the MLP
-  channels and (KV) heads, with recovery ``none``, ``reconstruct`` (sequential least
+  channels and (KV) heads (or the ranking the criterion was registered with: ``flap``
+  global_raw, ``wanda_sp`` local), with recovery ``none``, ``compensate`` (FLAP's bias
+  compensation from the calibration windows), ``reconstruct`` (sequential least
   squares before and after each block, :mod:`recovery.sequential`), ``refit`` (one-shot
   pruning, then :func:`recovery.reconstruct` against the dense model, as ``depgraph demo``
   does), ``lora``
@@ -42,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import markdown_table, run_worker, step  # noqa: E402
 
 ALL_CRITERIA = ("random", "l1", "l2", "second_moment_datafree", "taylor", "taylor_element",
-                "taylor_second", "second_moment", "retraining_free")
-RECOVERY = ("none", "reconstruct", "refit", "lora", "reconstruct+lora")
+                "taylor_second", "second_moment", "retraining_free", "flap", "wanda_sp")
+RECOVERY = ("none", "compensate", "reconstruct", "refit", "lora", "reconstruct+lora")
 
 
 # ------------------------------------------------------------------------------ worker
@@ -110,7 +112,8 @@ def worker(spec: dict) -> dict:
         with step(record, "prune"):
             options = dict(tokenizer=tokenizer, tokens=calib, layers=layers, seed=spec["seed"],
                            kinds="mlp,attention" if spec.get("kinds", "default") == "default"
-                           else spec["kinds"], ranking=spec.get("ranking", "global"))
+                           else spec["kinds"], ranking=spec.get("ranking"),
+                           compensate=recovery == "compensate")
             if sequential:
                 result = prune_and_reconstruct(model, spec["ratio"], spec["criterion"],
                                                reconstruct="both", recon_tokens=recon_tokens,
@@ -122,6 +125,7 @@ def worker(spec: dict) -> dict:
 
                 reconstruct(result.model, dense, recon_tokens, plan=result.plan)
         model = result.model
+        record["ranking_used"] = result.stats.get("ranking")
         if "reconstruction" in result.stats:
             record["reconstruction_seconds"] = result.stats["reconstruction"]["seconds"]
     if "lora" in recovery:
@@ -203,8 +207,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="default",
                         help="group kinds depgraph may shrink, comma-separated (default: "
                              "MLP channels and (KV) heads)")
-    parser.add_argument("--ranking", default="global", choices=["global", "global_raw", "local"],
-                        help="how depgraph compares units across groups")
+    parser.add_argument("--ranking", default=None, choices=["global", "global_raw", "local"],
+                        help="how depgraph compares units across groups (default: the "
+                             "criterion's own ranking, else global)")
     parser.add_argument("--tp", action="store_true",
                         help="add torch-pruning configured as its prune_llm.py")
     parser.add_argument("--tp-mlp", action="store_true",

@@ -183,6 +183,25 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
          *_SWEEP_EVAL],
         "sweep_lora_datafree at the two higher ratios. Perplexity on the first 4096 tokens; "
         "two cells at a time on one thread each."),
+    "extension_criteria": (
+        "SmolLM2-135M: FLAP, Wanda-sp and second_moment at 10/20/30%, without and with bias "
+        "compensation, and with reconstruction",
+        ["quality.py", "--criteria", "flap,wanda_sp,second_moment", "--ratios", "0.2,0.1,0.3",
+         "--recovery", "none,compensate,reconstruct", "--ppl-tokens", "4096", "--threads", "1"],
+        "The two methods written as plug-ins against the public extension API (issue 15) next "
+        "to the built-in second_moment. Calibration text (what the criteria, the compensation "
+        "and the reconstruction saw): the bundled Gutenberg prose, 10 x 128 tokens for scoring "
+        "and for the compensation means (seed 0), 32 x 128 other windows of it for the "
+        "reconstruction (seed 1). Evaluation text (what the perplexities saw, never used for "
+        "anything else): the first 4096 tokens of the WikiText-2 raw test split, windows of "
+        "128, the summary's text. Each criterion ranks as it was registered: flap "
+        "`global_raw` (channel scores standardised per layer and module, a head or KV group "
+        "the mean of its channels, compared directly: FLAP's adaptive structure), wanda_sp `local` (the same fraction of every group), second_moment "
+        "`global`. `compensate`: FLAP's baseline bias compensation (removed channels' mean "
+        "input times their weight columns, added as a bias to the layer that read them); "
+        "`reconstruct`: the sequential least-squares pass (pre and post, damping 4, output "
+        "correction), without compensation (the two do not combine). One cell at a time on "
+        "one thread; 20% ran first."),
     "speed": (
         "Speed and memory of SmolLM2-135M pruned by 20% next to dense",
         ["speed.py", "--ratio", "0.2", "--batch", "16", "--round-to", "64"],

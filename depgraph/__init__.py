@@ -15,8 +15,9 @@ from .errors import (
     UnsupportedOpError,
 )
 from .graph import DependencyGraph, build_graph
-from .groups import Group
-from .kinds import Kind, Tag
+from .groups import Group, Member, Use
+from .kinds import Kind, Role, Tag
 
-__all__ = ["build_graph", "DependencyGraph", "Group", "Kind", "Tag", "DepGraphError", "UnsupportedOpError",
-           "RuleError", "LayoutError", "TraceError", "PlanError", "NonFiniteError"]
+__all__ = ["build_graph", "DependencyGraph", "Group", "Member", "Use", "Kind", "Role", "Tag",
+           "DepGraphError", "UnsupportedOpError", "RuleError", "LayoutError", "TraceError",
+           "PlanError", "NonFiniteError"]

@@ -30,6 +30,7 @@ from .kinds import Tag
 from .layout import AxisStore
 from .paths import atomic_files, write_text_atomically
 from .propagate import Propagator, Value
+from .roles import parameter_uses
 from .trace import Trace, trace_model
 
 __all__ = ["DependencyGraph", "build_graph", "graph_of_trace"]
@@ -87,12 +88,14 @@ class DependencyGraph:
         store = self.store
         order = {name: i for i, name in enumerate(self.trace.param_shapes)}
         members: dict[int, list[Member]] = defaultdict(list)
+        uses = parameter_uses(self.trace)
         fixed = []
         for (param, dim), layout in sorted(self._param_layouts.items(),
                                            key=lambda item: (order[item[0][0]], item[0][1])):
             atoms = [a for a in store.atoms(layout) if store.sizes[a] > 1]
             for root in atoms:
-                members[root].append(Member(param, dim, layout.size, layout))
+                members[root].append(Member(param, dim, layout.size, layout,
+                                           uses.get((param, dim), ())))
             reasons = sorted({r for a in atoms for r in store.pins.get(a, [])})
             free = [a for a in atoms if a not in store.pins]
             if not free:

@@ -12,6 +12,13 @@ Kinds come from what the graph shows, never from module names:
 * ``expert``: an axis whose rows are looked up by routing indices (``topk`` over a router);
 * ``hidden``: an axis whose members span several blocks (the residual stream);
 * ``mlp``: any other block-local axis (the inner channels of a depth-2 module).
+
+Each member also says what it does with the channels (:class:`Use`, from the traced ops,
+see :mod:`depgraph.roles`): a projection that *produces* them (its output axis), one that
+*consumes* them (its input axis: the columns a Wanda score or a bias compensation
+multiplies), a bias, a norm's scale or shift, an embedding table. ``group.units_of(member)``
+maps each position along the member's dim to its unit; ``group.unit_sums(member, values)``
+sums a per-position vector per unit.
 """
 
 from __future__ import annotations
@@ -24,10 +31,10 @@ import numpy as np
 import torch
 
 from .errors import PlanError
-from .kinds import Kind, Tag
+from .kinds import Kind, Role, Tag
 from .layout import AxisStore, Layout
 
-__all__ = ["Group", "Member", "ZERO_UNSAFE_TAGS", "block_index"]
+__all__ = ["Group", "Member", "Use", "ZERO_UNSAFE_TAGS", "block_index"]
 
 ZERO_UNSAFE_TAGS = frozenset({Tag.NORMALIZING, Tag.ACTIVATION_CONTRACTION, Tag.ATTENTION_LOGITS})
 _BLOCK = re.compile(r"\.(\d+)\.")
@@ -40,13 +47,39 @@ def block_index(name: str) -> int | None:
 
 
 @dataclass(frozen=True)
+class Use:
+    """One way the traced forward uses a parameter dim: its :class:`~depgraph.kinds.Role`
+    and the module whose forward made the call (``"lm_head"`` for a tied embedding read by
+    the output projection; ``""`` at the top level)."""
+
+    role: Role
+    module: str
+
+
+@dataclass(frozen=True)
 class Member:
-    """One parameter dim of a group."""
+    """One parameter dim of a group.
+
+    ``param`` (a name of ``model.named_parameters()``), ``dim`` (the axis the group's
+    channels run along), ``size`` (positions along it), ``uses`` (what the forward does with
+    them: :class:`Use`).
+    """
 
     param: str
     dim: int
     size: int
     layout: Layout
+    uses: tuple[Use, ...] = ()
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        """The distinct roles of :attr:`uses`, in order (e.g. ``(Role.CONSUMER,)``)."""
+        return tuple(dict.fromkeys(use.role for use in self.uses))
+
+    def modules(self, role: Role | str) -> list[str]:
+        """Paths of the modules that use this member in ``role`` (e.g. the projection that
+        reads a consumer's channels: ``"model.layers.3.mlp.down_proj"``)."""
+        return [use.module for use in self.uses if use.role == role]
 
 
 @dataclass
@@ -95,6 +128,58 @@ class Group:
             out.append((member.param, member.dim, torch.from_numpy(indices)))
         return out
 
+    def members_with(self, role: Role | str) -> list[Member]:
+        """The members used in ``role`` (``Role.CONSUMER``: the weights that read the
+        group's channels along ``member.dim``; ``Role.PRODUCER``: those that write them)."""
+        return [m for m in self.members if role in m.roles]
+
+    def _member_index(self, member: Member | int) -> int:
+        if isinstance(member, int) and not isinstance(member, bool):
+            if not 0 <= member < len(self.members):
+                raise ValueError(f"member index {member} is out of range for group "
+                                 f"{self.id!r} (expected 0 <= index < {len(self.members)})")
+            return member
+        for index, candidate in enumerate(self.members):
+            if candidate == member:
+                return index
+        raise ValueError(f"{member!r} is not a member of group {self.id!r}")
+
+    def units_of(self, member: Member | int) -> np.ndarray:
+        """For each position along ``member.dim``: the unit it belongs to (``-1``: none).
+
+        ``np.nonzero(group.units_of(m) == u)[0]`` are the positions of unit ``u`` in that
+        member (what ``slices([u])`` lists for it).
+
+        Raises
+        ------
+        ValueError
+            ``member`` is neither one of :attr:`members` nor an index into them.
+        """
+        return self._coords[self._member_index(member)].copy()
+
+    def unit_sums(self, member: Member | int, values) -> np.ndarray:
+        """``values`` (one number per position along ``member.dim``) summed per unit:
+        an array of :attr:`num_units` float64 (a per-channel score -> a per-unit score).
+
+        Raises
+        ------
+        ValueError
+            ``values`` does not have one entry per position of the member.
+        """
+        index = self._member_index(member)
+        array = (values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor)
+                 else np.asarray(values, dtype=np.float64)).reshape(-1)
+        coords = self._coords[index]
+        if array.shape != coords.shape:
+            raise ValueError(f"values for member {self.members[index].param!r} of group "
+                             f"{self.id!r} have {array.size} entries, expected "
+                             f"{coords.size} (one per position along dim "
+                             f"{self.members[index].dim})")
+        out = np.zeros(self.num_units, dtype=np.float64)
+        keep = coords >= 0
+        np.add.at(out, coords[keep], array[keep])
+        return out
+
     @cached_property
     def channels_per_unit(self) -> list[int]:
         """For each member, how many positions along its dim one unit covers."""
@@ -118,7 +203,9 @@ class Group:
             "min_units": self.min_units, "multiple": self.multiple,
             "constraints": list(self.constraints),
             "members": [{"param": m.param, "dim": m.dim, "size": m.size,
-                         "channels_per_unit": c, "layout": str(self.store.resolve(m.layout))}
+                         "channels_per_unit": c, "layout": str(self.store.resolve(m.layout)),
+                         "roles": [str(r) for r in m.roles],
+                         "uses": [{"role": str(u.role), "module": u.module} for u in m.uses]}
                         for m, c in zip(self.members, self.channels_per_unit, strict=True)],
         }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Kind", "Tag", "selects"]
+__all__ = ["Kind", "Role", "Tag", "selects"]
 
 
 class _Name(StrEnum):
@@ -24,6 +24,20 @@ class Kind(_Name):
     ATTENTION_HEAD = "attention_head"  # the head axis of an attention op
     KV_GROUP = "kv_group"  # one KV head and the query heads that share it
     EXPERT = "expert"  # rows looked up by routing indices (topk over a router)
+
+
+class Role(_Name):
+    """What a parameter dim does with a group's channels, as the traced ops show it
+    (:mod:`depgraph.roles`); a member of a group may have several (a tied embedding is read
+    by the embedding lookup and by the output projection)."""
+
+    PRODUCER = "producer"  # the output axis of a matrix product: writes the channels
+    CONSUMER = "consumer"  # the contracted (input) axis of a matrix product: reads them
+    BIAS = "bias"  # added to a matrix product's output channels
+    NORM = "norm"  # an elementwise scale or shift along the channels (norm weights, biases)
+    EMBEDDING = "embedding"  # the feature axis of a table looked up by token or position ids
+    LOOKUP = "lookup"  # rows picked by indices (a vocabulary, experts picked by a router)
+    OTHER = "other"  # any other use (views and ops the role pass does not follow)
 
 
 class Tag(_Name):

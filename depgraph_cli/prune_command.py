@@ -1,4 +1,11 @@
-"""``depgraph prune``: the pruning subcommand (registered by :mod:`depgraph_cli.main`)."""
+"""``depgraph prune``: the pruning subcommand (registered by :mod:`depgraph_cli.main`).
+
+Two modes: ``--ratio R`` scores the groups with ``--importance`` (a registered name, an
+installed plug-in's name, or ``package.module:function``) and removes the weakest;
+``--plan PLAN.json`` applies a plan made by any other tool, ``{group_id: [units]}`` with
+the ids of ``depgraph inspect --json``, validated exactly as :func:`pruning.apply_plan`
+validates it. Both take ``--compensate`` (bias compensation over the calibration text).
+"""
 
 from __future__ import annotations
 
@@ -19,18 +26,32 @@ def add_prune(subparsers) -> None:
         "prune", help="score coupled groups, remove the weakest, save a normal HF folder",
         description="Criteria: " + "; ".join(f"{k}: {v}" for k, v in available_importance().items()))
     parser.add_argument("model", help="local folder, hub id, or 'default'")
-    parser.add_argument("--ratio", type=ratio, required=True, help="fraction of parameters to remove")
-    parser.add_argument("--importance", default="taylor", help="criterion name (default: taylor)")
+    parser.add_argument("--ratio", type=ratio, default=None,
+                        help="fraction of parameters to remove (or --plan)")
+    parser.add_argument("--plan", type=Path, default=None, metavar="PLAN.json",
+                        help="apply this plan instead of choosing one: a JSON object "
+                             "{group_id: [units]} (ids from `depgraph inspect --json`)")
+    parser.add_argument("--importance", default=None,
+                        help="criterion: a name above, an installed plug-in's name, or "
+                             "package.module:function (default: taylor)")
+    parser.add_argument("--compensate", action="store_true",
+                        help="add the mean contribution of removed channels back as biases "
+                             "(FLAP's bias compensation; reads --calib)")
     parser.add_argument("--calib", default="bundled",
                         help="bundled | wikitext2 | self | FILE | FOLDER | hf:NAME[:CONFIG[:SPLIT]]")
     parser.add_argument("--samples", type=positive_int, default=10, help="calibration samples (default 10)")
     parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sample (default 128)")
-    parser.add_argument("--kinds", default="mlp,attention",
-                        help="group kinds that may shrink: mlp, attention, hidden, experts")
+    parser.add_argument("--kinds", default=None,
+                        help="group kinds that may shrink: mlp, attention, hidden, experts "
+                             "(default: mlp,attention)")
     parser.add_argument("--layers", default=None, help="blocks that may shrink, e.g. 3:-2")
-    parser.add_argument("--ranking", default="global", choices=["global", "global_raw", "local"])
-    parser.add_argument("--round-to", type=positive_int, default=1, help="kept widths are multiples of N")
-    parser.add_argument("--aggregation", default="sum", choices=["sum", "mean", "max", "prod", "last"])
+    parser.add_argument("--ranking", default=None, choices=["global", "global_raw", "local"],
+                        help="how units of different groups compare (default: the "
+                             "criterion's own, else global)")
+    parser.add_argument("--round-to", type=positive_int, default=None,
+                        help="kept widths are multiples of N (default 1)")
+    parser.add_argument("--aggregation", default=None, choices=["sum", "mean", "max", "prod", "last"],
+                        help="how a unit's per-parameter scores combine (default: sum)")
     parser.add_argument("--tau", type=float, default=None, help="JS threshold for retraining_free")
     parser.add_argument("--reconstruct", nargs="?", const="both", default=None,
                         choices=["pre", "post", "both"],
@@ -65,14 +86,58 @@ def quick_ppl(model, tokenizer, tokens: int) -> float | None:
                             max_tokens=tokens)["ppl"])
 
 
+#: Options that choose a plan, which ``--plan`` makes meaningless.
+_CHOOSING = ("ratio", "importance", "kinds", "layers", "ranking", "round_to", "aggregation",
+             "tau", "reconstruct")
+
+
 def _check_options(args: argparse.Namespace) -> None:
-    """Options that the chosen criterion would silently ignore are refused."""
+    """Options that would be silently ignored are refused; the defaults are filled in."""
     from pruning.importance import available_importance, importance_options
 
+    if args.plan is not None:
+        given = [f"--{name.replace('_', '-')}" for name in _CHOOSING
+                 if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"--plan applies the given plan; {', '.join(given)} would choose "
+                             f"another: drop {'it' if len(given) == 1 else 'them'}")
+        return
+    if args.ratio is None:
+        raise ValueError("--ratio is required (or --plan PLAN.json to apply a given plan)")
+    if args.compensate and args.reconstruct:
+        raise ValueError("--compensate and --reconstruct do not combine: the least-squares "
+                         "refit of the layers that read removed channels replaces the "
+                         "compensation; choose one")
+    args.importance = args.importance or "taylor"
+    args.kinds = args.kinds or "mlp,attention"
+    args.round_to = args.round_to or 1
+    args.aggregation = args.aggregation or "sum"
     if args.tau is not None and "tau" not in importance_options(args.importance):
         users = [name for name in available_importance() if "tau" in importance_options(name)]
         raise ValueError(f"--tau is read only by --importance {' or '.join(users)}; "
                          f"{args.importance!r} would ignore it")
+
+
+def read_plan(path: Path) -> dict:
+    """The plan in a JSON file: an object ``{group_id: [units]}``; ValueError otherwise
+    (group ids and units are checked against the model by :func:`pruning.apply_plan`)."""
+    from pruning.apply import plan_units
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--plan {str(path)!r} cannot be read ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--plan {str(path)!r} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--plan {str(path)!r} must hold a JSON object {{group_id: [units]}}, "
+                         f"got {type(data).__name__}")
+    if isinstance(data.get("plan"), dict) and "criterion" in data:
+        raise ValueError(f"--plan {str(path)!r} looks like the --json report of `depgraph "
+                         f"prune`: write its \"plan\" object to a file of its own")
+    for group_id, units in data.items():
+        plan_units(group_id, units)  # PlanError: not a list of integers
+    return data
 
 
 def _preflight(args: argparse.Namespace):
@@ -84,14 +149,19 @@ def _preflight(args: argparse.Namespace):
     from .models import load_config, resolve_model_path
     from .outputs import Output, check_outputs
 
-    get_importance(args.importance)  # fail fast on an unknown name
     _check_options(args)
     _check_device(args.device)
+    if args.plan is None:
+        get_importance(args.importance)  # fail fast on an unknown name
     source = resolve_model_path(args.model)
     if args.stream:
         _check_stream(args, source)
+    inputs = [("MODEL", source), ("--calib", args.calib)]
     check_outputs([Output("--out", args.out, folder=True), Output("--json", args.json)],
-                  [("MODEL", source), ("--calib", args.calib)], overwrite=args.overwrite)
+                  inputs + ([("--plan", args.plan)] if args.plan is not None else []),
+                  overwrite=args.overwrite)
+    if args.plan is not None:
+        args.plan_data = read_plan(args.plan)
     check_seq_len(load_config(source), args.seq_len, "--seq-len")
     if isinstance(source, Path):
         check_weight_files(source)
@@ -118,6 +188,9 @@ def _check_stream(args: argparse.Namespace, source) -> None:
     if not isinstance(source, Path):
         raise ValueError(f"--stream reads a local model folder; {args.model!r} is a hub id "
                          "(download it first, e.g. with huggingface-cli download)")
+    if args.plan is not None:
+        raise ValueError("--plan applies a given plan to the model in memory; --stream chooses "
+                         "its own plan block by block (drop one of them)")
     check_streamable(_settings(args))
 
 
@@ -128,7 +201,8 @@ def _settings(args: argparse.Namespace):
         ratio=args.ratio, importance=args.importance, calib=args.calib, n_samples=args.samples,
         seq_len=args.seq_len, kinds=args.kinds, layers=args.layers, ranking=args.ranking,
         round_to=args.round_to, aggregation=args.aggregation, seed=args.seed,
-        options={"tau": args.tau} if args.tau is not None else {})
+        options={"tau": args.tau} if args.tau is not None else {},
+        compensate=getattr(args, "compensate", False))
 
 
 class BlockProgress:
@@ -227,13 +301,8 @@ def _run_streamed(args: argparse.Namespace, source: Path) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-
     from depgraph.paths import atomic_files
-    from depgraph.progress import progress_bar
-    from pruning.importance import get_importance
     from pruning.io import save_pruned
-    from pruning.prune import prune
-    from recovery import prune_and_reconstruct
 
     from .fingerprint import dense_record
     from .model_checks import check_finite
@@ -247,7 +316,50 @@ def run_prune(args: argparse.Namespace) -> int:
     model = load_model(source, device=args.device)  # a pruned folder too
     tokenizer = load_tokenizer(source)
     check_finite(model, args.model)
+    if args.plan is not None:
+        result, before_ppl = _apply_plan_file(model, tokenizer, args)
+    else:
+        before_ppl = quick_ppl(model, tokenizer, args.ppl_tokens)
+        result = _choose_and_prune(model, tokenizer, args)
+    after_ppl = quick_ppl(result.model, tokenizer, args.ppl_tokens)
+    stats = {**result.stats, **dense, "model_spec": args.model, "ppl_before": before_ppl,
+             "ppl_after": after_ppl, "ppl_tokens": args.ppl_tokens, "calib": args.calib,
+             "seed": args.seed, "layers": args.layers, "kinds": args.kinds,
+             "plan_file": str(args.plan) if args.plan is not None else None}
+    with atomic_files(*[p for p in (args.json,) if p]) as staged:  # written after --out
+        for file in staged:
+            file.write_text(json.dumps({**stats, "plan": result.plan}, indent=1, default=str))
+        save_pruned(result.model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
+                    extra={key: value for key, value in stats.items() if key != "kept_widths"})
+    print(_table(stats))
+    print(f"\nsaved the pruned model to {args.out}")
+    return 0
+
+
+def _apply_plan_file(model, tokenizer, args: argparse.Namespace):
+    """``--plan``: the plan checked against the model's groups before any other work (the
+    errors of :func:`pruning.apply_plan`), then applied, compensated with ``--compensate``."""
+    from depgraph import build_graph
+    from pruning.apply import plan_slices
+    from pruning.calibration import calibration_tokens
+    from pruning.prune import apply_given_plan
+
+    graph = build_graph(model)
+    plan_slices(graph, args.plan_data)  # PlanError naming the group or unit
     before_ppl = quick_ppl(model, tokenizer, args.ppl_tokens)
+    tokens = calibration_tokens(tokenizer, args.calib, n_samples=args.samples,
+                                seq_len=args.seq_len, seed=args.seed,
+                                model=model) if args.compensate else None
+    return apply_given_plan(model, args.plan_data, graph, tokens=tokens), before_ppl
+
+
+def _choose_and_prune(model, tokenizer, args: argparse.Namespace):
+    """``--ratio``: score, select and apply (block by block with ``--reconstruct``)."""
+    from depgraph.progress import progress_bar
+    from pruning.importance import get_importance
+    from pruning.prune import prune
+    from recovery import prune_and_reconstruct
+
     data_passes = get_importance(args.importance)[1] or args.reconstruct  # else nothing to count
     progress = progress_bar(total=args.samples, desc="scoring") if data_passes else None
     settings = _settings(args)
@@ -259,19 +371,7 @@ def run_prune(args: argparse.Namespace) -> int:
         result = prune(model, settings=settings, tokenizer=tokenizer, progress=progress)
     if progress is not None:
         progress.close()
-    after_ppl = quick_ppl(result.model, tokenizer, args.ppl_tokens)
-    stats = {**result.stats, **dense, "model_spec": args.model, "ppl_before": before_ppl,
-             "ppl_after": after_ppl, "ppl_tokens": args.ppl_tokens, "calib": args.calib,
-             "seed": args.seed, "layers": args.layers, "kinds": args.kinds,
-             "ranking": args.ranking}
-    with atomic_files(*[p for p in (args.json,) if p]) as staged:  # written after --out
-        for file in staged:
-            file.write_text(json.dumps({**stats, "plan": result.plan}, indent=1, default=str))
-        save_pruned(result.model, args.out, tokenizer=tokenizer, overwrite=args.overwrite,
-                    extra={key: value for key, value in stats.items() if key != "kept_widths"})
-    print(_table(stats))
-    print(f"\nsaved the pruned model to {args.out}")
-    return 0
+    return result
 
 
 def _table(stats: dict) -> str:
@@ -283,6 +383,8 @@ def _table(stats: dict) -> str:
     for kind, width in sorted(stats["kept_widths"].items()):
         rows.append((f"kept {kind} units (mean)", "", f"{width:.1f}"))
     rows.append(("criterion", "", stats["criterion"]))
+    if stats.get("compensation"):
+        rows.append(("bias compensation", "", f"{stats['compensation']['modules']} layers"))
     recon = stats.get("reconstruction")
     if recon:
         steps = "+".join(step for step in ("pre", "post") if recon[step])

@@ -7,9 +7,12 @@ everything that can be checked exactly:
    model must give the logits of the original with the same slices zeroed, and its
    parameter shapes must be what ``slices`` promised;
 2. a random plan over groups of every kind (hidden and experts included, widths not
-   aligned by hand beyond the constraints the groups declare): the pruned model runs, its
-   re-built graph holds the same groups with the removed units gone, and both save paths
-   (``model.save_pretrained`` and :func:`pruning.save_pruned`) reload through
+   aligned by hand beyond the constraints the groups declare), applied with bias
+   compensation (:func:`pruning.compensation_biases` from the inputs of a few tokens: every
+   layer that reads removed channels gets a bias, one it lacked is added): the pruned model
+   runs, its re-built graph holds the same groups with the removed units gone, the added
+   biases make ``config_exact`` false (plain ``from_pretrained`` would drop them), and both
+   save paths (``model.save_pretrained`` and :func:`pruning.save_pruned`) reload through
    :func:`pruning.load_pruned` to the same logits in the same dtype;
 3. a *uniform* plan (every block loses as many units of each kind): where the config
    describes the pruned model, plain ``AutoModelForCausalLM.from_pretrained`` reloads it.
@@ -34,7 +37,15 @@ import torch
 from torch import nn
 
 from depgraph import DepGraphError, RuleError, build_graph
-from pruning import apply_plan, load_pruned, plan_slices, save_pruned, zero_plan
+from pruning import (
+    apply_plan,
+    compensation_biases,
+    input_statistics,
+    load_pruned,
+    plan_slices,
+    save_pruned,
+    zero_plan,
+)
 from pruning.apply import library_class
 from pruning.probe import exclude_unprunable
 
@@ -124,7 +135,8 @@ def _check_shapes(model: nn.Module, pruned: nn.Module, graph, plan: dict) -> Non
     expected = {name: list(p.shape) for name, p in model.named_parameters()}
     for (name, dim), indices in plan_slices(graph, plan).items():
         expected[name][dim] -= len(indices)
-    found = {name: list(p.shape) for name, p in pruned.named_parameters()}
+    added = set((getattr(getattr(pruned, "config", None), "depgraph", None) or {}).get("added", ()))
+    found = {name: list(p.shape) for name, p in pruned.named_parameters() if name not in added}
     if found != expected:
         wrong = sorted(n for n in expected if found.get(n) != expected[n])[:3]
         raise CycleFailure(f"shapes differ from slices() at {wrong}: "
@@ -198,7 +210,10 @@ def check_cycle(model: nn.Module, seed: int = 0, folder: str | Path | None = Non
                             ("uniform", uniform_plan(graph, rng))):
             if not plan:
                 continue
-            pruned = apply_plan(copy.deepcopy(model), plan, graph)
+            pruned = copy.deepcopy(model)
+            biases = _compensation(pruned, graph, plan, ids) if label == "any" else None
+            apply_plan(pruned, plan, graph, biases=biases)
+            _check_added(pruned, biases)
             _check_shapes(model, pruned, graph, plan)
             _logits(pruned, ids)
             _check_regroup(pruned, graph, plan)
@@ -206,7 +221,30 @@ def check_cycle(model: nn.Module, seed: int = 0, folder: str | Path | None = Non
             out.mkdir()
             _check_reload(pruned, ids, out, plain=label == "uniform")
             done[label] = sum(len(v) for v in plan.values())
+            if biases:
+                done["compensated_layers"] = len(biases)
     return done
+
+
+def _compensation(model: nn.Module, graph, plan: dict, ids: torch.Tensor) -> dict:
+    """Bias compensation of ``plan`` from the consumers' inputs on ``ids``."""
+    stats = input_statistics(model, [graph.group(group_id) for group_id in plan], ids)
+    return compensation_biases(model, plan, stats, graph)
+
+
+def _check_added(pruned: nn.Module, biases: dict | None) -> None:
+    """Every compensated layer has its bias, every added tensor is recorded and in the
+    model, and config_exact no longer claims that the config alone describes the model."""
+    record = getattr(getattr(pruned, "config", None), "depgraph", None) or {}
+    added = set(record.get("added", ()))
+    names = set(dict(pruned.named_parameters()))
+    if added - names:
+        raise CycleFailure(f"recorded added tensors {sorted(added - names)[:3]} are not in the model")
+    without = [path for path in biases or {} if pruned.get_submodule(path).bias is None]
+    if without:
+        raise CycleFailure(f"compensation left {without[:3]} without a bias")
+    if added and record.get("config_exact"):
+        raise CycleFailure(f"config_exact claims a plain load, but {sorted(added)[:3]} were added")
 
 
 def tiny_dense_model(model_type: str, seed: int = 0) -> nn.Module:

@@ -10,15 +10,19 @@ unit out of range, every unit of a group) and changes nothing if it is refused. 
 3. copies the scalar attributes (``num_heads``, ``head_dim``, ``in_features`` ...) of every
    module from a meta-device model built from that config, so the eager code, ``generate()``
    and ``save_pretrained`` see consistent sizes;
-4. records the plan in ``model.config.depgraph`` so :func:`pruning.load_pruned` can rebuild
-   any pruned model, including non-uniform ones.
+4. adds the bias changes passed as ``biases`` (bias compensation,
+   :mod:`pruning.compensation`), registering a bias where a layer had none;
+5. records the plan (and any tensor it added) in ``model.config.depgraph`` so
+   :func:`pruning.load_pruned` can rebuild any pruned model, including non-uniform ones.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +30,7 @@ from depgraph import DependencyGraph, build_graph
 from depgraph.errors import PlanError
 
 from .attributes import sync_by_extent
+from .compensation import output_dim, takes_bias
 from .config_solver import model_shapes, probe_config
 from .plan_configs import (
     RECORD_KEY,
@@ -37,7 +42,8 @@ from .plan_configs import (
 )
 from .rollback import ModelState, check_runs, steps_that_run
 
-__all__ = ["apply_plan", "zero_plan", "plan_slices", "cut", "RECORD_KEY", "REPLAYS_PLANS"]
+__all__ = ["apply_plan", "zero_plan", "plan_slices", "plan_units", "check_biases", "add_biases",
+           "cut", "RECORD_KEY", "REPLAYS_PLANS"]
 
 #: Marks the class ``load_pruned`` derives to replay plans while it is built: models of the
 #: new sizes are built from the library class above it, never from it.
@@ -52,13 +58,13 @@ def plan_slices(graph: DependencyGraph, plan: dict[str, list[int]]) -> dict[tupl
     for group_id, units in plan.items():
         try:
             group = graph.group(group_id)
-        except KeyError:
-            if group_id in graph.excluded():
+        except (KeyError, TypeError):
+            if isinstance(group_id, str) and group_id in graph.excluded():
                 raise PlanError(f"group {group_id!r} in plan was excluded: "
                                 f"{graph.excluded()[group_id]}") from None
             raise PlanError(f"unknown group {group_id!r} in plan (expected one of the "
                             f"{len(graph.groups())} ids of graph.groups())") from None
-        unique = {int(u) for u in units}
+        unique = plan_units(group_id, units)
         if len(unique) >= group.num_units:
             raise PlanError(f"plan removes all {group.num_units} units of group {group_id!r}; "
                             f"at least one must stay")
@@ -69,6 +75,24 @@ def plan_slices(graph: DependencyGraph, plan: dict[str, list[int]]) -> dict[tupl
         for param, dim, indices in group.slices(sorted(unique)):
             drops[(param, dim)].update(indices.tolist())
     return {key: torch.tensor(sorted(v), dtype=torch.long, device="cpu") for key, v in drops.items() if v}
+
+
+def _is_integer(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def plan_units(group_id: str, units: object) -> set[int]:
+    """The plan's units of one group as ints; PlanError unless a collection of integers."""
+    if isinstance(units, (str, bytes, Mapping)) or not isinstance(units, Iterable):
+        raise PlanError(f"units of group {group_id!r} must be a list of integers, got "
+                        f"{units!r}")
+    values = list(units)
+    bad = [u for u in values if not _is_integer(u)]
+    if bad:
+        raise PlanError(f"units of group {group_id!r} must be integers, got {bad[0]!r}")
+    return {int(u) for u in values}
 
 
 def zero_plan(model: nn.Module, plan: dict[str, list[int]], graph: DependencyGraph | None = None
@@ -83,20 +107,37 @@ def zero_plan(model: nn.Module, plan: dict[str, list[int]], graph: DependencyGra
 
 
 def apply_plan(model: nn.Module, plan: dict[str, list[int]],
-               graph: DependencyGraph | None = None) -> nn.Module:
+               graph: DependencyGraph | None = None, *,
+               biases: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Remove the plan's units from ``model`` in place and return it (see module docs).
+
+    Parameters
+    ----------
+    model : the model to prune.
+    plan : ``{group_id: [units to remove]}`` (ids of ``graph.groups()``; units are integers).
+    graph : ``build_graph(model)`` (built here when not given).
+    biases : ``{module path: change of its bias}``, each over the module's outputs *before*
+        the plan (:func:`pruning.compensation_biases`); the entries of outputs the plan
+        removes are dropped, the rest added to the module's bias (created if it had none).
+
+    Returns
+    -------
+    The same ``model``, pruned.
 
     Raises
     ------
     PlanError
-        A bad plan (unknown group, unit out of range, every unit of a group, a count that
-        breaks a group's constraints), no attribute setting that fits, or a pruned model
-        that fails a forward pass of a few tokens; the model is then left exactly as it was.
+        A bad plan (not a dict of group ids to integer units, unknown group, unit out of
+        range, every unit of a group, a count that breaks a group's constraints), a bad
+        ``biases`` entry (no such layer, a layer that does not add a bias, a wrong length,
+        non-finite values), no attribute setting that fits, or a pruned model that fails a
+        forward pass of a few tokens; the model is then left exactly as it was.
     """
     graph = graph or build_graph(model)
     drops = plan_slices(graph, plan)
+    checked = check_biases(model, biases or {})
     if not drops:
-        return model
+        return _only_biases(model, checked) if checked else model
     params = dict(model.named_parameters())
     target = {name: list(shape) for name, shape in model_shapes(model).items()}
     for (name, dim), indices in drops.items():
@@ -120,12 +161,81 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
             sync_attributes(model, configs, library_class(model))
         else:
             _sync_unsolved(model, graph, plan, scopes)
+        added = add_biases(model, checked, drops)
         _check_runs(model, steps)
     except BaseException:  # refused after slicing: put everything back as it was
         state.restore()
         raise
-    _record(model, original, plan, configs)
+    _record(model, original, plan, configs, added)
     return model
+
+
+def _only_biases(model: nn.Module, checked: dict) -> nn.Module:
+    """Add bias changes without slicing anything (a plan that removes nothing)."""
+    state = ModelState(model)
+    try:
+        added = add_biases(model, checked, {})
+        _check_runs(model)
+    except BaseException:
+        state.restore()
+        raise
+    config = getattr(model, "config", None)
+    if added and config is not None:
+        record = copy.deepcopy(getattr(config, RECORD_KEY, None) or {})
+        if "original_config" not in record:
+            original = {k: v for k, v in config.to_dict().items() if k != RECORD_KEY}
+            record = {"original_config": original, "plans": [], "replay": []}
+        record["added"] = sorted({*record.get("added", ()), *added})
+        record["config_exact"] = False
+        setattr(config, RECORD_KEY, record)
+    return model
+
+
+def check_biases(model: nn.Module, biases: Mapping[str, torch.Tensor]
+                 ) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """``{path: (module, 1-D float64 change)}`` for ``biases``; PlanError if one is bad."""
+    if not isinstance(biases, Mapping):
+        raise PlanError(f"biases must be a dict {{module path: tensor}}, got "
+                        f"{type(biases).__name__}")
+    checked = {}
+    for path, delta in biases.items():
+        try:
+            module = model.get_submodule(path) if isinstance(path, str) else None
+        except AttributeError:
+            module = None
+        if module is None or not takes_bias(module):
+            raise PlanError(f"biases names {path!r}, which is not a layer of the model that "
+                            f"adds a bias (expected the path of an nn.Linear or Conv1D)")
+        tensor = torch.as_tensor(delta).detach().double().cpu().reshape(-1)
+        size = module.weight.shape[output_dim(module)]
+        if tensor.numel() != size or not torch.isfinite(tensor).all():
+            raise PlanError(f"the bias change for {path!r} must be {size} finite numbers (one "
+                            f"per output before pruning), got {tensor.numel()}")
+        checked[path] = (module, tensor)
+    return checked
+
+
+def add_biases(model: nn.Module, checked: dict, drops: dict) -> list[str]:
+    """Add each checked change to its module's bias (sliced like the module's outputs);
+    returns the names of the bias parameters this created."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    added = []
+    for path, (module, delta) in checked.items():
+        weight = module.weight
+        dim = output_dim(module)
+        drop = drops.get((names.get(id(weight), f"{path}.weight"), dim))
+        if drop is not None and drop.numel():
+            keep = torch.ones(delta.numel(), dtype=torch.bool)
+            keep[drop] = False
+            delta = delta[keep]
+        change = delta.to(dtype=weight.dtype, device=weight.device)
+        if module.bias is None:
+            module.bias = nn.Parameter(change.clone(), requires_grad=weight.requires_grad)
+            added.append(f"{path}.bias")
+        else:
+            with torch.no_grad():
+                module.bias.add_(change)
+    return added
 
 
 def library_class(model: nn.Module) -> type:
@@ -177,10 +287,12 @@ def _keep(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def _record(model: nn.Module, original: dict, plan: dict, configs: dict) -> None:
+def _record(model: nn.Module, original: dict, plan: dict, configs: dict,
+            added: list[str] = ()) -> None:
     """Record the plan in ``model.config.depgraph``: ``plans`` (every plan applied, for the
-    history), ``replay`` (the plans applied since the config last described the model: what
-    ``load_pruned`` applies to the folder's own config) and ``config_exact``."""
+    history), ``replay`` (the plans applied since the config last described the model's
+    shapes: what ``load_pruned`` applies to the folder's own config), ``added`` (tensors
+    the model class does not create, e.g. compensation biases) and ``config_exact``."""
     config = getattr(model, "config", None)
     if config is None:
         return
@@ -193,7 +305,10 @@ def _record(model: nn.Module, original: dict, plan: dict, configs: dict) -> None
         record["replay"] = [] if record.get("config_exact", True) else list(record["plans"])
     applied = {gid: sorted(int(u) for u in units) for gid, units in plan.items() if len(units)}
     record["plans"].append(applied)
-    # config_exact: model.config alone describes the model (plain from_pretrained loads it)
-    record["config_exact"] = configs is not None and None in configs
-    record["replay"] = [] if record["config_exact"] else [*record["replay"], applied]
+    solved = configs is not None and None in configs  # the config describes the shapes
+    record["replay"] = [] if solved else [*record["replay"], applied]
+    record["added"] = sorted({*record.get("added", ()), *added})
+    # config_exact: model.config alone describes the model (plain from_pretrained loads it
+    # exactly); an added tensor, which the model class would not create, rules that out
+    record["config_exact"] = solved and not record["added"]
     setattr(config, RECORD_KEY, record)

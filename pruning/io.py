@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -141,6 +142,31 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
     record = getattr(config, RECORD_KEY, None)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or "auto")
     replay = _replay(config, record)
+    with _quiet_report(bool((record or {}).get("added"))):
+        model, info = _load(path, config, record, replay, dtype)
+    _restore_every_tensor(model, path, info)
+    return model.to(device).eval()
+
+
+@contextmanager
+def _quiet_report(quiet: bool):
+    """No load report for the tensors the record says were added (they are restored and
+    checked here, every one of them), while ``from_pretrained`` runs."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load(path: Path, config, record: dict | None, replay, dtype):
+    """``(model, loading info)``: plain ``from_pretrained``, or the class that replays."""
     if not replay:
         model, info = _model_class(config).from_pretrained(path, dtype=dtype,
                                                            output_loading_info=True)
@@ -161,8 +187,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
         model, info = pruned_class.from_pretrained(path, config=base_config, dtype=dtype,
                                                    output_loading_info=True)
         setattr(model.config, RECORD_KEY, record)
-    _restore_every_tensor(model, path, info)
-    return model.to(device).eval()
+    return model, info
 
 
 def _tie_as_saved(model: nn.Module) -> None:
@@ -190,8 +215,8 @@ def _replay(config, record: dict | None):
     """``(config to build, plans to apply to it)``, or ``None`` when ``config`` describes
     the model. Folders written before ``replay`` was recorded rebuild from the original
     config and every plan."""
-    if not record or record.get("config_exact", True):
-        return None
+    if not record or record.get("config_exact", True) or record.get("replay", None) == []:
+        return None  # the config describes the shapes (added tensors are restored after)
     base = copy.deepcopy(config)
     if hasattr(base, RECORD_KEY):
         delattr(base, RECORD_KEY)
@@ -211,7 +236,7 @@ def _restore_every_tensor(model: nn.Module, path: Path, info: dict) -> None:
     extra = sorted(info.get("unexpected_keys") or ())
     if not extra:
         return
-    tensors = _read_tensors(path, extra)
+    tensors = _read_tensors(path, extra, _load_names(model))
     modules = dict(model.named_modules())
     refused = []
     for key in extra:
@@ -234,14 +259,32 @@ def _reads(module: nn.Module, name: str) -> bool:
     return standard and name in ("bias", "weight") and getattr(module, name, None) is None
 
 
-def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+def _load_names(model: nn.Module):
+    """The name ``from_pretrained`` gives a key of the saved file: transformers renames
+    some on save and back on load (GPT-NeoX's ``lm_head`` is ``embed_out`` on disk), and
+    reports unexpected keys by their loaded name."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # a transformers without renaming on load
+        return lambda key: key
+    transforms = getattr(model, "_weight_conversions", None) or get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    return lambda key: apply_renamings(key, renamings)
+
+
+def _read_tensors(path: Path, keys: list[str], load_name=lambda key: key
+                  ) -> dict[str, torch.Tensor]:
+    """``{loaded name: tensor}`` of the saved tensors whose loaded name is in ``keys``."""
     from safetensors import safe_open
 
     wanted, found = set(keys), {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            for key in wanted & set(handle.keys()):
-                found[key] = handle.get_tensor(key)
+            for key in handle.keys():
+                name = key if key in wanted else load_name(key)
+                if name in wanted and name not in found:
+                    found[name] = handle.get_tensor(key)
     return found
 
 

@@ -19,7 +19,7 @@ in :func:`recovery.prune_and_reconstruct`.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -28,15 +28,17 @@ from torch import nn
 
 from depgraph import DependencyGraph, Group, Kind, build_graph
 
-from .apply import apply_plan
+from .apply import apply_plan, plan_slices
 from .calibration import calibration_tokens
-from .importance import ScoringContext, get_importance, score_groups
+from .compensation import compensation_biases
+from .importance import ScoringContext, importance_name, resolve_importance, score_groups
 from .probe import exclude_unprunable
 from .selection import RANKINGS, parse_layers, select_plan
+from .statistics import input_statistics
 
 __all__ = ["prune", "PruneResult", "PruneSettings", "KIND_ALIASES", "expand_kinds",
            "kept_widths", "eligible_groups", "score", "select", "calibration_for",
-           "settings_from", "pruned_result"]
+           "settings_from", "pruned_result", "compensation_for", "apply_given_plan"]
 
 #: User-facing kind names and the group kinds they stand for.
 KIND_ALIASES = {"attention": {Kind.ATTENTION_HEAD, Kind.KV_GROUP},
@@ -63,41 +65,54 @@ class PruneSettings:
     """How :func:`prune` chooses what goes; every value is checked here, before any work.
 
     ratio : fraction of all parameters to remove, in (0, 1); ``None`` with ``kind_ratios``.
-    importance : a registered criterion (``pruning.importance.available_importance``).
+    importance : a registered criterion (``pruning.available_importance()``), a
+        ``"package.module:function"`` or a callable (``pruning.importance.resolve_importance``).
     calib, n_samples, seq_len : calibration data when the criterion needs some.
     kinds : which group kinds may shrink (``"mlp,attention"``; add ``hidden``, ``experts``).
     layers : blocks that may shrink, as ``"3:-2"`` (LLM-Pruner keeps the first and last).
     ranking : ``global`` (scores normalised per group, ranked together), ``global_raw`` or
-        ``local`` (see :mod:`pruning.selection`).
+        ``local`` (see :mod:`pruning.selection`); ``None``: the ranking the criterion was
+        registered with (``flap``: ``global_raw``, ``wanda_sp``: ``local``), else ``global``.
     round_to : kept channel widths are multiples of this.
     aggregation : how a group's per-parameter scores combine (``sum``, ``max`` ...).
     kind_ratios : ``{kind: fraction of each group's units}`` instead of ``ratio``.
     seed : calibration sampling and any randomness of the criterion.
     options : criterion options (``{"tau": 0.3}``).
+    compensate : add to each layer that reads removed channels the bias those channels
+        contributed on average (their mean input over the calibration tokens times their
+        weight columns; FLAP's baseline bias compensation, :mod:`pruning.compensation`).
     """
 
     ratio: float | None = 0.2
-    importance: str = "taylor"
+    importance: str | Callable = "taylor"
     calib: str = "bundled"
     n_samples: int = 10
     seq_len: int = 128
     kinds: frozenset[Kind] | str = "mlp,attention"
     layers: str | None = None
-    ranking: str = "global"
+    ranking: str | None = None
     round_to: int = 1
     aggregation: str = "sum"
     kind_ratios: Mapping[str, float] | None = None
     seed: int = 0
     options: Mapping = field(default_factory=dict)
+    compensate: bool = False
+    #: whether ``ranking`` was taken from the criterion (so a new criterion brings its own)
+    ranking_from_criterion: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "kinds", expand_kinds(self.kinds))
         if self.kind_ratios is None and (self.ratio is None or isinstance(self.ratio, bool)
                                          or not 0 < self.ratio < 1):
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio!r}")
-        get_importance(self.importance)  # unknown criterion: ValueError naming the known ones
+        spec = resolve_importance(self.importance)  # unknown: ValueError naming the known ones
+        if self.ranking is None:
+            object.__setattr__(self, "ranking", spec.ranking or "global")
+            object.__setattr__(self, "ranking_from_criterion", True)
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        if not isinstance(self.compensate, bool):
+            raise ValueError(f"compensate must be True or False, got {self.compensate!r}")
         for name in ("n_samples", "seq_len", "round_to"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -143,8 +158,10 @@ def calibration_for(model: nn.Module, settings: PruneSettings, tokenizer=None,
                     n_samples: int | None = None) -> torch.Tensor:
     """Calibration windows as ``settings`` asks (``n_samples`` overrides its count)."""
     if tokenizer is None and settings.calib != "self":
-        raise ValueError(f"importance {settings.importance!r} needs calibration data: pass a "
-                         f"tokenizer (or tokens)")
+        what = ("compensation" if settings.compensate and not
+                resolve_importance(settings.importance).needs_data
+                else f"importance {resolve_importance(settings.importance).name!r}")
+        raise ValueError(f"{what} needs calibration data: pass a tokenizer (or tokens)")
     return calibration_tokens(tokenizer, settings.calib, n_samples=n_samples or settings.n_samples,
                               seq_len=settings.seq_len, seed=settings.seed, model=model)
 
@@ -154,7 +171,7 @@ def score(model: nn.Module, graph: DependencyGraph, groups: list[Group], setting
           ) -> tuple[dict[str, np.ndarray], dict]:
     """Per-unit importance of every group in ``groups`` (higher = keep), and the scoring's
     own numbers (``calibration`` shape, criterion statistics)."""
-    if get_importance(settings.importance)[1] and tokens is None:
+    if resolve_importance(settings.importance).needs_data and tokens is None:
         tokens = calibration_for(model, settings, tokenizer)
     context = ScoringContext(model, graph, groups, tokens=tokens, aggregation=settings.aggregation,
                              seed=settings.seed, options={**settings.options, "progress": progress})
@@ -182,7 +199,11 @@ def settings_from(settings: PruneSettings | None, **overrides) -> PruneSettings:
                 if "reconstruct" in unknown else "")
         raise ValueError(f"unknown prune settings {unknown}; expected some of {sorted(known)}{hint}")
     given = {k: v for k, v in overrides.items() if v is not None or k in ("ratio", "layers")}
-    return replace(settings, **given) if settings is not None else PruneSettings(**given)
+    if settings is None:
+        return PruneSettings(**given)
+    if settings.ranking_from_criterion and "ranking" not in given:
+        given["ranking"] = None  # a new criterion brings its own ranking
+    return replace(settings, **given)
 
 
 # ------------------------------------------------------------------------ composed
@@ -210,16 +231,62 @@ def prune(model: nn.Module, ratio: float | None = None, importance: str | None =
                                 tokens=tokens, progress=progress)
     score_stats["score_seconds"] = round(time.perf_counter() - start, 3)
     plan = select(model, groups, scores, settings)
-    apply_plan(model, plan, graph)
+    biases = None
+    if settings.compensate:
+        if tokens is None:
+            tokens = calibration_for(model, settings, tokenizer)
+        biases, score_stats["compensation"] = compensation_for(model, graph, plan, tokens)
+    apply_plan(model, plan, graph, biases=biases)
     return pruned_result(model, graph, plan, scores, settings, total, start, score_stats)
 
 
+def compensation_for(model: nn.Module, graph: DependencyGraph, plan: dict,
+                     tokens: torch.Tensor) -> tuple[dict, dict]:
+    """The biases that compensate ``plan`` (:func:`pruning.compensation_biases`) from the
+    inputs of its groups' consumers over ``tokens``, measured on ``model`` before the plan
+    is applied; and numbers to report (layers compensated, tokens, groups without a layer
+    that reads them as a plain projection)."""
+    pruned = [graph.group(group_id) for group_id in plan]
+    stats = input_statistics(model, pruned, tokens)
+    biases = compensation_biases(model, plan, stats, graph)
+    return biases, {"modules": len(biases), "tokens": int(tokens.numel()),
+                    "groups_without_consumer": sorted(g.id for g in pruned if not stats[g.id])}
+
+
+def apply_given_plan(model: nn.Module, plan: dict, graph: DependencyGraph | None = None, *,
+                     tokens: torch.Tensor | None = None) -> PruneResult:
+    """:func:`pruning.apply_plan` of a plan made elsewhere, with :func:`prune`'s result:
+    compensated (:func:`compensation_for`) when calibration ``tokens`` are given.
+
+    Raises
+    ------
+    PlanError
+        What :func:`pruning.apply_plan` refuses (the model is then left as it was).
+    """
+    start = time.perf_counter()
+    graph = graph or build_graph(model)
+    total = sum(p.numel() for p in model.parameters())
+    stats: dict = {}
+    biases = None
+    if tokens is not None:
+        plan_slices(graph, plan)  # refuse a bad plan before the calibration pass
+        biases, stats["compensation"] = compensation_for(model, graph, plan, tokens)
+    apply_plan(model, plan, graph, biases=biases)
+    return pruned_result(model, graph, plan, {}, None, total, start, stats)
+
+
 def pruned_result(model: nn.Module, graph: DependencyGraph, plan: dict, scores: dict,
-                  settings: PruneSettings, params_before: int, start: float, stats: dict
+                  settings: PruneSettings | None, params_before: int, start: float, stats: dict
                   ) -> PruneResult:
-    """The :class:`PruneResult` of a finished pruning run (``start``: its perf_counter)."""
+    """The :class:`PruneResult` of a finished pruning run (``start``: its perf_counter;
+    ``settings`` ``None`` for a plan made elsewhere)."""
     after = sum(p.numel() for p in model.parameters())
-    summary = {"criterion": settings.importance, "ratio_requested": settings.ratio,
+    chosen = ({"criterion": importance_name(settings.importance),
+               "ratio_requested": settings.ratio, "ranking": settings.ranking,
+               "compensate": settings.compensate} if settings is not None else
+              {"criterion": "given plan", "ratio_requested": None,
+               "compensate": "compensation" in stats})
+    summary = {**chosen,
                "params_before": params_before, "params_after": after,
                "ratio_removed": 1 - after / params_before, "kept_widths": kept_widths(graph, plan),
                "total_seconds": round(time.perf_counter() - start, 3), **stats}

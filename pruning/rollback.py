@@ -1,7 +1,8 @@
 """Putting a model back exactly as it was when a plan is refused half-way.
 
 :class:`ModelState` records, before ``apply_plan`` touches anything, what applying can
-change: every parameter's tensor (its ``.data``, which slicing replaces), every module's
+change: every parameter's tensor (its ``.data``, which slicing replaces) and which parameters
+each module holds (compensation registers biases), every module's
 plain attributes (sizes, ``config`` references), non-persistent buffers (recomputed from
 sizes) and the config's fields. :meth:`ModelState.restore` puts all of it back.
 
@@ -34,6 +35,7 @@ class ModelState:
     def __init__(self, model: nn.Module):
         self.model = model
         self.tensors = {name: (p, p.data) for name, p in model.named_parameters()}
+        self.slots = {module: dict(module._parameters) for module in model.modules()}
         self.attributes = {}
         self.buffers = {}
         for module in model.modules():
@@ -47,6 +49,9 @@ class ModelState:
         self.config = copy.deepcopy(vars(config)) if config is not None else None
 
     def restore(self) -> None:
+        for module, slots in self.slots.items():  # parameters registered since (a bias)
+            module._parameters.clear()
+            module._parameters.update(slots)
         for param, data in self.tensors.values():
             param.data = data
             param.grad = None

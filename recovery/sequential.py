@@ -286,6 +286,10 @@ def prune_and_reconstruct(model: nn.Module, ratio: float | None = None,
         options["importance"] = importance
     settings = settings_from(settings, **options)
     recon = sequential_settings(reconstruct)  # fail before any work
+    if settings.compensate:
+        raise ValueError("compensate=True does not combine with reconstruction: the "
+                         "least-squares refit of the layers that read removed channels "
+                         "replaces the compensation; use one or the other")
     start = time.perf_counter()
     graph = graph or build_graph(model)
     groups = eligible_groups(graph, settings, model)

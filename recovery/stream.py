@@ -104,6 +104,9 @@ def check_streamable(settings: PruneSettings) -> None:
                          "second_moment, l2, l1 or random with --stream")
     if name in STREAM_REFUSED:
         raise ValueError(f"importance {name!r} cannot be streamed: {STREAM_REFUSED[name]}")
+    if getattr(settings, "compensate", False):
+        raise ValueError("bias compensation needs every consumer's inputs after the whole plan; "
+                         "--stream does not offer it yet (drop --compensate)")
     if settings.calib == "self" and get_importance(name)[1]:
         raise ValueError("calibration 'self' generates text with the whole model; give "
                          "calibration text (bundled, wikitext2, a file) with --stream")

@@ -21,7 +21,15 @@ from torch import nn
 import depgraph.graph
 from depgraph import PlanError, RuleError, build_graph
 from evaluation.cycle import random_plan
-from pruning import apply_plan, load_pruned, prune, save_pruned, zero_plan
+from pruning import (
+    apply_plan,
+    compensation_biases,
+    input_statistics,
+    load_pruned,
+    prune,
+    save_pruned,
+    zero_plan,
+)
 
 torch.set_num_threads(1)
 
@@ -177,6 +185,25 @@ def test_a_bias_added_after_pruning_survives_reload(save, uniform, tmp_path):
     reloaded = load_pruned(tmp_path / "m")
     assert torch.equal(reloaded.model.layers[1].self_attn.o_proj.bias, o_proj.bias)
     assert torch.allclose(_logits(reloaded), _logits(pruned), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("save", ["save_pretrained", "save_pruned"])
+def test_an_added_bias_on_a_layer_renamed_on_disk_reloads(save, tmp_path):
+    """transformers saves GPT-NeoX's ``lm_head`` as ``embed_out`` and reports the unexpected
+    key by its loaded name: compensating hidden channels adds ``lm_head.bias``."""
+    model = tiny_model("gpt_neox")
+    graph = build_graph(model)
+    plan = {"hidden": [0]}
+    stats = input_statistics(model, [graph.group("hidden")], _ids())
+    apply_plan(model, plan, graph, biases=compensation_biases(model, plan, stats, graph))
+    assert "lm_head.bias" in model.config.depgraph["added"]
+    if save == "save_pretrained":
+        model.save_pretrained(tmp_path / "m")
+    else:
+        save_pruned(model, tmp_path / "m")
+    reloaded = load_pruned(tmp_path / "m")
+    assert torch.equal(reloaded.lm_head.bias, model.lm_head.bias)
+    assert torch.equal(_logits(reloaded), _logits(model))
 
 
 def test_a_tensor_with_no_place_in_the_model_is_an_error_not_dropped(tmp_path):

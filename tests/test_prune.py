@@ -28,7 +28,8 @@ def _max_unit_cost(graph, kinds) -> int:
     return max(g.params_per_unit for g in graph.groups() if g.kind in kinds)
 
 
-@pytest.mark.parametrize("importance", ["l2", "taylor", "taylor_second", "retraining_free"])
+@pytest.mark.parametrize("importance", ["l2", "taylor", "taylor_second", "retraining_free",
+                                        "flap", "wanda_sp"])
 def test_prune_hits_the_ratio_within_one_unit(importance):
     model, tokenizer = _stories()
     graph = build_graph(model)

@@ -14,10 +14,14 @@ TINY = models_dir() / "stories260K"
 pytestmark = pytest.mark.skipif(not TINY.is_dir(), reason="offline stories260K model missing")
 
 
-def _python_block() -> str:
+def _python_blocks() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 1, "the README has one Python example"
-    return blocks[0]
+    assert len(blocks) == 2, "the README has two Python examples: usage and a pruning method"
+    return blocks
+
+
+def _python_block() -> str:
+    return _python_blocks()[0]
 
 
 def _tiny_llama(folder: Path) -> None:
@@ -57,3 +61,22 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     dense_params = sum(p.numel() for p in namespace["dense"].parameters())
     pruned_params = sum(p.numel() for p in namespace["merged"].parameters())
     assert pruned_params < 0.9 * dense_params
+
+
+def test_readme_pruning_method_example_runs(tmp_path, monkeypatch):
+    import torch
+
+    code = _python_blocks()[1]
+    assert '"path/to/model"' in code
+    _tiny_llama(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code.replace('"path/to/model"', repr(str(tmp_path / "model"))), str(README),
+                 "exec"), namespace)  # noqa: S102 - our own README
+    plan, model = namespace["plan"], namespace["model"]
+    assert plan and namespace["total"] > sum(p.numel() for p in model.parameters())
+    record = model.config.depgraph
+    assert record["added"] and record["plans"] == [plan]
+    assert all(name.endswith(".bias") for name in record["added"])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=namespace["tokens"][:1]).logits).all()
