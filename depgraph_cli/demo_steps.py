@@ -18,17 +18,19 @@ def plain(settings: DemoSettings) -> dict:
 
 
 def text_ids(tokenizer, settings: DemoSettings):
-    """WikiText-2 test token ids, cut to whole windows: ``sweep_tokens`` then up to
-    ``ppl_tokens`` (the sweep part is a prefix of the main comparison)."""
-    from evaluation import load_text, tokenize_text
+    """WikiText-2 test windows of ``seq_len`` (BOS first where the tokenizer adds one):
+    ``sweep_tokens`` worth, then up to ``ppl_tokens`` (the sweep part is a prefix of the main
+    comparison)."""
+    from evaluation import load_text, token_windows, tokenize_text, window_bos
 
     ids = tokenize_text(tokenizer, load_text("wikitext2"))
-    sweep = settings.sweep_tokens // settings.seq_len * settings.seq_len
-    main = max(settings.ppl_tokens, settings.sweep_tokens) // settings.seq_len * settings.seq_len
+    main = max(settings.ppl_tokens, settings.sweep_tokens)
     if ids.numel() < main:
         raise ValueError(f"WikiText-2 has {ids.numel()} tokens with this tokenizer, fewer than "
                          f"--ppl-tokens {settings.ppl_tokens}")
-    return {"sweep": ids[:sweep], "rest": ids[sweep:main]}
+    windows = token_windows(ids, settings.seq_len, main, bos=window_bos(tokenizer))
+    sweep = max(1, settings.sweep_tokens // settings.seq_len)
+    return {"sweep": windows[:sweep], "rest": windows[sweep:]}
 
 
 def graph(dense, html_path: Path) -> tuple[Any, dict]:
@@ -143,7 +145,7 @@ def ppl(model, ids: dict, settings: DemoSettings) -> dict:
 
     parts = {name: perplexity(model, None, part, seq_len=settings.seq_len,
                               batch_size=settings.batch_size)
-             for name, part in ids.items() if part.numel() >= settings.seq_len}
+             for name, part in ids.items() if part.shape[0] > 0}
     tokens = sum(p["tokens"] for p in parts.values())
     nll = sum(p["nll"] * p["tokens"] for p in parts.values()) / tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "seq_len": settings.seq_len,
@@ -167,7 +169,7 @@ def evaluate(model, tokenizer, ids: dict, settings: DemoSettings) -> dict:
 def agreement(dense, pruned, ids: dict, settings: DemoSettings) -> dict:
     from evaluation import next_token_agreement
 
-    windows = ids["sweep"].view(-1, settings.seq_len)[: settings.agreement_windows]
+    windows = ids["sweep"][: settings.agreement_windows]
     return next_token_agreement(dense, pruned, windows, batch_size=settings.batch_size)
 
 
