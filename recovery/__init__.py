@@ -6,9 +6,13 @@
   before and after each block (the paper's pre-pruning recovery, :func:`prune_sequential`),
   composed from pruning's public steps;
 * :func:`train_lora` / :func:`merge`: LoRA adapters trained with the Hugging Face Trainer on
-  Alpaca-style or plain text, merged back into the weights.
+  Alpaca-style or plain text, merged back into the weights;
+* :func:`distill`: the pruned model learns the dense model's next-token distributions (full
+  parameters or LoRA; the teacher live or its top-k logits cached on disk), with held-out KL
+  early stopping, a NaN guard and checkpoints to resume from.
 """
 
+from .distill import DistillDivergedError, DistillResult, DistillSettings, distill
 from .lora import LoraDivergedError, LoraResult, LoraSettings, merge, train_lora
 from .lstsq import ReconstructionError
 from .reconstruct import kept_channels, reconstruct
@@ -17,4 +21,5 @@ from .sequential import SequentialSettings, prune_and_reconstruct, prune_sequent
 __all__ = ["reconstruct", "kept_channels", "prune_sequential", "prune_and_reconstruct",
            "SequentialSettings",
            "ReconstructionError", "train_lora", "merge", "LoraSettings", "LoraResult",
-           "LoraDivergedError"]
+           "LoraDivergedError", "distill", "DistillSettings", "DistillResult",
+           "DistillDivergedError"]

@@ -162,3 +162,26 @@ def test_eval_lm_eval_backend_hands_our_model_to_the_harness(capsys, monkeypatch
     assert isinstance(calls["wrapped"], FakeHFLM) and hasattr(calls["model"], "config")
     zeroshot = json.loads(report.read_text())["zeroshot"]
     assert zeroshot["openbook_qa"] == {"acc": 0.5, "acc_norm": 0.25, "n": 7}
+
+
+@pytest.mark.parametrize("top_k", ["0", "16"])
+def test_recover_distill_end_to_end(tmp_path, capsys, top_k):
+    """Prune stories260K, distil the dense model back into it (live or through the top-k
+    cache): the held-out KL goes down, the work folders are gone, the output loads."""
+    pruned, out = tmp_path / "p", tmp_path / "d"
+    assert main(["prune", str(TINY), "--ratio", "0.3", "--importance", "l2", "--ppl-tokens", "0",
+                 "--out", str(pruned), "--threads", "1"]) == 0
+    argv = ["recover", str(pruned), "--method", "distill", "--tokens", str(32 * 4 * 6),
+            "--seq-len", "32", "--eval-steps", "3", "--lr", "1e-3", "--top-k", top_k,
+            "--ppl-tokens", "0", "--out", str(out), "--json", str(tmp_path / "d.json"),
+            "--threads", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    stats = json.loads((tmp_path / "d.json").read_text())
+    assert stats["method"] == "distill" and stats["steps"] == 6
+    assert stats["teacher"] == ("CachedTeacher" if top_k != "0" else "LiveTeacher")
+    assert stats["val_kl_best"] < stats["val_kl_before"]
+    assert (out / "config.json").is_file()
+    assert not (tmp_path / "d.checkpoint").exists() and not (tmp_path / "d.teacher-cache").exists()
+    assert "held-out KL" in capsys.readouterr().out
+    assert main([*argv[:-6], "--resume", "--out", str(tmp_path / "e")]) == 2
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
