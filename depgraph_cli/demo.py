@@ -58,6 +58,7 @@ class DemoSettings:
     # and reconstruction of SmolLM2, first 16384 tokens: 125.35; retraining_free 132.33)
     importance: str = "second_moment"
     ranking: str = "global"
+    round_to: int = 1
     kinds: str = "mlp,attention"
     layers: str | None = None
     sweep: tuple[float, ...] = (0.1, 0.2, 0.3)
@@ -130,8 +131,11 @@ def add_demo(subparsers) -> None:
     parser.add_argument("--ratio", type=ratio_arg, **option, help="fraction of parameters to remove "
                         f"(default {FULL.ratio})")
     parser.add_argument("--importance", **option, help=f"criterion (default {FULL.importance})")
-    parser.add_argument("--ranking", choices=["global", "global_raw", "local"], **option,
+    parser.add_argument("--ranking", choices=["global", "global_raw", "local", "allocate"],
+                        **option,
                         help=f"how units are compared across groups (default {FULL.ranking})")
+    parser.add_argument("--round-to", type=positive_int, **option,
+                        help=f"kept MLP widths are multiples of N ({FULL.round_to})")
     parser.add_argument("--kinds", **option, help=f"group kinds that may shrink ({FULL.kinds})")
     parser.add_argument("--layers", **option, help="blocks that may shrink, e.g. 3:-2 (all)")
     parser.add_argument("--sweep", type=_ratios, **option,

@@ -79,7 +79,8 @@ def prune(dense, tokenizer, graph, settings: DemoSettings) -> tuple[Any, Pruned]
     model = copy.deepcopy(dense)
     result = prune(model, settings.ratio, settings.importance, tokenizer=tokenizer,
                    tokens=tokens, kinds=settings.kinds, layers=settings.layers,
-                   ranking=settings.ranking, seed=settings.seed, graph=graph, progress=bar)
+                   ranking=settings.ranking, round_to=settings.round_to, seed=settings.seed,
+                   graph=graph, progress=bar)
     bar.close()
     stats = {**result.stats, "ranking": settings.ranking, "kinds": settings.kinds,
              "layers": settings.layers, "calib": settings.calib,
@@ -183,8 +184,6 @@ def sweep(dense, pruned, graph, result: Pruned, dense_results, pruned_results, i
     Returns the points (speeds filled in by :func:`timings`) and the model of each."""
     from evaluation import count_parameters, perplexity
     from pruning.apply import apply_plan
-    from pruning.selection import select_plan
-
     total = count_parameters(dense)
     eligible = [g for g in graph.groups() if g.id in result.scores]
 
@@ -201,14 +200,31 @@ def sweep(dense, pruned, graph, result: Pruned, dense_results, pruned_results, i
             models[ratio] = pruned
             continue
         print(f"      ratio {ratio}: select, apply, perplexity", flush=True)
-        plan = select_plan(eligible, result.scores, ratio=ratio, total_params=total,
-                           kinds={g.kind for g in eligible}, ranking=settings.ranking)
+        plan = _plan_at(eligible, result, ratio, total, settings)
         model = apply_plan(copy.deepcopy(dense), plan, graph)
         ppl = perplexity(model, None, ids["sweep"], seq_len=settings.seq_len,
                          batch_size=settings.batch_size)
         points.append(point(ratio, model, ppl))
         models[ratio] = model
     return points, models
+
+
+def _plan_at(eligible: list, result: Pruned, ratio: float, total: int,
+             settings: DemoSettings) -> dict:
+    """The main run's scores (and measured allocation curves) re-selected at ``ratio``."""
+    import numpy as np
+
+    from pruning.allocation import allocate_plan
+    from pruning.selection import select_plan
+
+    if settings.ranking == "allocate":
+        curves = {gid: (np.array(c["removed"]), np.array(c["kl"]))
+                  for gid, c in result.stats["allocation"].items()}
+        return allocate_plan(eligible, result.scores, curves, ratio=ratio, total_params=total,
+                             round_to=settings.round_to)
+    return select_plan(eligible, result.scores, ratio=ratio, total_params=total,
+                       kinds={g.kind for g in eligible}, ranking=settings.ranking,
+                       round_to=settings.round_to)
 
 
 def timings(dense, pruned, sweep_models: dict, dense_results: dict, pruned_results: dict,

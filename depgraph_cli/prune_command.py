@@ -27,7 +27,11 @@ def add_prune(subparsers) -> None:
     parser.add_argument("--kinds", default="mlp,attention",
                         help="group kinds that may shrink: mlp, attention, hidden, experts")
     parser.add_argument("--layers", default=None, help="blocks that may shrink, e.g. 3:-2")
-    parser.add_argument("--ranking", default="global", choices=["global", "global_raw", "local"])
+    parser.add_argument("--ranking", default="global",
+                        choices=["global", "global_raw", "local", "allocate"],
+                        help="how units are compared across groups; allocate: measure each "
+                             "block's damage on the model's outputs and spend the budget where "
+                             "it hurts least")
     parser.add_argument("--round-to", type=positive_int, default=1, help="kept widths are multiples of N")
     parser.add_argument("--aggregation", default="sum", choices=["sum", "mean", "max", "prod", "last"])
     parser.add_argument("--tau", type=float, default=None, help="JS threshold for retraining_free")
@@ -107,7 +111,8 @@ def run_prune(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(source), load_tokenizer(source)  # a pruned folder too
     check_finite(model, args.model)
     before_ppl = quick_ppl(model, tokenizer, args.ppl_tokens)
-    data_passes = get_importance(args.importance)[1] or args.reconstruct  # else nothing to count
+    data_passes = (get_importance(args.importance)[1] or args.reconstruct
+                   or args.ranking == "allocate")  # else nothing to count
     progress = progress_bar(total=args.samples, desc="scoring") if data_passes else None
     settings = PruneSettings(
         ratio=args.ratio, importance=args.importance, calib=args.calib, n_samples=args.samples,

@@ -28,6 +28,7 @@ from torch import nn
 
 from depgraph import DependencyGraph, Group, Kind, build_graph
 
+from .allocation import FRACTIONS, SAMPLES, allocate_plan, sensitivity_curves
 from .apply import apply_plan
 from .calibration import calibration_tokens
 from .importance import ScoringContext, get_importance, score_groups
@@ -35,7 +36,8 @@ from .selection import RANKINGS, parse_layers, select_plan
 
 __all__ = ["prune", "PruneResult", "PruneSettings", "KIND_ALIASES", "expand_kinds",
            "kept_widths", "eligible_groups", "score", "select", "calibration_for",
-           "settings_from", "pruned_result"]
+           "settings_from", "pruned_result", "allocation_curves", "needs_tokens",
+           "curves_record"]
 
 #: User-facing kind names and the group kinds they stand for.
 KIND_ALIASES = {"attention": {Kind.ATTENTION_HEAD, Kind.KV_GROUP},
@@ -66,8 +68,10 @@ class PruneSettings:
     calib, n_samples, seq_len : calibration data when the criterion needs some.
     kinds : which group kinds may shrink (``"mlp,attention"``; add ``hidden``, ``experts``).
     layers : blocks that may shrink, as ``"3:-2"`` (LLM-Pruner keeps the first and last).
-    ranking : ``global`` (scores normalised per group, ranked together), ``global_raw`` or
-        ``local`` (see :mod:`pruning.selection`).
+    ranking : ``global`` (scores normalised per group, ranked together), ``global_raw``,
+        ``local`` (see :mod:`pruning.selection`) or ``allocate`` (counts measured on the
+        model's outputs, :mod:`pruning.allocation`; ``options`` may set
+        ``allocation_fractions`` and ``allocation_samples``).
     round_to : kept channel widths are multiples of this.
     aggregation : how a group's per-parameter scores combine (``sum``, ``max`` ...).
     kind_ratios : ``{kind: fraction of each group's units}`` instead of ``ratio``.
@@ -137,8 +141,9 @@ def calibration_for(model: nn.Module, settings: PruneSettings, tokenizer=None,
                     n_samples: int | None = None) -> torch.Tensor:
     """Calibration windows as ``settings`` asks (``n_samples`` overrides its count)."""
     if tokenizer is None and settings.calib != "self":
-        raise ValueError(f"importance {settings.importance!r} needs calibration data: pass a "
-                         f"tokenizer (or tokens)")
+        reader = (f"importance {settings.importance!r}" if get_importance(settings.importance)[1]
+                  else f"ranking {settings.ranking!r}")
+        raise ValueError(f"{reader} needs calibration data: pass a tokenizer (or tokens)")
     return calibration_tokens(tokenizer, settings.calib, n_samples=n_samples or settings.n_samples,
                               seq_len=settings.seq_len, seed=settings.seed, model=model)
 
@@ -157,14 +162,48 @@ def score(model: nn.Module, graph: DependencyGraph, groups: list[Group], setting
     return scores, stats
 
 
+def needs_tokens(settings: PruneSettings) -> bool:
+    """Whether scoring or selecting reads calibration windows."""
+    return get_importance(settings.importance)[1] or settings.ranking == "allocate"
+
+
+def allocation_curves(model: nn.Module, groups: list[Group], scores: Mapping[str, np.ndarray],
+                      settings: PruneSettings, tokens: torch.Tensor, progress=None) -> dict:
+    """The measured damage curves ``ranking="allocate"`` spends the budget by
+    (:func:`pruning.allocation.sensitivity_curves` on the first ``allocation_samples``
+    windows)."""
+    if tokens is None:
+        raise ValueError("ranking 'allocate' measures the model on calibration windows: pass "
+                         "tokens (or a tokenizer to prune)")
+    samples = int(settings.options.get("allocation_samples", SAMPLES))
+    fractions = tuple(settings.options.get("allocation_fractions", FRACTIONS))
+    return sensitivity_curves(model, groups, scores, tokens[:samples], fractions=fractions,
+                              round_to=settings.round_to, progress=progress)
+
+
 def select(model: nn.Module, groups: list[Group], scores: Mapping[str, np.ndarray],
-           settings: PruneSettings) -> dict[str, list[int]]:
+           settings: PruneSettings, *, tokens: torch.Tensor | None = None,
+           curves: Mapping | None = None) -> dict[str, list[int]]:
     """The plan ``{group_id: [units]}`` that ``settings`` asks for (:func:`select_plan`) over
-    ``groups`` (already limited to its kinds and blocks by :func:`eligible_groups`)."""
+    ``groups`` (already limited to its kinds and blocks by :func:`eligible_groups`).
+    ``ranking="allocate"`` measures ``curves`` on ``tokens`` unless they are given."""
     total = sum(p.numel() for p in model.parameters())
+    if settings.ranking == "allocate":
+        if settings.kind_ratios:
+            raise ValueError("ranking 'allocate' chooses the share of every group itself; it "
+                             "takes a ratio, not kind_ratios")
+        curves = curves or allocation_curves(model, groups, scores, settings, tokens)
+        return allocate_plan(groups, scores, curves, ratio=settings.ratio, total_params=total,
+                             round_to=settings.round_to)
     return select_plan(groups, scores, ratio=None if settings.kind_ratios else settings.ratio,
                        kind_ratios=settings.kind_ratios, total_params=total, layers=None,
                        kinds=settings.kinds, ranking=settings.ranking, round_to=settings.round_to)
+
+
+def curves_record(curves: Mapping) -> dict[str, dict[str, list]]:
+    """Measured allocation curves as JSON-ready lists (``stats["allocation"]``)."""
+    return {gid: {"removed": [int(c) for c in counts], "kl": [float(v) for v in kl]}
+            for gid, (counts, kl) in curves.items()}
 
 
 def settings_from(settings: PruneSettings | None, **overrides) -> PruneSettings:
@@ -200,10 +239,18 @@ def prune(model: nn.Module, ratio: float | None = None, importance: str | None =
     graph = graph or build_graph(model)
     groups = eligible_groups(graph, settings)
     total = sum(p.numel() for p in model.parameters())
+    if tokens is None and needs_tokens(settings):
+        tokens = calibration_for(model, settings, tokenizer)
     scores, score_stats = score(model, graph, groups, settings, tokenizer=tokenizer,
                                 tokens=tokens, progress=progress)
     score_stats["score_seconds"] = round(time.perf_counter() - start, 3)
-    plan = select(model, groups, scores, settings)
+    curves = None
+    if settings.ranking == "allocate":
+        measured = time.perf_counter()
+        curves = allocation_curves(model, groups, scores, settings, tokens)
+        score_stats["allocation"] = curves_record(curves)
+        score_stats["allocation_seconds"] = round(time.perf_counter() - measured, 3)
+    plan = select(model, groups, scores, settings, tokens=tokens, curves=curves)
     apply_plan(model, plan, graph)
     return pruned_result(model, graph, plan, scores, settings, total, start, score_stats)
 
