@@ -43,7 +43,8 @@ __all__ = ["prune", "PruneResult", "PruneSettings", "KIND_ALIASES", "expand_kind
 KIND_ALIASES = {"attention": {Kind.ATTENTION_HEAD, Kind.KV_GROUP},
                 "heads": {Kind.ATTENTION_HEAD, Kind.KV_GROUP}, "mlp": {Kind.MLP},
                 "hidden": {Kind.HIDDEN}, "expert": {Kind.EXPERT}, "experts": {Kind.EXPERT},
-                "attention_head": {Kind.ATTENTION_HEAD}, "kv_group": {Kind.KV_GROUP}}
+                "attention_head": {Kind.ATTENTION_HEAD}, "kv_group": {Kind.KV_GROUP},
+                "query_head": {Kind.QUERY_HEAD}, "query_heads": {Kind.QUERY_HEAD}}
 
 
 def expand_kinds(kinds) -> frozenset[Kind]:

@@ -37,13 +37,14 @@ def inspected(tmp_path_factory):
 def test_inspect_prints_table_and_fixed_dims(inspected):
     status, text, err, _ = inspected
     assert status == 0, err
-    for kind in ("hidden", "kv_group", "mlp"):
+    for kind in ("hidden", "kv_group", "query_head", "mlp"):
         assert kind in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("layer"))
     assert header.split()[:4] == ["layer", "kind", "groups", "units"]
     total = next(line for line in lines if line.startswith("total"))
-    assert total.split()[1:3] == ["11", "944"]  # 11 groups: hidden + 5 x (kv_group, mlp)
+    # 16 groups: hidden + 5 x (kv_group, query_head, mlp); 4 KV groups of 2 query heads
+    assert total.split()[1:3] == ["16", "954"]
     assert "model.embed_tokens.weight dim 0 [512]" in text  # the vocabulary dim is fixed
     assert "groups of layer 1:" in text and "model.layers.1.mlp.down_proj.weight dim 1" in text
 
@@ -52,10 +53,10 @@ def test_inspect_json_lists_groups(inspected):
     status, text, _, out = inspected
     data = json.loads((out / "g.json").read_text())
     kinds = {g["kind"] for g in data["groups"]}
-    assert kinds == {"hidden", "kv_group", "mlp"}
-    assert len(data["groups"]) == data["totals"]["groups"] == 11
-    assert {g["id"] for g in data["layer_groups"]} == {"model.layers.1.self_attn",
-                                                       "model.layers.1.mlp"}
+    assert kinds == {"hidden", "kv_group", "query_head", "mlp"}
+    assert len(data["groups"]) == data["totals"]["groups"] == 16
+    assert {g["id"] for g in data["layer_groups"]} == {
+        "model.layers.1.self_attn", "model.layers.1.self_attn.query_head", "model.layers.1.mlp"}
     assert sum(row["units"] for row in data["summary"]) == data["totals"]["units"]
     assert data["fixed_patterns"][0]["pattern"] == "model.embed_tokens.weight"
     assert f"{data['totals']['parameters']:,} parameters" in text
