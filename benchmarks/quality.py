@@ -139,7 +139,8 @@ def worker(spec: dict) -> dict:
         with step(record, "prune"):
             options = dict(tokenizer=tokenizer, tokens=calib, layers=layers, seed=spec["seed"],
                            kinds="mlp,attention" if spec.get("kinds", "default") == "default"
-                           else spec["kinds"], ranking=spec.get("ranking", "global"))
+                           else spec["kinds"], ranking=spec.get("ranking", "global"),
+                           round_to=spec.get("round_to", 1))
             if sequential:
                 result = prune_and_reconstruct(model, spec["ratio"], spec["criterion"],
                                                reconstruct="both", recon_tokens=recon_tokens,
@@ -175,7 +176,7 @@ def _cells(args) -> list[dict]:
             "distill_tokens": args.distill_tokens, "distill_lr": args.distill_lr,
             "temperature": args.temperature, "lm_weight": args.lm_weight,
             "ppl_seq_lens": args.ppl_seq_lens,
-            "kinds": args.kinds, "ranking": args.ranking}
+            "kinds": args.kinds, "ranking": args.ranking, "round_to": args.round_to}
     cells = [{**base, "tool": "dense", "criterion": "-", "ratio": 0.0, "layers": "-"}]
     for ratio in args.ratios:
         for layers in args.layers:
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="default",
                         help="group kinds depgraph may shrink, comma-separated (default: "
                              "MLP channels and (KV) heads)")
-    parser.add_argument("--ranking", default="global", choices=["global", "global_raw", "local"],
+    parser.add_argument("--ranking", default="global", choices=["global", "global_raw", "local", "allocate"],
                         help="how depgraph compares units across groups")
     parser.add_argument("--tp", action="store_true",
                         help="add torch-pruning configured as its prune_llm.py")
@@ -262,6 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lm-weight", type=float, default=0.0)
     parser.add_argument("--ppl-seq-lens", type=_list(int), default=[128],
                         help="perplexity window lengths (128 always; e.g. 128,2048)")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="kept widths are multiples of this (default 1)")
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=1,
