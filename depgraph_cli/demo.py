@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from . import defaults
 from . import demo_steps as steps
 from .argtypes import positive_int
 from .argtypes import ratio as ratio_arg
@@ -54,12 +55,11 @@ class DemoSettings:
     """What the demo runs; :data:`FULL` and :data:`FAST` are the two presets."""
 
     ratio: float = 0.2
-    # the retraining-free criterion that leads benchmarks/RESULTS.md at 20% (one-shot prune
-    # and reconstruction of SmolLM2, first 16384 tokens: 125.35; retraining_free 132.33)
-    importance: str = "second_moment"
-    ranking: str = "global"
-    round_to: int = 1
-    kinds: str = "mlp,attention"
+    # what `depgraph prune` runs too: the best measured pipeline (depgraph_cli.defaults)
+    importance: str = defaults.IMPORTANCE
+    ranking: str = defaults.RANKING
+    round_to: int = defaults.ROUND_TO
+    kinds: str = defaults.KINDS
     layers: str | None = None
     sweep: tuple[float, ...] = (0.1, 0.2, 0.3)
     calib: str = "bundled"

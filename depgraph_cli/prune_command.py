@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from . import defaults
 from .argtypes import positive_int, ratio
 
 __all__ = ["add_prune", "run_prune"]
@@ -19,20 +20,23 @@ def add_prune(subparsers) -> None:
         description="Criteria: " + "; ".join(f"{k}: {v}" for k, v in available_importance().items()))
     parser.add_argument("model", help="local folder, hub id, or 'default'")
     parser.add_argument("--ratio", type=ratio, required=True, help="fraction of parameters to remove")
-    parser.add_argument("--importance", default="taylor", help="criterion name (default: taylor)")
+    parser.add_argument("--importance", default=defaults.IMPORTANCE,
+                        help=f"criterion name (default: {defaults.IMPORTANCE})")
     parser.add_argument("--calib", default="bundled",
                         help="bundled | wikitext2 | self | FILE | FOLDER | hf:NAME[:CONFIG[:SPLIT]]")
     parser.add_argument("--samples", type=positive_int, default=10, help="calibration samples (default 10)")
     parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sample (default 128)")
-    parser.add_argument("--kinds", default="mlp,attention",
+    parser.add_argument("--kinds", default=defaults.KINDS,
                         help="group kinds that may shrink: mlp, attention, hidden, experts")
     parser.add_argument("--layers", default=None, help="blocks that may shrink, e.g. 3:-2")
-    parser.add_argument("--ranking", default="global",
+    parser.add_argument("--ranking", default=None,
                         choices=["global", "global_raw", "local", "allocate"],
                         help="how units are compared across groups; allocate: measure each "
                              "block's damage on the model's outputs and spend the budget where "
-                             "it hurts least")
-    parser.add_argument("--round-to", type=positive_int, default=1, help="kept widths are multiples of N")
+                             f"it hurts least (default: {defaults.RANKING} with --reconstruct, "
+                             f"else {defaults.RANKING_ONE_SHOT})")
+    parser.add_argument("--round-to", type=positive_int, default=defaults.ROUND_TO,
+                        help=f"kept widths are multiples of N (default: {defaults.ROUND_TO})")
     parser.add_argument("--aggregation", default="sum", choices=["sum", "mean", "max", "prod", "last"])
     parser.add_argument("--tau", type=float, default=None, help="JS threshold for retraining_free")
     parser.add_argument("--reconstruct", nargs="?", const="both", default=None,
@@ -94,7 +98,8 @@ def _preflight(args: argparse.Namespace):
 
 
 def run_prune(args: argparse.Namespace) -> int:
-
+    if args.ranking is None:
+        args.ranking = defaults.ranking(reconstruct=bool(args.reconstruct))
     from depgraph.paths import atomic_files
     from depgraph.progress import progress_bar
     from pruning.importance import get_importance

@@ -186,3 +186,20 @@ def test_recover_distill_end_to_end(tmp_path, capsys, top_k):
     assert "held-out KL" in capsys.readouterr().out
     assert main([*argv[:-6], "--resume", "--out", str(tmp_path / "e")]) == 2
     assert "--resume: no checkpoint in" in capsys.readouterr().err
+
+
+def test_prune_and_demo_default_to_the_same_measured_pipeline():
+    """``depgraph prune`` without options runs what the demo runs: the best pipeline measured
+    in benchmarks/RESULTS.md (depgraph_cli.defaults), not the weaker Taylor criterion."""
+    from depgraph_cli import defaults
+    from depgraph_cli.demo import FULL
+    from depgraph_cli.main import build_parser
+
+    args = build_parser().parse_args(["prune", "m", "--ratio", "0.2", "--out", "o"])
+    chosen = (args.importance, args.round_to, args.kinds)
+    assert chosen == (defaults.IMPORTANCE, defaults.ROUND_TO, defaults.KINDS)
+    assert chosen == (FULL.importance, FULL.round_to, FULL.kinds)
+    assert args.importance == "second_moment" and args.ranking is None  # resolved when run
+    # the demo reconstructs, so it allocates; a one-shot prune ranks globally (RESULTS.md)
+    assert FULL.reconstruct and FULL.ranking == defaults.ranking(reconstruct=True) == "allocate"
+    assert defaults.ranking(reconstruct=False) == "global"
