@@ -58,7 +58,7 @@ class DemoSettings:
     # what `depgraph prune` runs too: the best measured pipeline (depgraph_cli.defaults)
     importance: str = defaults.IMPORTANCE
     ranking: str = defaults.RANKING
-    round_to: int = defaults.ROUND_TO
+    round_to: int = defaults.DEMO_ROUND_TO
     kinds: str = defaults.KINDS
     layers: str | None = None
     sweep: tuple[float, ...] = (0.1, 0.2, 0.3)
@@ -92,7 +92,7 @@ class DemoSettings:
 #: Defaults for the real run (SmolLM2-135M, 2 CPU cores, < 20 minutes).
 FULL = DemoSettings()
 #: Tiny settings for tests (``--fast``).
-FAST = DemoSettings(sweep=(0.2, 0.4), samples=2, calib_len=32, seq_len=32, ppl_tokens=512,
+FAST = DemoSettings(sweep=(0.2, 0.4), round_to=1, samples=2, calib_len=32, seq_len=32, ppl_tokens=512,
                     sweep_tokens=256, tasks=("piqa", "winogrande"), zeroshot_limit=4,
                     batch_size=4, new_tokens=4, rounds=1, agreement_windows=4,
                     recon_samples=4)

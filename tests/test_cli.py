@@ -196,9 +196,9 @@ def test_prune_and_demo_default_to_the_same_measured_pipeline():
     from depgraph_cli.main import build_parser
 
     args = build_parser().parse_args(["prune", "m", "--ratio", "0.2", "--out", "o"])
-    chosen = (args.importance, args.round_to, args.kinds)
-    assert chosen == (defaults.IMPORTANCE, defaults.ROUND_TO, defaults.KINDS)
-    assert chosen == (FULL.importance, FULL.round_to, FULL.kinds)
+    chosen = (args.importance, args.kinds)
+    assert chosen == (defaults.IMPORTANCE, defaults.KINDS) == (FULL.importance, FULL.kinds)
+    assert (args.round_to, FULL.round_to) == (defaults.ROUND_TO, defaults.DEMO_ROUND_TO) == (1, 64)
     assert args.importance == "second_moment" and args.ranking is None  # resolved when run
     # the demo reconstructs, so it allocates; a one-shot prune ranks globally (RESULTS.md)
     assert FULL.reconstruct and FULL.ranking == defaults.ranking(reconstruct=True) == "allocate"
