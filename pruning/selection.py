@@ -117,7 +117,8 @@ def removed_params(groups: Sequence[Any], plan: Mapping[str, Sequence[int]]) -> 
     """Parameters a plan removes: ``len(units) × params_per_unit`` summed over its groups.
 
     Groups are counted independently, as ``Group.params_per_unit`` is: where a hidden channel
-    and an inner channel share a weight entry, both count it.
+    and an inner channel share a weight entry, both count it (so do a KV group and a query-head
+    slot of the same layer, for the query head where they cross).
     """
     by_id = {group.id: group for group in groups}
     total = 0
