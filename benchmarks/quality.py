@@ -18,7 +18,10 @@ windows of 128 tokens. A cell is
   squares before and after each block, :mod:`recovery.sequential`), ``refit`` (one-shot
   pruning, then :func:`recovery.reconstruct` against the dense model, as ``depgraph demo``
   does), ``lora``
-  (``--lora-steps`` steps of LoRA on the calibration prose) or ``reconstruct+lora``;
+  (``--lora-steps`` steps of LoRA on the calibration prose), ``distill`` / ``distill_lora``
+  (distillation from the dense model, every block parameter / LoRA, ``--distill-tokens``
+  tokens of the calibration prose, :func:`recovery.distill`), or ``reconstruct+`` any of
+  those three;
 * ``torch-pruning``: LLM-Pruner's Taylor pruning through torch-pruning (``tp_baseline.py``),
   on the same block range, at the channel fraction that removes the same share: ``--tp``
   configured as torch-pruning's ``prune_llm.py`` (heads, MLP and hidden channels),
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +49,8 @@ from measure import markdown_table, run_worker, step  # noqa: E402
 
 ALL_CRITERIA = ("random", "l1", "l2", "second_moment_datafree", "taylor", "taylor_element",
                 "taylor_second", "second_moment", "retraining_free", "flap", "wanda_sp")
-RECOVERY = ("none", "compensate", "reconstruct", "refit", "lora", "reconstruct+lora")
+RECOVERY = ("none", "compensate", "reconstruct", "refit", "lora", "reconstruct+lora", "distill",
+            "reconstruct+distill", "distill_lora", "reconstruct+distill_lora")
 
 
 # ------------------------------------------------------------------------------ worker
@@ -55,11 +60,34 @@ def _blocks(layers: str, count: int) -> range:
     return range(count) if layers == "all" else parse_layers(layers, count)
 
 
-def _perplexity(model, tokenizer, tokens: int) -> float:
+def _perplexity(model, tokenizer, tokens: int, seq_len: int = 128) -> float:
     from evaluation import load_text, perplexity
 
-    return float(perplexity(model, tokenizer, load_text("wikitext2"), seq_len=128,
-                            batch_size=8, max_tokens=tokens)["ppl"])
+    return float(perplexity(model, tokenizer, load_text("wikitext2"), seq_len=seq_len,
+                            batch_size=max(1, 1024 // seq_len), max_tokens=tokens)["ppl"])
+
+
+def _distill(model, dense, tokenizer, spec: dict, record: dict, recovery: str):
+    from pruning.calibration import calibration_tokens
+    from recovery import DistillSettings, distill
+
+    settings = DistillSettings(
+        params="lora" if recovery.endswith("distill_lora") else "full",
+        tokens=spec["distill_tokens"], seq_len=128, batch_size=4, learning_rate=spec["distill_lr"]
+        or (2e-4 if recovery.endswith("distill_lora") else 5e-5),
+        temperature=spec["temperature"], lm_weight=spec["lm_weight"], val_windows=16,
+        eval_steps=max(1, math.ceil(spec["distill_tokens"] / 512 / 4)), patience=2,
+        checkpoint_steps=10**9, seed=spec["seed"])
+    train = calibration_tokens(tokenizer, spec["calib"], n_samples=settings.train_windows,
+                               seq_len=128, seed=spec["seed"] + 2, region=(0.0, 0.9))
+    val = calibration_tokens(tokenizer, spec["calib"], n_samples=16, seq_len=128,
+                             seed=spec["seed"] + 3, region=(0.9, 1.0))
+    with step(record, "train"):
+        result = distill(model, dense, train, val, settings, progress=None)
+    record["distill"] = {k: result.stats[k] for k in ("steps", "stopped", "val_kl_before",
+                                                       "val_kl_best", "tokens_per_second",
+                                                       "learning_rate", "params")}
+    return result.model
 
 
 def _lora(model, tokenizer, spec: dict, record: dict):
@@ -68,7 +96,7 @@ def _lora(model, tokenizer, spec: dict, record: dict):
     settings = LoraSettings(max_steps=spec["lora_steps"], eval_steps=max(1, spec["lora_steps"] // 3),
                             seq_len=128, batch_size=4, learning_rate=2e-4,
                             max_examples=spec["lora_steps"] * 4 + 40, patience=2)
-    with step(record, "lora"):
+    with step(record, "train"):
         result = train_lora(model, tokenizer, spec["calib"], settings, progress=None)
         model = merge(result.model)
     record["lora_val_ppl"] = [round(result.stats["val_ppl_before"], 2),
@@ -89,6 +117,7 @@ def worker(spec: dict) -> dict:
     tokenizer = load_tokenizer(spec["model"])
     model = load_model(spec["model"], dtype=torch.float32).eval()
     total = sum(p.numel() for p in model.parameters())
+    teacher = copy.deepcopy(model) if "distill" in spec.get("recovery", "") else None
     calib = calibration_tokens(tokenizer, spec["calib"], n_samples=spec["calib_samples"],
                                seq_len=128, seed=spec["seed"])
     recovery = spec.get("recovery", "none")
@@ -113,7 +142,7 @@ def worker(spec: dict) -> dict:
             options = dict(tokenizer=tokenizer, tokens=calib, layers=layers, seed=spec["seed"],
                            kinds="mlp,attention" if spec.get("kinds", "default") == "default"
                            else spec["kinds"], ranking=spec.get("ranking"),
-                           compensate=recovery == "compensate")
+                           round_to=spec.get("round_to", 1), compensate=recovery == "compensate")
             if sequential:
                 result = prune_and_reconstruct(model, spec["ratio"], spec["criterion"],
                                                reconstruct="both", recon_tokens=recon_tokens,
@@ -128,11 +157,17 @@ def worker(spec: dict) -> dict:
         record["ranking_used"] = result.stats.get("ranking")
         if "reconstruction" in result.stats:
             record["reconstruction_seconds"] = result.stats["reconstruction"]["seconds"]
-    if "lora" in recovery:
+    if recovery.endswith("+lora") or recovery == "lora":
         model = _lora(model, tokenizer, spec, record)
+    elif "distill" in recovery:
+        model = _distill(model, teacher, tokenizer, spec, record, recovery)
+        del teacher
     record["ratio_removed"] = 1 - sum(p.numel() for p in model.parameters()) / total
     with step(record, "eval"):
         record["ppl"] = _perplexity(model, tokenizer, spec["ppl_tokens"])
+        for seq_len in spec.get("ppl_seq_lens", ()):
+            if seq_len != 128:
+                record[f"ppl@{seq_len}"] = _perplexity(model, tokenizer, spec["ppl_tokens"], seq_len)
     return record
 
 
@@ -141,7 +176,10 @@ def _cells(args) -> list[dict]:
     base = {"model": args.model, "calib": args.calib, "calib_samples": args.calib_samples,
             "recon_samples": args.recon_samples, "lora_steps": args.lora_steps,
             "ppl_tokens": args.ppl_tokens, "threads": args.threads, "seed": args.seed,
-            "kinds": args.kinds, "ranking": args.ranking}
+            "distill_tokens": args.distill_tokens, "distill_lr": args.distill_lr,
+            "temperature": args.temperature, "lm_weight": args.lm_weight,
+            "ppl_seq_lens": args.ppl_seq_lens,
+            "kinds": args.kinds, "ranking": args.ranking, "round_to": args.round_to}
     cells = [{**base, "tool": "dense", "criterion": "-", "ratio": 0.0, "layers": "-"}]
     for ratio in args.ratios:
         for layers in args.layers:
@@ -176,18 +214,21 @@ def _kinds(cell: dict) -> str:
 
 def table(cells: list[dict]) -> str:
     header = ["tool", "criterion", "ratio", "blocks", "kinds", "recovery", "removed", "ppl",
-              "prune s", "prune GiB", "LoRA s", "LoRA GiB"]
+              "prune s", "prune GiB", "train s", "train GiB"]
+    longer = sorted({k for c in cells for k in c if k.startswith("ppl@")}, key=lambda k: int(k[4:]))
+    header[8:8] = longer
     rows = []
     for cell in cells:
         if "error" in cell:
             rows.append([cell["tool"], cell["criterion"], cell["ratio"], cell["layers"],
                          _kinds(cell), cell.get("recovery", ""), "",
-                         f"error: {cell['error'][:120]}", "", "", "", ""])
+                         f"error: {cell['error'][:120]}", *[""] * len(longer), "", "", "", ""])
             continue
         rows.append([cell["tool"], cell["criterion"], cell["ratio"], cell["layers"],
                      _kinds(cell), cell.get("recovery", "-"), f"{cell['ratio_removed']:.1%}",
-                     f"{cell['ppl']:.2f}", _seconds(cell, "prune"), _peak(cell, "prune"),
-                     _seconds(cell, "lora"), _peak(cell, "lora")])
+                     f"{cell['ppl']:.2f}", *[f"{cell[k]:.2f}" if k in cell else "" for k in longer],
+                     _seconds(cell, "prune"), _peak(cell, "prune"),
+                     _seconds(cell, "train"), _peak(cell, "train")])
     return markdown_table(header, rows)
 
 
@@ -207,7 +248,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="default",
                         help="group kinds depgraph may shrink, comma-separated (default: "
                              "MLP channels and (KV) heads)")
-    parser.add_argument("--ranking", default=None, choices=["global", "global_raw", "local"],
+    parser.add_argument("--ranking", default=None,
+                        choices=["global", "global_raw", "local", "allocate"],
                         help="how depgraph compares units across groups (default: the "
                              "criterion's own ranking, else global)")
     parser.add_argument("--tp", action="store_true",
@@ -218,6 +260,16 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-samples", type=int, default=10)
     parser.add_argument("--recon-samples", type=int, default=32)
     parser.add_argument("--lora-steps", type=int, default=60)
+    parser.add_argument("--distill-tokens", type=int, default=30_720,
+                        help="training tokens of distillation (default 30720, as 60 LoRA steps)")
+    parser.add_argument("--distill-lr", type=float, default=None,
+                        help="distillation learning rate (default 5e-5 full, 2e-4 LoRA)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--lm-weight", type=float, default=0.0)
+    parser.add_argument("--ppl-seq-lens", type=_list(int), default=[128],
+                        help="perplexity window lengths (128 always; e.g. 128,2048)")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="kept widths are multiples of this (default 1)")
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=1,
@@ -251,10 +303,12 @@ def main(argv=None) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each cell is its own process
         cells = list(pool.map(run, _cells(args)))
     print(table(cells))
-    print(f"\n{len(cells)} cells in {time.perf_counter() - start:.0f} s; WikiText-2 raw test, "
-          f"first {args.ppl_tokens} tokens, windows of 128; calibration {args.calib} "
-          f"{args.calib_samples} x 128 (seed {args.seed}); {args.threads} thread(s) per cell, "
-          f"{args.jobs} cell(s) at a time.")
+    lengths = " and ".join(str(n) for n in sorted({128, *args.ppl_seq_lens}))
+    print(f"\n{len(cells)} cells in {time.perf_counter() - start:.0f} s; evaluation text: "
+          f"WikiText-2 raw test, first {args.ppl_tokens} tokens, windows of {lengths} (BOS "
+          f"first where the tokenizer adds one); calibration and training text: {args.calib} "
+          f"(never the evaluation text), {args.calib_samples} x 128 for scores (seed "
+          f"{args.seed}); {args.threads} thread(s) per cell, {args.jobs} cell(s) at a time.")
     if args.json:
         args.json.write_text(json.dumps(cells, indent=1, default=str))
     return 0

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .groups import ZERO_UNSAFE_TAGS, Group, Member, classify
-from .kinds import Tag
+from .kinds import Kind, Tag
 from .layout import AxisStore
 from .paths import atomic_files, write_text_atomically
 from .propagate import Propagator, Value
@@ -36,6 +36,8 @@ from .trace import Trace, trace_model
 __all__ = ["DependencyGraph", "build_graph", "graph_of_trace"]
 
 REPEAT_REASON = "query heads that share one KV head: prune whole KV groups instead"
+#: Suffix of the id of a layer's ``query_head`` group (its KV groups keep their own id).
+QUERY_HEAD_SUFFIX = "query_head"
 CREATED_REASON = ("meets a tensor the model creates at run time from this size (e.g. ALiBi "
                   "slopes): removing channels would change its values")
 
@@ -101,9 +103,13 @@ class DependencyGraph:
             if not free:
                 fixed.append({"param": param, "dim": dim, "size": layout.size,
                               "reasons": reasons or ["a single channel"]})
+        query_heads = set()
         for root, group_members in members.items():
             if root not in store.pins and _is_repeat(store, root, group_members):
-                store.pins[root] = [REPEAT_REASON]
+                if _query_slots(store, root, group_members):
+                    query_heads.add(root)
+                else:
+                    store.pins[root] = [REPEAT_REASON]
             if root not in store.pins and Tag.CREATED in store.tags.get(root, ()):
                 store.pins[root] = [CREATED_REASON]
         raw = []
@@ -111,6 +117,7 @@ class DependencyGraph:
             if root in store.pins:
                 continue
             kind, layer = classify(store, root, group_members)
+            kind = Kind.QUERY_HEAD if root in query_heads else kind
             tags = store.tags.get(root, set())
             raw.append((root, kind, layer, not (tags & ZERO_UNSAFE_TAGS), group_members))
         raw.sort(key=lambda item: (order[item[4][0].param], item[4][0].dim, item[0]))
@@ -125,12 +132,15 @@ class DependencyGraph:
         prefixes = [_common_prefix([m.param for m in item[4]]) if item[2] is not None else ""
                     for item in raw]
         counts = defaultdict(int)
-        for prefix in prefixes:
-            counts[prefix] += 1
+        for prefix, item in zip(prefixes, raw, strict=True):
+            counts[prefix] += item[1] != Kind.QUERY_HEAD  # KV groups keep the ids they had
         stacked = _stacked_expert_params(self.store, self._param_layouts)
         groups, seen = [], defaultdict(int)
         for (root, kind, layer, zero_eq, members), prefix in zip(raw, prefixes, strict=True):
-            base = prefix if counts[prefix] == 1 and prefix else f"{prefix}.{kind}" if prefix else kind
+            if kind == Kind.QUERY_HEAD:
+                base = f"{prefix}.{QUERY_HEAD_SUFFIX}"
+            else:
+                base = prefix if counts[prefix] == 1 and prefix else f"{prefix}.{kind}" if prefix else kind
             seen[base] += 1
             group_id = base if seen[base] == 1 else f"{base}#{seen[base]}"
             group = Group(id=group_id, kind=kind, layer=layer, num_units=store_size(self.store, root),
@@ -273,6 +283,21 @@ def _is_repeat(store: AxisStore, root: int, members: list[Member]) -> bool:
         if position > 0 and Tag.ATTENTION_HEADS in store.tags.get(atoms[position - 1], ()):
             return True
     return False
+
+
+def _query_slots(store: AxisStore, root: int, members: list[Member]) -> bool:
+    """Whether a repeat axis is the query-head slot inside KV groups that can go on its own:
+    an attention-head axis that follows the KV-head axis in the query projection (``[kv,
+    repeat, head_dim]``) and meets no parameter but the query and output projections (a
+    member whose layout holds it without the KV axis would be a KV-side weight)."""
+    if Tag.ATTENTION_HEADS not in store.tags.get(root, ()):
+        return False
+    for member in members:
+        atoms = [a for a in store.atoms(member.layout) if store.sizes[a] > 1]
+        position = atoms.index(root)
+        if position > 0 and Tag.ATTENTION_HEADS not in store.tags.get(atoms[position - 1], ()):
+            return False
+    return True
 
 
 def _common_prefix(names: list[str]) -> str:

@@ -9,6 +9,9 @@ Kinds come from what the graph shows, never from module names:
 
 * ``attention_head``: the head axis of an attention op; ``kv_group`` when the query heads are
   ``kv_heads × repeat`` (grouped-query attention: one unit = one KV head and its query heads);
+* ``query_head``: the ``repeat`` axis of grouped-query attention: unit ``r`` is the ``r``-th
+  query head of *every* KV group (removed equally from each, so the heads stay
+  ``kv_heads × repeat'`` and the config a valid one; see :mod:`depgraph.graph`);
 * ``expert``: an axis whose rows are looked up by routing indices (``topk`` over a router);
 * ``hidden``: an axis whose members span several blocks (the residual stream);
 * ``mlp``: any other block-local axis (the inner channels of a depth-2 module).

@@ -190,7 +190,7 @@ for (const layer of DATA.layers)  // nodes come as arrays of DATA.node_fields
     const nd = Object.fromEntries(DATA.node_fields.map((f, i) => [f, row[i]]));
     return Object.assign(nd, {groups: nd.groups.map((i) => GROUP_IDS[i]), outside: !!nd.outside});
   });
-const KIND = {hidden:"#7c3aed", mlp:"#0e9f6e", attention_head:"#2f6fdb", kv_group:"#1c64f2", expert:"#d97706"};
+const KIND = {hidden:"#7c3aed", mlp:"#0e9f6e", attention_head:"#2f6fdb", kv_group:"#1c64f2", query_head:"#6d28d9", expert:"#d97706"};
 const NS = document.getElementById("graph").namespaceURI;  // inline <svg>: the SVG namespace
 const state = {layer: DATA.initial, group: null, unit: null, node: null};
 const $ = (id) => document.getElementById(id);

@@ -23,6 +23,7 @@ class Kind(_Name):
     MLP = "mlp"  # any other block-local axis (the inner channels of a depth-2 module)
     ATTENTION_HEAD = "attention_head"  # the head axis of an attention op
     KV_GROUP = "kv_group"  # one KV head and the query heads that share it
+    QUERY_HEAD = "query_head"  # one query head of every KV group (the same slot in each)
     EXPERT = "expert"  # rows looked up by routing indices (topk over a router)
 
 

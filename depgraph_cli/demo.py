@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from . import defaults
 from . import demo_steps as steps
 from .argtypes import positive_int
 from .argtypes import ratio as ratio_arg
@@ -54,11 +55,11 @@ class DemoSettings:
     """What the demo runs; :data:`FULL` and :data:`FAST` are the two presets."""
 
     ratio: float = 0.2
-    # the retraining-free criterion that leads benchmarks/RESULTS.md at 20% (one-shot prune
-    # and reconstruction of SmolLM2, first 16384 tokens: 125.35; retraining_free 132.33)
-    importance: str = "second_moment"
-    ranking: str = "global"
-    kinds: str = "mlp,attention"
+    # what `depgraph prune` runs too: the best measured pipeline (depgraph_cli.defaults)
+    importance: str = defaults.IMPORTANCE
+    ranking: str = defaults.RANKING
+    round_to: int = defaults.DEMO_ROUND_TO
+    kinds: str = defaults.KINDS
     layers: str | None = None
     sweep: tuple[float, ...] = (0.1, 0.2, 0.3)
     calib: str = "bundled"
@@ -91,7 +92,7 @@ class DemoSettings:
 #: Defaults for the real run (SmolLM2-135M, 2 CPU cores, < 20 minutes).
 FULL = DemoSettings()
 #: Tiny settings for tests (``--fast``).
-FAST = DemoSettings(sweep=(0.2, 0.4), samples=2, calib_len=32, seq_len=32, ppl_tokens=512,
+FAST = DemoSettings(sweep=(0.2, 0.4), round_to=1, samples=2, calib_len=32, seq_len=32, ppl_tokens=512,
                     sweep_tokens=256, tasks=("piqa", "winogrande"), zeroshot_limit=4,
                     batch_size=4, new_tokens=4, rounds=1, agreement_windows=4,
                     recon_samples=4)
@@ -130,8 +131,11 @@ def add_demo(subparsers) -> None:
     parser.add_argument("--ratio", type=ratio_arg, **option, help="fraction of parameters to remove "
                         f"(default {FULL.ratio})")
     parser.add_argument("--importance", **option, help=f"criterion (default {FULL.importance})")
-    parser.add_argument("--ranking", choices=["global", "global_raw", "local"], **option,
+    parser.add_argument("--ranking", choices=["global", "global_raw", "local", "allocate"],
+                        **option,
                         help=f"how units are compared across groups (default {FULL.ranking})")
+    parser.add_argument("--round-to", type=positive_int, **option,
+                        help=f"kept MLP widths are multiples of N ({FULL.round_to})")
     parser.add_argument("--kinds", **option, help=f"group kinds that may shrink ({FULL.kinds})")
     parser.add_argument("--layers", **option, help="blocks that may shrink, e.g. 3:-2 (all)")
     parser.add_argument("--sweep", type=_ratios, **option,

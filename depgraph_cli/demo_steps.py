@@ -18,17 +18,19 @@ def plain(settings: DemoSettings) -> dict:
 
 
 def text_ids(tokenizer, settings: DemoSettings):
-    """WikiText-2 test token ids, cut to whole windows: ``sweep_tokens`` then up to
-    ``ppl_tokens`` (the sweep part is a prefix of the main comparison)."""
-    from evaluation import load_text, tokenize_text
+    """WikiText-2 test windows of ``seq_len`` (BOS first where the tokenizer adds one):
+    ``sweep_tokens`` worth, then up to ``ppl_tokens`` (the sweep part is a prefix of the main
+    comparison)."""
+    from evaluation import load_text, token_windows, tokenize_text, window_bos
 
     ids = tokenize_text(tokenizer, load_text("wikitext2"))
-    sweep = settings.sweep_tokens // settings.seq_len * settings.seq_len
-    main = max(settings.ppl_tokens, settings.sweep_tokens) // settings.seq_len * settings.seq_len
+    main = max(settings.ppl_tokens, settings.sweep_tokens)
     if ids.numel() < main:
         raise ValueError(f"WikiText-2 has {ids.numel()} tokens with this tokenizer, fewer than "
                          f"--ppl-tokens {settings.ppl_tokens}")
-    return {"sweep": ids[:sweep], "rest": ids[sweep:main]}
+    windows = token_windows(ids, settings.seq_len, main, bos=window_bos(tokenizer))
+    sweep = max(1, settings.sweep_tokens // settings.seq_len)
+    return {"sweep": windows[:sweep], "rest": windows[sweep:]}
 
 
 def graph(dense, html_path: Path) -> tuple[Any, dict]:
@@ -77,7 +79,8 @@ def prune(dense, tokenizer, graph, settings: DemoSettings) -> tuple[Any, Pruned]
     model = copy.deepcopy(dense)
     result = prune(model, settings.ratio, settings.importance, tokenizer=tokenizer,
                    tokens=tokens, kinds=settings.kinds, layers=settings.layers,
-                   ranking=settings.ranking, seed=settings.seed, graph=graph, progress=bar)
+                   ranking=settings.ranking, round_to=settings.round_to, seed=settings.seed,
+                   graph=graph, progress=bar)
     bar.close()
     stats = {**result.stats, "ranking": settings.ranking, "kinds": settings.kinds,
              "layers": settings.layers, "calib": settings.calib,
@@ -143,7 +146,7 @@ def ppl(model, ids: dict, settings: DemoSettings) -> dict:
 
     parts = {name: perplexity(model, None, part, seq_len=settings.seq_len,
                               batch_size=settings.batch_size)
-             for name, part in ids.items() if part.numel() >= settings.seq_len}
+             for name, part in ids.items() if part.shape[0] > 0}
     tokens = sum(p["tokens"] for p in parts.values())
     nll = sum(p["nll"] * p["tokens"] for p in parts.values()) / tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "seq_len": settings.seq_len,
@@ -167,7 +170,7 @@ def evaluate(model, tokenizer, ids: dict, settings: DemoSettings) -> dict:
 def agreement(dense, pruned, ids: dict, settings: DemoSettings) -> dict:
     from evaluation import next_token_agreement
 
-    windows = ids["sweep"].view(-1, settings.seq_len)[: settings.agreement_windows]
+    windows = ids["sweep"][: settings.agreement_windows]
     return next_token_agreement(dense, pruned, windows, batch_size=settings.batch_size)
 
 
@@ -181,8 +184,6 @@ def sweep(dense, pruned, graph, result: Pruned, dense_results, pruned_results, i
     Returns the points (speeds filled in by :func:`timings`) and the model of each."""
     from evaluation import count_parameters, perplexity
     from pruning.apply import apply_plan
-    from pruning.selection import select_plan
-
     total = count_parameters(dense)
     eligible = [g for g in graph.groups() if g.id in result.scores]
 
@@ -199,14 +200,31 @@ def sweep(dense, pruned, graph, result: Pruned, dense_results, pruned_results, i
             models[ratio] = pruned
             continue
         print(f"      ratio {ratio}: select, apply, perplexity", flush=True)
-        plan = select_plan(eligible, result.scores, ratio=ratio, total_params=total,
-                           kinds={g.kind for g in eligible}, ranking=settings.ranking)
+        plan = _plan_at(eligible, result, ratio, total, settings)
         model = apply_plan(copy.deepcopy(dense), plan, graph)
         ppl = perplexity(model, None, ids["sweep"], seq_len=settings.seq_len,
                          batch_size=settings.batch_size)
         points.append(point(ratio, model, ppl))
         models[ratio] = model
     return points, models
+
+
+def _plan_at(eligible: list, result: Pruned, ratio: float, total: int,
+             settings: DemoSettings) -> dict:
+    """The main run's scores (and measured allocation curves) re-selected at ``ratio``."""
+    import numpy as np
+
+    from pruning.allocation import allocate_plan
+    from pruning.selection import select_plan
+
+    if settings.ranking == "allocate":
+        curves = {gid: (np.array(c["removed"]), np.array(c["kl"]))
+                  for gid, c in result.stats["allocation"].items()}
+        return allocate_plan(eligible, result.scores, curves, ratio=ratio, total_params=total,
+                             round_to=settings.round_to)
+    return select_plan(eligible, result.scores, ratio=ratio, total_params=total,
+                       kinds={g.kind for g in eligible}, ranking=settings.ranking,
+                       round_to=settings.round_to)
 
 
 def timings(dense, pruned, sweep_models: dict, dense_results: dict, pruned_results: dict,

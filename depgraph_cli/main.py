@@ -251,10 +251,10 @@ def _evaluate(spec: str | Path, texts: dict, tasks: dict, args: argparse.Namespa
 
 
 def _agreement(dense, model, tokenizer, texts: dict, args: argparse.Namespace) -> dict:
-    from evaluation import next_token_agreement, token_windows, tokenize_text
+    from evaluation import next_token_agreement, text_windows
 
     text = next(iter(texts.values()))
-    windows = token_windows(tokenize_text(tokenizer, text), args.seq_len, args.max_tokens)
+    windows = text_windows(tokenizer, text, args.seq_len, args.max_tokens)
     return next_token_agreement(dense, model, windows[:64], batch_size=args.batch_size)
 
 

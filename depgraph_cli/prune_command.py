@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from . import defaults
 from .argtypes import positive_int, ratio
 
 __all__ = ["add_prune", "run_prune"]
@@ -33,7 +34,7 @@ def add_prune(subparsers) -> None:
                              "{group_id: [units]} (ids from `depgraph inspect --json`)")
     parser.add_argument("--importance", default=None,
                         help="criterion: a name above, an installed plug-in's name, or "
-                             "package.module:function (default: taylor)")
+                             f"package.module:function (default: {defaults.IMPORTANCE})")
     parser.add_argument("--compensate", action="store_true",
                         help="add the mean contribution of removed channels back as biases "
                              "(FLAP's bias compensation; reads --calib)")
@@ -42,14 +43,17 @@ def add_prune(subparsers) -> None:
     parser.add_argument("--samples", type=positive_int, default=10, help="calibration samples (default 10)")
     parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sample (default 128)")
     parser.add_argument("--kinds", default=None,
-                        help="group kinds that may shrink: mlp, attention, hidden, experts "
-                             "(default: mlp,attention)")
+                        help="group kinds that may shrink: mlp, attention, hidden, experts, "
+                             f"query_head (default: {defaults.KINDS})")
     parser.add_argument("--layers", default=None, help="blocks that may shrink, e.g. 3:-2")
-    parser.add_argument("--ranking", default=None, choices=["global", "global_raw", "local"],
-                        help="how units of different groups compare (default: the "
-                             "criterion's own, else global)")
+    parser.add_argument("--ranking", default=None,
+                        choices=["global", "global_raw", "local", "allocate"],
+                        help="how units are compared across groups; allocate: measure each "
+                             "block's damage on the model's outputs and spend the budget where "
+                             f"it hurts least (default: {defaults.RANKING} with --reconstruct, "
+                             f"else the criterion's own, else {defaults.RANKING_ONE_SHOT})")
     parser.add_argument("--round-to", type=positive_int, default=None,
-                        help="kept widths are multiples of N (default 1)")
+                        help=f"kept widths are multiples of N (default: {defaults.ROUND_TO})")
     parser.add_argument("--aggregation", default=None, choices=["sum", "mean", "max", "prod", "last"],
                         help="how a unit's per-parameter scores combine (default: sum)")
     parser.add_argument("--tau", type=float, default=None, help="JS threshold for retraining_free")
@@ -108,10 +112,12 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--compensate and --reconstruct do not combine: the least-squares "
                          "refit of the layers that read removed channels replaces the "
                          "compensation; choose one")
-    args.importance = args.importance or "taylor"
-    args.kinds = args.kinds or "mlp,attention"
-    args.round_to = args.round_to or 1
+    args.importance = args.importance or defaults.IMPORTANCE
+    args.kinds = args.kinds or defaults.KINDS
+    args.round_to = args.round_to or defaults.ROUND_TO
     args.aggregation = args.aggregation or "sum"
+    if args.ranking is None and args.reconstruct and not args.stream:
+        args.ranking = defaults.RANKING  # one-shot (and streamed): the criterion's own ranking
     if args.tau is not None and "tau" not in importance_options(args.importance):
         users = [name for name in available_importance() if "tau" in importance_options(name)]
         raise ValueError(f"--tau is read only by --importance {' or '.join(users)}; "
@@ -360,7 +366,8 @@ def _choose_and_prune(model, tokenizer, args: argparse.Namespace):
     from pruning.prune import prune
     from recovery import prune_and_reconstruct
 
-    data_passes = get_importance(args.importance)[1] or args.reconstruct  # else nothing to count
+    data_passes = (get_importance(args.importance)[1] or args.reconstruct
+                   or args.ranking == "allocate")  # else nothing to count
     progress = progress_bar(total=args.samples, desc="scoring") if data_passes else None
     settings = _settings(args)
     if args.reconstruct:

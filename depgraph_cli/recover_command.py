@@ -1,11 +1,13 @@
-"""``depgraph recover DIR --method reconstruct|lora --out DIR`` (registered by depgraph_cli.main).
+"""``depgraph recover DIR --method reconstruct|lora|distill --out DIR`` (registered by
+depgraph_cli.main).
 
 ``reconstruct`` refits the pruned model against its dense original (named by ``--dense``,
 else the ``model`` that ``depgraph prune`` recorded in ``DIR/pruning.json``) on calibration
 text; ``lora`` trains LoRA adapters on ``--data`` and merges them (``--no-merge`` keeps them
-in ``OUT/adapter``, loadable with ``peft.PeftModel.from_pretrained``). Under
-``accelerate launch -m depgraph_cli recover ...`` the LoRA training runs on every process
-and only the main process writes ``--out``.
+in ``OUT/adapter``, loadable with ``peft.PeftModel.from_pretrained``); ``distill`` trains the
+pruned model to match the dense one's next-token distributions on ``--data``
+(:mod:`depgraph_cli.distill_command`). Under ``accelerate launch -m depgraph_cli recover ...``
+LoRA and distillation run on every process and only the main process writes ``--out``.
 """
 
 from __future__ import annotations
@@ -18,16 +20,23 @@ import tempfile
 from pathlib import Path
 
 from .argtypes import positive_float, positive_int
+from .distill_command import (
+    add_distill_arguments,
+    check_distill_data,
+    remove_work_folders,
+    run_distill,
+)
 
 __all__ = ["add_recover", "run_recover"]
 
 
 def add_recover(subparsers) -> None:
     parser = subparsers.add_parser(
-        "recover", help="bring a pruned model's quality back: least squares or LoRA",
+        "recover", help="bring a pruned model's quality back: least squares, LoRA or "
+                        "distillation from the dense model",
         description="Recover the pruned model in DIR and save it to --out.")
     parser.add_argument("model", metavar="DIR", help="a folder written by `depgraph prune`")
-    parser.add_argument("--method", required=True, choices=["reconstruct", "lora"])
+    parser.add_argument("--method", required=True, choices=["reconstruct", "lora", "distill"])
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers as JSON")
@@ -69,6 +78,7 @@ def add_recover(subparsers) -> None:
                       help="also train on the instruction part of Alpaca records")
     lora.add_argument("--no-merge", action="store_true",
                       help="keep the adapter in OUT/adapter instead of merging it")
+    add_distill_arguments(parser)
     parser.set_defaults(handler=run_recover)
 
 
@@ -116,6 +126,9 @@ def _check_data(args: argparse.Namespace) -> None:
     if args.method == "reconstruct":
         check_source(args.calib)
         return
+    if args.method == "distill":
+        check_distill_data(args)
+        return
     data = Path(args.data)
     if (data.suffix or "/" in args.data) and not args.data.startswith("hf:") and not data.exists():
         raise ValueError(f"--data {args.data!r} does not exist (expected an Alpaca JSON/JSONL "
@@ -133,7 +146,7 @@ def _preflight(args: argparse.Namespace, folder: Path, info: dict):
     from .models import load_config
     from .outputs import Output, check_outputs
 
-    dense = _dense_source(args, info, folder) if args.method == "reconstruct" else None
+    dense = _dense_source(args, info, folder) if args.method != "lora" else None
     check_outputs([Output("--out", args.out, folder=True), Output("--json", args.json)],
                   [("DIR", folder), ("--dense", args.dense),
                    ("dense model (recorded in pruning.json)", dense), ("--calib", args.calib),
@@ -142,10 +155,10 @@ def _preflight(args: argparse.Namespace, folder: Path, info: dict):
     check_weight_files(folder)
     if args.method == "reconstruct":
         check_seq_len(config, args.calib_len, "--calib-len")
-        if isinstance(dense, Path):
-            check_weight_files(dense)
     else:
         check_seq_len(config, args.seq_len, "--seq-len")
+    if isinstance(dense, Path):
+        check_weight_files(dense)
     _check_data(args)
     return dense
 
@@ -215,7 +228,8 @@ def run_recover(args: argparse.Namespace) -> int:
     if args.method == "reconstruct":
         model, stats, adapter = _reconstruct(model, tokenizer, dense, args)
     else:
-        model, stats, adapter = _lora(model, tokenizer, args)
+        model, stats, adapter = (run_distill(model, tokenizer, dense, args)
+                                 if args.method == "distill" else _lora(model, tokenizer, args))
         if not stats["is_main_process"]:
             return 0
     if "ppl_after" not in stats:  # with --no-merge it was measured with the adapter on
@@ -233,6 +247,8 @@ def run_recover(args: argparse.Namespace) -> int:
             file.write_text(json.dumps(stats, indent=1, default=str))
         save_pruned(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra,
                     writer=add_adapter)
+    if args.method == "distill":
+        remove_work_folders(args)
     _print(stats, args)
     return 0
 
@@ -245,6 +261,10 @@ def _print(stats: dict, args: argparse.Namespace) -> None:
     if stats["method"] == "lora":
         rows += [("steps", str(stats["steps"])),
                  ("validation ppl", f"{stats['val_ppl_before']:.2f} -> {stats['val_ppl_best']:.2f}")]
+    elif stats["method"] == "distill":
+        rows += [("steps", f"{stats['steps']} ({stats['stopped']})"),
+                 ("held-out KL", f"{stats['val_kl_before']:.4f} -> {stats['val_kl_best']:.4f}"),
+                 ("tokens/s", f"{stats['tokens_per_second'] or 0:.0f}")]
     elif stats.get("layers_refit"):
         rows.append(("layer output error", f"{stats['mean_error_before']:.4f} -> "
                                            f"{stats['mean_error_after']:.4f}"))

@@ -25,7 +25,15 @@ from .efficiency import (
     timing_spread,
     weight_memory_bytes,
 )
-from .perplexity import TEXT_DATASETS, load_text, perplexity, token_windows, tokenize_text
+from .perplexity import (
+    TEXT_DATASETS,
+    load_text,
+    perplexity,
+    text_windows,
+    token_windows,
+    tokenize_text,
+    window_bos,
+)
 from .report_table import compare, flatten, format_table
 from .zeroshot import (
     accuracy_stderr,
@@ -63,7 +71,9 @@ __all__ = [
     "perplexity",
     "timing_spread",
     "score_items",
+    "text_windows",
     "token_windows",
     "tokenize_text",
+    "window_bos",
     "weight_memory_bytes",
 ]

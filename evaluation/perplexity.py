@@ -1,10 +1,18 @@
 """Perplexity on WikiText-2 / PTB / any text, the way LLM-Pruner, GPTQ and Wanda measure it.
 
 Protocol (LLM-Pruner ``LLMPruner/evaluator/ppl.py``): the whole evaluation text is
-tokenized once with the tokenizer's defaults (so a Llama tokenizer puts one BOS at the very
-start), cut into non-overlapping windows of ``seq_len`` tokens (the remainder is dropped),
-and every window is scored independently: the loss covers every position but the first of
-each window. Perplexity is ``exp`` of the mean token NLL over all windows.
+tokenized once, cut into non-overlapping windows of ``seq_len`` tokens (the remainder is
+dropped), and every window is scored independently: the loss covers every position but the
+first of each window. Perplexity is ``exp`` of the mean token NLL over all windows.
+
+Every window starts the way the model expects a text to start. When the tokenizer's own
+encoding puts BOS in front of a text (Llama, Gemma: :func:`pruning.text.bos_prefix`), each
+window is BOS followed by ``seq_len - 1`` text tokens, all of which are scored (BOS is
+context, never a scored token), as lm-evaluation-harness does; LLM-Pruner instead puts one
+BOS at the very start of the text, so every window but the first begins mid-stream without
+it (a Gemma-3 270M: 42 with BOS, 346 without, at windows of 128). Tokenizers that add no BOS
+(GPT-2, SmolLM2) give exactly LLM-Pruner's windows. Either way ``windows × (seq_len - 1)``
+tokens are scored.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depgraph.paths import data_dir
+from pruning.text import bos_prefix, encode_text
 
 from ._common import (
     check_finite_logits,
@@ -30,7 +39,8 @@ from ._common import (
     resolve_device,
 )
 
-__all__ = ["TEXT_DATASETS", "load_text", "perplexity", "token_windows", "tokenize_text"]
+__all__ = ["TEXT_DATASETS", "load_text", "perplexity", "text_windows", "token_windows",
+           "tokenize_text", "window_bos"]
 
 #: Dataset names understood by :func:`load_text` (aliases map onto the first two).
 TEXT_DATASETS: tuple[str, ...] = ("wikitext2", "ptb")
@@ -126,40 +136,61 @@ def load_text(name_or_path: str | os.PathLike[str], split: str | None = None) ->
 
 
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
-    """Tokenize ``text`` once, with the tokenizer's default special tokens, as a 1-D LongTensor."""
+    """The token stream of ``text`` (its own tokens, no special tokens) as a 1-D LongTensor."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__!r}")
-    ids = tokenizer.encode(text) if hasattr(tokenizer, "encode") else tokenizer(text)["input_ids"]
-    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    return torch.as_tensor(encode_text(tokenizer, text), dtype=torch.long).reshape(-1)
+
+
+def window_bos(tokenizer: Any) -> int | None:
+    """The BOS id every window starts with (``None``: windows are plain text)."""
+    prefix = bos_prefix(tokenizer)
+    return prefix[0] if prefix else None
 
 
 def token_windows(
-    ids: torch.Tensor | Sequence[int], seq_len: int, max_tokens: int | None = None
+    ids: torch.Tensor | Sequence[int], seq_len: int, max_tokens: int | None = None,
+    bos: int | None = None,
 ) -> torch.Tensor:
     """Cut a token sequence into non-overlapping ``[n_windows, seq_len]`` windows.
 
     Parameters
     ----------
     ids : Tensor or sequence of int
-        The tokenized text (1-D).
+        The tokenized text (1-D), without BOS.
     seq_len : int
         Window length (>= 2, since the first position of a window is never scored).
     max_tokens : int, optional
-        Keep only the first ``max_tokens`` tokens before windowing.
+        Keep only the first ``max_tokens`` tokens of ``ids`` before windowing.
+    bos : int, optional
+        Start every window with this token, followed by ``seq_len - 1`` tokens of ``ids``.
 
     Returns
     -------
     Tensor
-        ``len(ids[:max_tokens]) // seq_len`` windows; the remainder is dropped.
+        ``len(ids[:max_tokens]) // seq_len`` windows (``// (seq_len - 1)`` with ``bos``); the
+        remainder is dropped.
     """
     check_positive_int("seq_len", seq_len, minimum=2)
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if max_tokens is not None:
         ids = ids[: check_positive_int("max_tokens", max_tokens)]
-    n_windows = ids.numel() // seq_len
+    step = seq_len - (bos is not None)
+    n_windows = ids.numel() // step
     if n_windows == 0:
-        raise ValueError(f"only {ids.numel()} tokens, fewer than seq_len={seq_len!r}")
-    return ids[: n_windows * seq_len].view(n_windows, seq_len)
+        raise ValueError(f"only {ids.numel()} tokens, fewer than the {step} a window of "
+                         f"seq_len={seq_len!r} needs")
+    windows = ids[: n_windows * step].view(n_windows, step)
+    if bos is not None:
+        windows = torch.cat([torch.full((n_windows, 1), int(bos), dtype=torch.long), windows], 1)
+    return windows
+
+
+def text_windows(tokenizer: Any, text: str, seq_len: int, max_tokens: int | None = None
+                 ) -> torch.Tensor:
+    """``text`` as evaluation windows: tokenized once, cut, BOS first where the model expects it."""
+    return token_windows(tokenize_text(tokenizer, text), seq_len, max_tokens,
+                         bos=window_bos(tokenizer))
 
 
 def perplexity(
@@ -171,6 +202,7 @@ def perplexity(
     max_tokens: int | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    bos: int | bool | None = None,
 ) -> dict[str, float | int]:
     """Perplexity of ``model`` on ``text`` over non-overlapping windows (LLM-Pruner style).
 
@@ -179,9 +211,12 @@ def perplexity(
     model : nn.Module
         A causal LM returning logits (HF model or any module, see ``forward_logits``).
     tokenizer : Any
-        HF tokenizer (``encode``); unused, may be ``None``, when ``text`` is already token ids.
+        HF tokenizer (``encode``), which also says whether windows start with BOS; may be
+        ``None`` when ``text`` is token ids (then windows start with ``bos`` only).
     text : str, Tensor or sequence of int
-        The evaluation text (e.g. from :func:`load_text`) or its token ids.
+        The evaluation text (e.g. from :func:`load_text`), its token ids (1-D, without BOS;
+        cut like the text), or ready windows (a 2-D tensor, e.g. from :func:`text_windows`,
+        scored as they are: ``seq_len`` and ``max_tokens`` do not apply).
     seq_len : int, default 128
         Window length; LLM-Pruner reports 128 (and 2048 for some tables).
     batch_size : int, default 4
@@ -192,13 +227,17 @@ def perplexity(
         Where to run; defaults to the model's device.
     progress : bool, optional
         Show a tqdm bar; by default only when stderr is a terminal.
+    bos : int or False, optional
+        The token every window starts with; by default the tokenizer's (:func:`window_bos`;
+        none without a tokenizer), ``False`` for none.
 
     Returns
     -------
     dict
         ``ppl`` (exp of mean NLL), ``nll`` (mean NLL per predicted token, nats), ``tokens``
-        (predicted tokens, ``windows * (seq_len - 1)``), ``windows``, ``seq_len`` and
-        ``text_tokens`` (tokens of the whole text before windowing).
+        (predicted tokens, ``windows * (seq_len - 1)``), ``windows``, ``seq_len``,
+        ``text_tokens`` (tokens of the whole text before windowing) and ``bos`` (the token
+        each window starts with, or ``None``).
 
     Raises
     ------
@@ -208,13 +247,19 @@ def perplexity(
     """
     check_positive_int("seq_len", seq_len, minimum=2)
     check_positive_int("batch_size", batch_size)
-    if isinstance(text, str):
-        if tokenizer is None:
-            raise ValueError("tokenizer=None needs token ids, got a str text")
-        ids = tokenize_text(tokenizer, text)
+    if isinstance(text, str) and tokenizer is None:
+        raise ValueError("tokenizer=None needs token ids, got a str text")
+    if bos is None:
+        bos = window_bos(tokenizer) if tokenizer is not None else None
+    bos = None if bos is False else bos
+    if isinstance(text, torch.Tensor) and text.dim() == 2:  # ready windows, scored as they are
+        windows = text.long()
+        ids, seq_len = windows.reshape(-1), check_positive_int("seq_len", windows.shape[1], 2)
+        bos = bos if bos is not None and bool((windows[:, 0] == bos).all()) else None
     else:
-        ids = torch.as_tensor(text, dtype=torch.long).reshape(-1)
-    windows = token_windows(ids, seq_len, max_tokens)
+        ids = (tokenize_text(tokenizer, text) if isinstance(text, str)
+               else torch.as_tensor(text, dtype=torch.long).reshape(-1))
+        windows = token_windows(ids, seq_len, max_tokens, bos=bos)
     dev = resolve_device(model, device)
     total_nll, total_tokens = 0.0, 0
     with eval_mode(model):
@@ -238,4 +283,5 @@ def perplexity(
         "windows": int(windows.shape[0]),
         "seq_len": seq_len,
         "text_tokens": int(ids.numel()),
+        "bos": bos,
     }

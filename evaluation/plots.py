@@ -35,9 +35,10 @@ __all__ = ["KIND_COLORS", "plot_importance", "plot_kept_width", "plot_sweep"]
 
 #: One colour per group kind, shared by all plots.
 KIND_COLORS = {"mlp": "#1f77b4", "attention_head": "#ff7f0e", "kv_group": "#ff7f0e",
-               "expert": "#2ca02c", "hidden": "#9467bd"}
+               "query_head": "#d62728", "expert": "#2ca02c", "hidden": "#9467bd"}
 _KIND_LABELS = {"mlp": "MLP inner channels", "attention_head": "attention heads",
                 "kv_group": "attention KV groups (KV head + its query heads)",
+                "query_head": "query heads (the same slot of every KV group)",
                 "expert": "experts", "hidden": "hidden (residual) channels"}
 _DPI = 110
 

@@ -5,8 +5,10 @@ Scoring follows lm-evaluation-harness (``HFLM.loglikelihood`` + ``multiple_choic
 * the request for choice ``c`` is ``(context, " " + c)`` (``target_delimiter=" "``);
 * trailing whitespace of the context moves to the front of the continuation; the
   continuation tokens are ``encode(context + continuation)[len(encode(context)):]``,
-  encoded without special tokens (the harness default for causal LMs; ``add_bos=True``
-  prepends BOS to every context instead); an empty context becomes the BOS (else EOS) token;
+  encoded without special tokens; BOS is prepended to every context when the tokenizer's own
+  encoding adds one (``add_bos=None``, :func:`pruning.text.bos_prefix`: Llama, Gemma, as the
+  harness does for Gemma), or as ``add_bos`` says; an empty context becomes the BOS (else
+  EOS) token;
 * the model sees ``(context + continuation)[:-1]`` (left-truncated to ``max_length``) and the
   score is the sum of the log-probabilities of the continuation tokens;
 * ``acc``: argmax of the sums; ``acc_norm``: argmax of the sums divided by the number of
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruning.text import encode_text
+from pruning.text import bos_prefix, encode_text
 
 from ._common import (
     check_finite_logits,
@@ -42,7 +44,7 @@ __all__ = ["TASKS", "accuracy_stderr", "encode_pair", "evaluate_task", "evaluate
 
 
 def encode_pair(
-    tokenizer: Any, context: str, continuation: str, add_bos: bool = False
+    tokenizer: Any, context: str, continuation: str, add_bos: bool | None = None
 ) -> tuple[list[int], list[int]]:
     """Token ids of ``context`` and of ``continuation`` after it, the harness way.
 
@@ -53,14 +55,17 @@ def encode_pair(
         ``bos_token_id`` / ``eos_token_id``.
     context, continuation : str
         The conditioning text and the scored text (delimiter already included).
-    add_bos : bool, default False
-        Prepend the BOS token to the context.
+    add_bos : bool, optional
+        Prepend the BOS token to the context; by default when the tokenizer's own encoding
+        adds one.
 
     Returns
     -------
     (list of int, list of int)
         Context ids (never empty) and continuation ids.
     """
+    if add_bos is None:
+        add_bos = bool(bos_prefix(tokenizer))
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
@@ -83,7 +88,7 @@ def loglikelihoods(
     requests: Sequence[tuple[str, str]],
     batch_size: int = 16,
     device: str | torch.device | None = None,
-    add_bos: bool = False,
+    add_bos: bool | None = None,
     max_length: int | None = None,
     progress: bool | None = None,
 ) -> list[tuple[float, bool]]:
@@ -101,7 +106,7 @@ def loglikelihoods(
         Sequences per forward pass (padded on the right, which a causal LM ignores).
     device : str or torch.device, optional
         Defaults to the model's device.
-    add_bos : bool, default False
+    add_bos : bool, optional
         See :func:`encode_pair`.
     max_length : int, optional
         Longest input fed to the model; defaults to ``config.max_position_embeddings`` or 2048.
@@ -119,6 +124,7 @@ def loglikelihoods(
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
     check_positive_int("max_length", max_length, minimum=2)
     encoded = []
+    add_bos = bool(bos_prefix(tokenizer)) if add_bos is None else add_bos
     for ctx, cont in requests:
         ctx_ids, cont_ids = encode_pair(tokenizer, ctx, cont, add_bos)
         full = (ctx_ids + cont_ids)[-(max_length + 1):]
@@ -236,7 +242,7 @@ def evaluate_zeroshot(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     prompt_style: str = "harness",
-    add_bos: bool = False,
+    add_bos: bool | None = None,
     max_length: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, dict[str, float | int]]:

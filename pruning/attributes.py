@@ -35,7 +35,7 @@ from depgraph.graph import graph_of_trace
 from depgraph.groups import block_index
 from depgraph.trace import meta_copy, trace_copy
 
-from .extents import expected_signatures, group_extents
+from .extents import expected_signatures, group_extents, kept_sizes
 
 __all__ = ["sync_by_extent", "STANDARD_LAYERS"]
 
@@ -80,10 +80,11 @@ def _candidates(model: nn.Module, graph: DependencyGraph, plan: dict) -> dict[_K
     """``{(path, attr): [values to try, in order]}``: the innermost group's new value first,
     the attribute's own value last."""
     found: dict[_Key, list[tuple[int, object]]] = {}
+    kept = kept_sizes(graph, plan)
     for group_id, units in plan.items():
         if not len(set(units)):
             continue
-        extents = group_extents(graph, group_id, len(set(units)))
+        extents = group_extents(graph, group_id, len(set(units)), kept)
         scope = _scope(graph, group_id)
         depth = scope.count(".") + 1 if scope else 0
         for path, module in model.named_modules():

@@ -26,8 +26,15 @@ for every sample we pick a document (a file with probability proportional to its
 dataset row), a random byte offset, read a chunk a little longer than ``seq_len`` tokens
 should need, drop the partial word at the chunk's start, tokenize it without special tokens
 and keep its first ``seq_len`` tokens; a chunk that turns out too short is read again, twice
-as long. So 10 × 128 tokens cost ~10 small tokenizer calls, not a pass over 4.4 MB. Windows
-carry no BOS (as LLM-Pruner's, which are cut from the middle of tokenized documents).
+as long. So 10 × 128 tokens cost ~10 small tokenizer calls, not a pass over 4.4 MB. A window
+starts the way the model expects a text to start: with BOS when the tokenizer's own encoding
+adds one (Llama, Gemma; :func:`pruning.text.bos_prefix`), followed by ``seq_len - 1`` tokens
+of text; otherwise ``seq_len`` tokens of text (LLM-Pruner's windows, cut from the middle of
+tokenized documents, never carry it).
+
+The evaluation text is never calibration text: the WikiText-2 raw test split (and PTB's
+test and validation splits, which LLM-Pruner reports on) are refused as a source, as a file,
+a folder holding them, or a ``hf:`` split (:func:`check_not_evaluation_text`).
 Everything random is drawn from one ``numpy`` generator seeded by ``seed``: the same seed
 gives the same tensor, different seeds give different windows.
 """
@@ -48,10 +55,10 @@ from depgraph.paths import data_dir
 from depgraph.progress import progress_bar
 
 from .corpus import MAX_UNDECODABLE, FileCorpus, RowCorpus, text_column
-from .text import encode_text, load_hf_dataset
+from .text import bos_prefix, encode_text, load_hf_dataset
 
 __all__ = ["MAX_UNDECODABLE", "PAPER_DEFAULTS", "SELF_SAMPLING", "calibration_tokens",
-           "check_source", "describe_source"]
+           "check_not_evaluation_text", "check_source", "describe_source", "evaluation_files"]
 
 #: Calibration set sizes of the two papers this project implements. LLM-Pruner (arXiv
 #: 2305.11627) estimates importance from 10 BookCorpus samples of 128 tokens; Greedy Output
@@ -76,7 +83,49 @@ class _Source:
     location: str = ""  # path, or "NAME:CONFIG:SPLIT" for hf
 
 
+def evaluation_files() -> list[Path]:
+    """The offline files perplexity is reported on (``evaluation.load_text``'s test texts)."""
+    root = data_dir()
+    return [root / "wikitext-2-raw" / "test.txt", root / "ptb" / "ptb.test.txt",
+            root / "ptb" / "ptb.valid.txt"]
+
+
+#: ``hf:`` datasets and the splits that are evaluation text.
+_EVALUATION_SPLITS = {"wikitext": {"test"}, "Salesforce/wikitext": {"test"},
+                      "ptb_text_only": {"test", "validation"}}
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    try:
+        return other.is_file() and path.resolve() == other.resolve()
+    except OSError:
+        return False
+
+
+def check_not_evaluation_text(parsed: _Source, source: str | os.PathLike[str]) -> None:
+    """ValueError when ``source`` is (or holds) text that perplexity is reported on."""
+    hit = None
+    if parsed.kind == "file":
+        hit = next((f for f in evaluation_files() if _same_file(Path(parsed.location), f)), None)
+    elif parsed.kind == "folder":
+        hit = next((f for f in evaluation_files() for path in Path(parsed.location).glob("*.txt")
+                    if _same_file(path, f)), None)
+    elif parsed.kind == "hf":
+        name, _config, split = parsed.location.split(":")
+        hit = f"{name} split {split}" if split in _EVALUATION_SPLITS.get(name, ()) else None
+    if hit is not None:
+        raise ValueError(f"calibration text {str(source)!r} is evaluation text ({hit}), which "
+                         "perplexity is reported on; calibrate on other text ('bundled', "
+                         "'wikitext2' = its validation split, a file of your own)")
+
+
 def _parse_source(source: str | os.PathLike[str]) -> _Source:
+    parsed = _parse_name(source)
+    check_not_evaluation_text(parsed, source)
+    return parsed
+
+
+def _parse_name(source: str | os.PathLike[str]) -> _Source:
     if isinstance(source, str) and source in ("bundled", "wikitext2", "self"):
         return _Source(source)
     if isinstance(source, str) and source.startswith("hf:"):
@@ -166,8 +215,9 @@ def _drop_partial_word(text: str) -> str:
 
 
 def _window(corpus, tokenizer, rng: np.random.Generator, seq_len: int,
-            chars: int) -> tuple[list[int], float]:
-    """``seq_len`` tokens from a random place, and the characters per token seen there."""
+            chars: int, window: int) -> tuple[list[int], float]:
+    """``seq_len`` tokens from a random place, and the characters per token seen there
+    (``window``: the length of the window they go into, for the message)."""
     best = 0
     for _ in range(_MAX_TRIES):
         text, starts_mid, ends_mid = corpus.draw(rng, chars)
@@ -180,19 +230,21 @@ def _window(corpus, tokenizer, rng: np.random.Generator, seq_len: int,
         if corpus.exhausted(chars):
             break
         chars *= 2
-    raise ValueError(f"calibration text {corpus.label!r} is too short for seq_len={seq_len}: "
+    raise ValueError(f"calibration text {corpus.label!r} is too short for seq_len={window}: "
                      f"the longest piece read gave {best} tokens (need {seq_len})")
 
 
 def _sample_windows(corpus, tokenizer, n_samples: int, seq_len: int, seed: int,
                     progress: bool | None = None) -> torch.Tensor:
     rng = np.random.default_rng(seed)
+    prefix = bos_prefix(tokenizer)  # BOS first where the model always saw one
+    text_len = seq_len - len(prefix)
     rows, ratios = [], []
     for _ in progress_bar(range(n_samples), desc="calibration windows", enabled=progress):
         chars_per_token = max(ratios) if ratios else 6.0  # a guess until one window is read
-        chars = math.ceil(chars_per_token * (seq_len + 1) * 1.25) + 32
-        ids, seen = _window(corpus, tokenizer, rng, seq_len, chars)
-        rows.append(ids)
+        chars = math.ceil(chars_per_token * (text_len + 1) * 1.25) + 32
+        ids, seen = _window(corpus, tokenizer, rng, text_len, chars, seq_len)
+        rows.append(prefix + ids)
         ratios.append(seen)
     return torch.tensor(rows, dtype=torch.long)
 

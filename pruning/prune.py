@@ -28,6 +28,7 @@ from torch import nn
 
 from depgraph import DependencyGraph, Group, Kind, build_graph
 
+from .allocation import FRACTIONS, SAMPLES, allocate_plan, sensitivity_curves
 from .apply import apply_plan, plan_slices
 from .calibration import calibration_tokens
 from .compensation import compensation_biases
@@ -38,13 +39,15 @@ from .statistics import input_statistics
 
 __all__ = ["prune", "PruneResult", "PruneSettings", "KIND_ALIASES", "expand_kinds",
            "kept_widths", "eligible_groups", "score", "select", "calibration_for",
-           "settings_from", "pruned_result", "compensation_for", "apply_given_plan"]
+           "settings_from", "pruned_result", "compensation_for", "apply_given_plan",
+           "allocation_curves", "needs_tokens", "curves_record"]
 
 #: User-facing kind names and the group kinds they stand for.
 KIND_ALIASES = {"attention": {Kind.ATTENTION_HEAD, Kind.KV_GROUP},
                 "heads": {Kind.ATTENTION_HEAD, Kind.KV_GROUP}, "mlp": {Kind.MLP},
                 "hidden": {Kind.HIDDEN}, "expert": {Kind.EXPERT}, "experts": {Kind.EXPERT},
-                "attention_head": {Kind.ATTENTION_HEAD}, "kv_group": {Kind.KV_GROUP}}
+                "attention_head": {Kind.ATTENTION_HEAD}, "kv_group": {Kind.KV_GROUP},
+                "query_head": {Kind.QUERY_HEAD}, "query_heads": {Kind.QUERY_HEAD}}
 
 
 def expand_kinds(kinds) -> frozenset[Kind]:
@@ -70,9 +73,12 @@ class PruneSettings:
     calib, n_samples, seq_len : calibration data when the criterion needs some.
     kinds : which group kinds may shrink (``"mlp,attention"``; add ``hidden``, ``experts``).
     layers : blocks that may shrink, as ``"3:-2"`` (LLM-Pruner keeps the first and last).
-    ranking : ``global`` (scores normalised per group, ranked together), ``global_raw`` or
-        ``local`` (see :mod:`pruning.selection`); ``None``: the ranking the criterion was
-        registered with (``flap``: ``global_raw``, ``wanda_sp``: ``local``), else ``global``.
+    ranking : ``global`` (scores normalised per group, ranked together), ``global_raw``,
+        ``local`` (see :mod:`pruning.selection`) or ``allocate`` (counts measured on the
+        model's outputs, :mod:`pruning.allocation`; ``options`` may set
+        ``allocation_fractions`` and ``allocation_samples``); ``None``: the ranking the
+        criterion was registered with (``flap``: ``global_raw``, ``wanda_sp``: ``local``),
+        else ``global``.
     round_to : kept channel widths are multiples of this.
     aggregation : how a group's per-parameter scores combine (``sum``, ``max`` ...).
     kind_ratios : ``{kind: fraction of each group's units}`` instead of ``ratio``.
@@ -158,9 +164,10 @@ def calibration_for(model: nn.Module, settings: PruneSettings, tokenizer=None,
                     n_samples: int | None = None) -> torch.Tensor:
     """Calibration windows as ``settings`` asks (``n_samples`` overrides its count)."""
     if tokenizer is None and settings.calib != "self":
-        what = ("compensation" if settings.compensate and not
-                resolve_importance(settings.importance).needs_data
-                else f"importance {resolve_importance(settings.importance).name!r}")
+        spec = resolve_importance(settings.importance)
+        what = (f"importance {spec.name!r}" if spec.needs_data
+                else f"ranking {settings.ranking!r}" if settings.ranking == "allocate"
+                else "compensation")
         raise ValueError(f"{what} needs calibration data: pass a tokenizer (or tokens)")
     return calibration_tokens(tokenizer, settings.calib, n_samples=n_samples or settings.n_samples,
                               seq_len=settings.seq_len, seed=settings.seed, model=model)
@@ -180,14 +187,48 @@ def score(model: nn.Module, graph: DependencyGraph, groups: list[Group], setting
     return scores, stats
 
 
+def needs_tokens(settings: PruneSettings) -> bool:
+    """Whether scoring or selecting reads calibration windows."""
+    return resolve_importance(settings.importance).needs_data or settings.ranking == "allocate"
+
+
+def allocation_curves(model: nn.Module, groups: list[Group], scores: Mapping[str, np.ndarray],
+                      settings: PruneSettings, tokens: torch.Tensor, progress=None) -> dict:
+    """The measured damage curves ``ranking="allocate"`` spends the budget by
+    (:func:`pruning.allocation.sensitivity_curves` on the first ``allocation_samples``
+    windows)."""
+    if tokens is None:
+        raise ValueError("ranking 'allocate' measures the model on calibration windows: pass "
+                         "tokens (or a tokenizer to prune)")
+    samples = int(settings.options.get("allocation_samples", SAMPLES))
+    fractions = tuple(settings.options.get("allocation_fractions", FRACTIONS))
+    return sensitivity_curves(model, groups, scores, tokens[:samples], fractions=fractions,
+                              round_to=settings.round_to, progress=progress)
+
+
 def select(model: nn.Module, groups: list[Group], scores: Mapping[str, np.ndarray],
-           settings: PruneSettings) -> dict[str, list[int]]:
+           settings: PruneSettings, *, tokens: torch.Tensor | None = None,
+           curves: Mapping | None = None) -> dict[str, list[int]]:
     """The plan ``{group_id: [units]}`` that ``settings`` asks for (:func:`select_plan`) over
-    ``groups`` (already limited to its kinds and blocks by :func:`eligible_groups`)."""
+    ``groups`` (already limited to its kinds and blocks by :func:`eligible_groups`).
+    ``ranking="allocate"`` measures ``curves`` on ``tokens`` unless they are given."""
     total = sum(p.numel() for p in model.parameters())
+    if settings.ranking == "allocate":
+        if settings.kind_ratios:
+            raise ValueError("ranking 'allocate' chooses the share of every group itself; it "
+                             "takes a ratio, not kind_ratios")
+        curves = curves or allocation_curves(model, groups, scores, settings, tokens)
+        return allocate_plan(groups, scores, curves, ratio=settings.ratio, total_params=total,
+                             round_to=settings.round_to)
     return select_plan(groups, scores, ratio=None if settings.kind_ratios else settings.ratio,
                        kind_ratios=settings.kind_ratios, total_params=total, layers=None,
                        kinds=settings.kinds, ranking=settings.ranking, round_to=settings.round_to)
+
+
+def curves_record(curves: Mapping) -> dict[str, dict[str, list]]:
+    """Measured allocation curves as JSON-ready lists (``stats["allocation"]``)."""
+    return {gid: {"removed": [int(c) for c in counts], "kl": [float(v) for v in kl]}
+            for gid, (counts, kl) in curves.items()}
 
 
 def settings_from(settings: PruneSettings | None, **overrides) -> PruneSettings:
@@ -227,10 +268,18 @@ def prune(model: nn.Module, ratio: float | None = None, importance: str | None =
     graph = graph or build_graph(model)
     groups = eligible_groups(graph, settings, model)
     total = sum(p.numel() for p in model.parameters())
+    if tokens is None and needs_tokens(settings):
+        tokens = calibration_for(model, settings, tokenizer)
     scores, score_stats = score(model, graph, groups, settings, tokenizer=tokenizer,
                                 tokens=tokens, progress=progress)
     score_stats["score_seconds"] = round(time.perf_counter() - start, 3)
-    plan = select(model, groups, scores, settings)
+    curves = None
+    if settings.ranking == "allocate":
+        measured = time.perf_counter()
+        curves = allocation_curves(model, groups, scores, settings, tokens)
+        score_stats["allocation"] = curves_record(curves)
+        score_stats["allocation_seconds"] = round(time.perf_counter() - measured, 3)
+    plan = select(model, groups, scores, settings, tokens=tokens, curves=curves)
     biases = None
     if settings.compensate:
         if tokens is None:

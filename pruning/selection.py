@@ -13,6 +13,9 @@ out) that :func:`pruning.apply_plan` consumes. Three rankings:
     the cost of the last unit taken (with ``round_to > 1``: of the last chunk, see below).
 ``"global_raw"``
     The same without the normalisation: raw scores compared across groups.
+``"allocate"``
+    Counts measured on the model's outputs (:mod:`pruning.allocation`): not computed here,
+    since it needs the model and calibration windows; :func:`pruning.select` runs it.
 ``"local"`` (LLM-Pruner's default, a uniform per-layer ratio)
     The same fraction ``f`` of units leaves every eligible group, each group dropping its
     lowest-scored units; ``f`` is the smallest fraction whose removal reaches the target
@@ -45,7 +48,8 @@ import numpy as np
 from depgraph.kinds import Kind
 
 __all__ = ["KINDS", "CHANNEL_KINDS", "DEFAULT_KINDS", "RANKINGS", "LLM_PRUNER_LAYERS",
-           "group_scale", "parse_layers", "removed_params", "select_plan"]
+           "allowed_counts", "greedy_counts", "group_scale", "parse_layers", "removed_params",
+           "select_plan"]
 
 #: Group kinds (see :mod:`depgraph.groups`).
 KINDS: tuple[Kind, ...] = tuple(Kind)
@@ -53,7 +57,7 @@ KINDS: tuple[Kind, ...] = tuple(Kind)
 CHANNEL_KINDS = frozenset({Kind.HIDDEN, Kind.MLP})
 #: What shrinks by default: the inner channels of MLPs and whole attention heads / KV groups.
 DEFAULT_KINDS = frozenset({Kind.MLP, Kind.ATTENTION_HEAD, Kind.KV_GROUP})
-RANKINGS: tuple[str, ...] = ("global", "global_raw", "local")
+RANKINGS: tuple[str, ...] = ("global", "global_raw", "local", "allocate")
 #: LLM-Pruner's layer range for 32-block LLaMA-7B: blocks 4..29 shrink (``--block_*_layer_start
 #: 4 --block_*_layer_end 30``); the first 4 and the last 2 stay whole.
 LLM_PRUNER_LAYERS = "4:-2"
@@ -113,7 +117,8 @@ def removed_params(groups: Sequence[Any], plan: Mapping[str, Sequence[int]]) -> 
     """Parameters a plan removes: ``len(units) × params_per_unit`` summed over its groups.
 
     Groups are counted independently, as ``Group.params_per_unit`` is: where a hidden channel
-    and an inner channel share a weight entry, both count it.
+    and an inner channel share a weight entry, both count it (so do a KV group and a query-head
+    slot of the same layer, for the query head where they cross).
     """
     by_id = {group.id: group for group in groups}
     total = 0
@@ -125,7 +130,7 @@ def removed_params(groups: Sequence[Any], plan: Mapping[str, Sequence[int]]) -> 
     return total
 
 
-def _allowed_counts(group: Any, round_to: int, min_keep: int) -> np.ndarray:
+def allowed_counts(group: Any, round_to: int = 1, min_keep: int = 1) -> np.ndarray:
     """Realisable numbers of removed units (ascending, without 0)."""
     n, floor = int(group.num_units), max(min_keep, 1)
     if group.kind in CHANNEL_KINDS and round_to > 1:
@@ -182,24 +187,39 @@ def _normalised(values: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------- rankings
 def _select_global(groups, values, allowed, target: float, normalise: bool) -> list[int]:
     """Removed-unit counts per group: chunks sorted by (mean score, group, chunk), greedy."""
-    keys, group_index, chunk_index, costs, counts_at = [], [], [], [], []
-    for g, (group, scores, steps) in enumerate(zip(groups, values, allowed, strict=True)):
+    keys = []
+    for scores, steps in zip(values, allowed, strict=True):
         if steps.size == 0:
+            keys.append(np.zeros(0))
             continue
         ranked = (_normalised(scores) if normalise else scores)[_ascending_units(scores)]
         sums = np.concatenate([[0.0], np.cumsum(ranked)])
         sizes = np.diff(np.concatenate([[0], steps]))
-        means = (sums[steps] - sums[steps - sizes]) / sizes
-        keys.append(np.maximum.accumulate(means))  # exact ties, not rounding, order chunks
+        keys.append((sums[steps] - sums[steps - sizes]) / sizes)
+    return greedy_counts(groups, keys, allowed, target)
+
+
+def greedy_counts(groups: Sequence[Any], keys: Sequence[np.ndarray],
+                  allowed: Sequence[np.ndarray], target: float) -> list[int]:
+    """Removed-unit counts per group from chunk costs: ``keys[g][i]`` ranks the chunk that
+    takes group ``g`` from ``allowed[g][i-1]`` to ``allowed[g][i]`` removed units (lowest
+    first; made non-decreasing within a group, since a chunk needs the ones before it);
+    chunks are taken in order until ``target`` parameters are gone."""
+    group_index, chunk_index, costs, counts_at, ordered = [], [], [], [], []
+    for g, (group, key, steps) in enumerate(zip(groups, keys, allowed, strict=True)):
+        if steps.size == 0:
+            continue
+        sizes = np.diff(np.concatenate([[0], steps]))
+        ordered.append(np.maximum.accumulate(np.asarray(key, dtype=np.float64)))
         group_index.append(np.full(steps.size, g))
         chunk_index.append(np.arange(steps.size))
         costs.append(sizes * int(group.params_per_unit))
         counts_at.append(steps)
     counts = [0] * len(groups)
-    if not keys:
+    if not ordered:
         return counts
     group_index, chunk_index = np.concatenate(group_index), np.concatenate(chunk_index)
-    order = np.lexsort((chunk_index, group_index, np.concatenate(keys)))
+    order = np.lexsort((chunk_index, group_index, np.concatenate(ordered)))
     cumulative = np.cumsum(np.concatenate(costs)[order])
     last = int(np.searchsorted(cumulative, target, side="left"))
     steps_of = np.concatenate(counts_at)
@@ -325,11 +345,14 @@ def select_plan(groups: Sequence[Any], scores: Mapping[str, Any], *,
         or a ratio that the eligible units cannot reach.
     """
     _check_options(ratio, kind_ratios, total_params, ranking, round_to, min_keep)
+    if ranking == "allocate":
+        raise ValueError("ranking 'allocate' measures the model's outputs: use pruning.select "
+                         "(or pruning.allocation.allocate_plan with measured curves)")
     chosen = _check_kinds(kinds, kind_ratios)
     eligible = [g for g in groups if g.kind in chosen
                 and (layers is None or g.layer is None or g.layer in layers)]
     values = _check_scores(eligible, scores)
-    allowed = [_allowed_counts(g, round_to, min_keep) for g in eligible]
+    allowed = [allowed_counts(g, round_to, min_keep) for g in eligible]
     if kind_ratios is not None:
         counts = [_nearest_count(int(g.num_units), steps, kind_ratios.get(g.kind, 0.0))
                   for g, steps in zip(eligible, allowed, strict=True)]

@@ -13,7 +13,9 @@ Sources:
   ``hf:yahma/alpaca-cleaned``, LLM-Pruner's data) is read the same way;
 * anything :func:`pruning.calibration.calibration_tokens` reads as text (``bundled``,
   ``wikitext2``, a text file, a folder of ``.txt``, ``hf:`` datasets with a text column):
-  windows of ``seq_len`` tokens, loss on every token. Training windows come from the first
+  windows of ``seq_len`` tokens (BOS first where the tokenizer adds one, as
+  :func:`pruning.calibration.calibration_tokens` cuts them), loss on every token after the
+  first. Training windows come from the first
   ``1 - val_fraction`` of every document and validation windows from the rest, so the two
   never share text.
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pruning.calibration import calibration_tokens
-from pruning.text import encode_text, load_hf_dataset
+from pruning.text import bos_prefix, encode_text, load_hf_dataset
 
 __all__ = ["ALPACA_TEMPLATE", "check_instruction_source", "load_examples", "format_alpaca",
            "is_instruction_source"]
@@ -61,7 +63,7 @@ def format_alpaca(record: dict[str, Any]) -> tuple[str, str]:
 
 def _instruction_example(tokenizer, record: dict, seq_len: int, train_on_inputs: bool) -> dict:
     prompt, response = format_alpaca(record)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_prefix(tokenizer)  # BOS where the tokenizer's own encoding adds one
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt_ids = bos + encode_text(tokenizer, prompt)
     ids = (prompt_ids + encode_text(tokenizer, response) + eos)[:seq_len]

@@ -41,12 +41,15 @@ from torch import nn
 from depgraph import build_graph
 from depgraph.progress import restart
 from pruning.apply import apply_plan, plan_slices, zero_plan
-from pruning.importance import ScoringContext, get_importance, needs_loss, score_groups
+from pruning.importance import ScoringContext, needs_loss, score_groups
 from pruning.prune import (
     PruneResult,
     PruneSettings,
+    allocation_curves,
     calibration_for,
+    curves_record,
     eligible_groups,
+    needs_tokens,
     pruned_result,
     score,
     select,
@@ -294,11 +297,16 @@ def prune_and_reconstruct(model: nn.Module, ratio: float | None = None,
     graph = graph or build_graph(model)
     groups = eligible_groups(graph, settings, model)
     total = sum(p.numel() for p in model.parameters())
-    if get_importance(settings.importance)[1] and tokens is None:
+    if needs_tokens(settings) and tokens is None:
         tokens = calibration_for(model, settings, tokenizer)
     scores, stats = score(model, graph, groups, settings, tokens=tokens, progress=progress)
     stats["score_seconds"] = round(time.perf_counter() - start, 3)
-    counts = {gid: len(set(units)) for gid, units in select(model, groups, scores, settings).items()}
+    curves = None
+    if settings.ranking == "allocate":
+        curves = allocation_curves(model, groups, scores, settings, tokens)
+        stats["allocation"] = curves_record(curves)
+    plan = select(model, groups, scores, settings, tokens=tokens, curves=curves)
+    counts = {gid: len(set(units)) for gid, units in plan.items()}
     if recon_tokens is None:
         recon_tokens = calibration_for(model, settings, tokenizer, n_samples=recon_samples)
     plan, info = prune_sequential(model, graph, counts, settings.importance, tokens, recon_tokens,

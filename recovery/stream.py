@@ -104,6 +104,9 @@ def check_streamable(settings: PruneSettings) -> None:
                          "second_moment, l2, l1 or random with --stream")
     if name in STREAM_REFUSED:
         raise ValueError(f"importance {name!r} cannot be streamed: {STREAM_REFUSED[name]}")
+    if settings.ranking == "allocate":
+        raise ValueError("ranking 'allocate' measures the whole model's outputs at candidate "
+                         "widths; --stream holds one block (use global, global_raw or local)")
     if getattr(settings, "compensate", False):
         raise ValueError("bias compensation needs every consumer's inputs after the whole plan; "
                          "--stream does not offer it yet (drop --compensate)")

@@ -51,11 +51,53 @@ def test_bundled_default_shape_matches_llm_pruner(tokenizer):
 
 
 @needs_bundled
-def test_windows_are_real_text_without_bos(tokenizer):
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(tokenizer):
+    """stories260K's (Llama) tokenizer puts BOS before every text: so does every window,
+    followed by seq_len - 1 tokens of real text; a tokenizer that adds none gets plain text."""
+    assert tokenizer.encode("Hi")[0] == tokenizer.bos_token_id  # the premise
     tokens = calibration_tokens(tokenizer, "bundled", n_samples=3, seq_len=64, seed=5)
-    assert tokenizer.bos_token_id not in tokens[:, 0].tolist()
-    text = tokenizer.decode(tokens[0])
+    assert tokens.shape == (3, 64) and (tokens[:, 0] == tokenizer.bos_token_id).all()
+    assert tokenizer.bos_token_id not in tokens[:, 1:].flatten().tolist()
+    text = tokenizer.decode(tokens[0, 1:])
     assert sum(c.isalpha() for c in text) > len(text) / 2
+    plain = calibration_tokens(_NoBos(tokenizer), "bundled", n_samples=3, seq_len=64, seed=5)
+    assert plain.shape == (3, 64) and tokenizer.bos_token_id not in plain.flatten().tolist()
+    assert torch.equal(plain[0, :32], tokens[0, 1:33])  # the same place in the same book
+
+
+class _NoBos:
+    """A tokenizer that knows a BOS id but never adds it (as SmolLM2's, GPT-2's)."""
+
+    def __init__(self, inner):
+        self.inner, self.bos_token_id = inner, inner.bos_token_id
+
+    def encode(self, text, add_special_tokens=True):
+        return self.inner.encode(text, add_special_tokens=False)
+
+
+def test_bos_prefix_follows_the_tokenizers_own_encoding(tokenizer):
+    from pruning.text import bos_prefix
+
+    assert bos_prefix(tokenizer) == [tokenizer.bos_token_id]
+    assert bos_prefix(_NoBos(tokenizer)) == [] and bos_prefix(None) == []
+
+
+@pytest.mark.parametrize("source", ["hf:wikitext:wikitext-2-raw-v1:test",
+                                    "hf:ptb_text_only:penn_treebank:validation"])
+def test_evaluation_text_is_never_calibration_text(tokenizer, source, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="is evaluation text"):
+        calibration_tokens(tokenizer, source)
+    test_file = tmp_path / "wikitext-2-raw" / "test.txt"
+    test_file.parent.mkdir()
+    test_file.write_text("the evaluation text " * 200)
+    monkeypatch.setattr(calibration, "data_dir", lambda: tmp_path)
+    for path in (test_file, test_file.parent, tmp_path / "wikitext-2-raw" / ".." /
+                 "wikitext-2-raw" / "test.txt"):
+        with pytest.raises(ValueError, match=r"is evaluation text \(.*test.txt\)"):
+            calibration.check_source(path)
+    other = tmp_path / "train.txt"
+    other.write_text("training text " * 200)
+    calibration.check_source(other)  # any other text is fine
 
 
 @needs_bundled
@@ -170,9 +212,11 @@ def test_text_too_short(tokenizer, tmp_path):
     short.write_text("Once upon a time there was a cat.")
     with pytest.raises(ValueError, match="too short for seq_len=128"):
         calibration_tokens(tokenizer, short)
-    exact = len(tokenizer.encode(short.read_text(), add_special_tokens=False))
+    exact = len(tokenizer.encode(short.read_text(), add_special_tokens=False)) + 1  # and BOS
     tokens = calibration_tokens(tokenizer, short, n_samples=2, seq_len=exact)
     assert tokens.shape == (2, exact)  # a whole document may be used up to its last token
+    with pytest.raises(ValueError, match=f"too short for seq_len={exact + 1}"):
+        calibration_tokens(tokenizer, short, n_samples=2, seq_len=exact + 1)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no .txt files"):

@@ -37,13 +37,14 @@ def inspected(tmp_path_factory):
 def test_inspect_prints_table_and_fixed_dims(inspected):
     status, text, err, _ = inspected
     assert status == 0, err
-    for kind in ("hidden", "kv_group", "mlp"):
+    for kind in ("hidden", "kv_group", "query_head", "mlp"):
         assert kind in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("layer"))
     assert header.split()[:4] == ["layer", "kind", "groups", "units"]
     total = next(line for line in lines if line.startswith("total"))
-    assert total.split()[1:3] == ["11", "944"]  # 11 groups: hidden + 5 x (kv_group, mlp)
+    # 16 groups: hidden + 5 x (kv_group, query_head, mlp); 4 KV groups of 2 query heads
+    assert total.split()[1:3] == ["16", "954"]
     assert "model.embed_tokens.weight dim 0 [512]" in text  # the vocabulary dim is fixed
     assert "groups of layer 1:" in text and "model.layers.1.mlp.down_proj.weight dim 1" in text
 
@@ -52,10 +53,10 @@ def test_inspect_json_lists_groups(inspected):
     status, text, _, out = inspected
     data = json.loads((out / "g.json").read_text())
     kinds = {g["kind"] for g in data["groups"]}
-    assert kinds == {"hidden", "kv_group", "mlp"}
-    assert len(data["groups"]) == data["totals"]["groups"] == 11
-    assert {g["id"] for g in data["layer_groups"]} == {"model.layers.1.self_attn",
-                                                       "model.layers.1.mlp"}
+    assert kinds == {"hidden", "kv_group", "query_head", "mlp"}
+    assert len(data["groups"]) == data["totals"]["groups"] == 16
+    assert {g["id"] for g in data["layer_groups"]} == {
+        "model.layers.1.self_attn", "model.layers.1.self_attn.query_head", "model.layers.1.mlp"}
     assert sum(row["units"] for row in data["summary"]) == data["totals"]["units"]
     assert data["fixed_patterns"][0]["pattern"] == "model.embed_tokens.weight"
     assert f"{data['totals']['parameters']:,} parameters" in text
@@ -201,3 +202,49 @@ def test_prune_streams_by_itself_when_the_weights_would_not_fit(tmp_path, capsys
     assert main(["prune", str(TINY), "--ratio", "0.2", "--importance", "taylor", "--ppl-tokens",
                  "0", "--samples", "2", "--out", str(tmp_path / "mem")]) == 0
     assert "--stream cannot take over: importance 'taylor'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("top_k", ["0", "16"])
+def test_recover_distill_end_to_end(tmp_path, capsys, top_k):
+    """Prune stories260K, distil the dense model back into it (live or through the top-k
+    cache): the held-out KL goes down, the work folders are gone, the output loads."""
+    pruned, out = tmp_path / "p", tmp_path / "d"
+    assert main(["prune", str(TINY), "--ratio", "0.3", "--importance", "l2", "--ppl-tokens", "0",
+                 "--out", str(pruned), "--threads", "1"]) == 0
+    argv = ["recover", str(pruned), "--method", "distill", "--tokens", str(32 * 4 * 6),
+            "--seq-len", "32", "--eval-steps", "3", "--lr", "1e-3", "--top-k", top_k,
+            "--ppl-tokens", "0", "--out", str(out), "--json", str(tmp_path / "d.json"),
+            "--threads", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    stats = json.loads((tmp_path / "d.json").read_text())
+    assert stats["method"] == "distill" and stats["steps"] == 6
+    assert stats["teacher"] == ("CachedTeacher" if top_k != "0" else "LiveTeacher")
+    assert stats["val_kl_best"] < stats["val_kl_before"]
+    assert (out / "config.json").is_file()
+    assert not (tmp_path / "d.checkpoint").exists() and not (tmp_path / "d.teacher-cache").exists()
+    assert "held-out KL" in capsys.readouterr().out
+    assert main([*argv[:-6], "--resume", "--out", str(tmp_path / "e")]) == 2
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
+
+
+def test_prune_and_demo_default_to_the_same_measured_pipeline():
+    """``depgraph prune`` without options runs what the demo runs: the best pipeline measured
+    in benchmarks/RESULTS.md (depgraph_cli.defaults), not the weaker Taylor criterion."""
+    from depgraph_cli import defaults
+    from depgraph_cli.demo import FULL
+    from depgraph_cli.main import build_parser
+    from depgraph_cli.prune_command import _check_options
+
+    args = build_parser().parse_args(["prune", "m", "--ratio", "0.2", "--out", "o"])
+    _check_options(args)  # the defaults are filled in with the other option checks
+    chosen = (args.importance, args.kinds)
+    assert chosen == (defaults.IMPORTANCE, defaults.KINDS) == (FULL.importance, FULL.kinds)
+    assert (args.round_to, FULL.round_to) == (defaults.ROUND_TO, defaults.DEMO_ROUND_TO) == (1, 64)
+    assert args.importance == "second_moment" and args.ranking is None  # the criterion's own
+    recon = build_parser().parse_args(["prune", "m", "--ratio", "0.2", "--out", "o",
+                                       "--reconstruct"])
+    _check_options(recon)
+    assert recon.ranking == defaults.RANKING == "allocate"
+    # the demo reconstructs, so it allocates; a one-shot prune ranks globally (RESULTS.md)
+    assert FULL.reconstruct and FULL.ranking == defaults.ranking(reconstruct=True) == "allocate"
+    assert defaults.ranking(reconstruct=False) == "global"

@@ -72,6 +72,71 @@ def test_the_hidden_group_is_named_hidden_in_every_build(arch, tmp_path):
     assert torch.allclose(_logits(reloaded), _logits(pruned), atol=1e-9, rtol=0)
 
 
+# ------------------------------------------------------------ query heads (GQA)
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "gemma3_text"])
+def test_query_heads_inside_kv_groups_are_units(arch, tmp_path):
+    """Grouped-query attention (6 query heads, 2 KV heads): the KV groups keep their ids; a
+    query_head group's unit is one query head of every KV group, so removing it leaves 2 KV
+    heads of 2 query heads each: a valid config (plain from_pretrained reloads it), logits
+    equal to the zeroed original; with a KV group removed too, 1 KV head of 2."""
+    model = tiny_model(arch, Dims(hidden_heads=6, kv_heads=2))
+    graph = build_graph(model)
+    query = graph.group("model.layers.0.self_attn.query_head")
+    assert query.kind == "query_head" and query.num_units == 3 and query.zero_equivalent
+    assert graph.group("model.layers.0.self_attn").kind == "kv_group"
+    rows = dict((param, idx.tolist()) for param, _, idx in query.slices([1]))
+    q_rows = next(v for k, v in rows.items() if "q" in k.split(".")[-2])
+    assert q_rows == list(range(8, 16)) + list(range(32, 40))  # head 1 of KV group 0, head 4 of 1
+    uniform = {f"model.layers.{i}.self_attn.query_head": [1] for i in range(2)}
+    both = {**uniform, "model.layers.1.self_attn": [0]}
+    for plan in (uniform, both):
+        pruned = apply_plan(copy.deepcopy(model), plan, graph)
+        zeroed = zero_plan(copy.deepcopy(model), plan, graph)
+        assert torch.allclose(_logits(pruned), _logits(zeroed), atol=1e-8)
+    pruned = apply_plan(copy.deepcopy(model), uniform, graph)
+    assert pruned.config.num_attention_heads == 4 and pruned.config.num_key_value_heads == 2
+    pruned.save_pretrained(tmp_path / "m")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float64)
+    assert torch.allclose(_logits(plain), _logits(pruned), atol=1e-8)
+    again = build_graph(pruned).group("model.layers.0.self_attn.query_head")
+    assert again.num_units == 2
+
+
+def test_multi_query_attention_prunes_query_heads():
+    """One KV head for all query heads: a KV group cannot go (it is the only one), so before
+    query-head units the attention of such a model did not shrink at all."""
+    model = tiny_model("llama", Dims(hidden_heads=4, kv_heads=1))
+    graph = build_graph(model)
+    assert graph.group("model.layers.0.self_attn.query_head").num_units == 4
+    plan = {"model.layers.0.self_attn.query_head": [0, 2]}
+    pruned = apply_plan(copy.deepcopy(model), plan, graph)
+    assert torch.allclose(_logits(pruned), _logits(zero_plan(copy.deepcopy(model), plan, graph)),
+                          atol=1e-8)
+    assert pruned.model.layers[0].self_attn.q_proj.out_features == 2 * 8
+
+
+@pytest.mark.parametrize("ranking", ["global", "allocate"])
+def test_prune_chooses_between_kv_groups_and_query_heads(ranking, tmp_path):
+    """``kinds`` with ``query_head``: the ranking (or the allocation) weighs KV groups, query
+    heads and MLP channels together; the result saves and reloads exactly."""
+    model = tiny_model("llama", Dims(hidden_heads=6, kv_heads=2), dtype=torch.float32)
+    tokens = torch.randint(0, 61, (8, 16), generator=torch.Generator().manual_seed(0))
+    result = prune(copy.deepcopy(model), 0.3, "second_moment", tokens=tokens, ranking=ranking,
+                   kinds="mlp,kv_group,query_head")
+    graph = build_graph(model)
+    assert {graph.group(gid).kind for gid, units in result.plan.items() if units} <= {
+        "mlp", "kv_group", "query_head"}
+    attention = result.model.model.layers
+    for layer in attention:  # every layer keeps whole KV groups of equally many query heads
+        kv_rows = layer.self_attn.k_proj.out_features // 8
+        assert layer.self_attn.q_proj.out_features % (8 * kv_rows) == 0
+    result.model.save_pretrained(tmp_path / "m")
+    reloaded = load_pruned(tmp_path / "m")
+    assert torch.equal(_logits(reloaded), _logits(result.model))
+
+
 # ----------------------------------------------------------------------- dtype
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_load_pruned_keeps_the_saved_dtype(dtype, tmp_path):

@@ -97,8 +97,9 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def wiki_ids(tiny):
+    """The text's own tokens (no BOS)."""
     _, tokenizer = tiny
-    return torch.tensor(tokenizer(load_text("wikitext2")).input_ids)
+    return torch.tensor(tokenizer(load_text("wikitext2"), add_special_tokens=False).input_ids)
 
 
 # ---------------------------------------------------------------- perplexity
@@ -106,23 +107,65 @@ def wiki_ids(tiny):
 @needs_tiny
 @needs_wiki
 def test_perplexity_matches_plain_loop(tiny, wiki_ids) -> None:
+    """stories260K's tokenizer adds BOS: every window is BOS + 127 text tokens, and every
+    text token in it is scored (BOS never is)."""
     model, tokenizer = tiny
-    result = perplexity(model, tokenizer, load_text("wikitext2"), seq_len=128, max_tokens=4096)
-    # independent computation: window by window, cross-entropy over all but the first position
+    bos = tokenizer.bos_token_id
+    result = perplexity(model, tokenizer, load_text("wikitext2"), seq_len=128, max_tokens=4064)
     nll, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, 4096, 128):
-            window = wiki_ids[start : start + 128]
+        for start in range(0, 4064, 127):
+            window = torch.cat([torch.tensor([bos]), wiki_ids[start : start + 127]])
             logits = model(window[None]).logits[0]
             nll += F.cross_entropy(logits[:-1], window[1:], reduction="sum").item()
             count += 127
     expected = math.exp(nll / count)
     assert result["windows"] == 32 and result["tokens"] == count and result["seq_len"] == 128
+    assert result["bos"] == bos
     assert result["ppl"] == pytest.approx(expected, rel=5e-3)
     assert result["nll"] == pytest.approx(nll / count, rel=1e-4)
-    # token ids are accepted too, and batch size does not change the result
-    again = perplexity(model, None, wiki_ids, seq_len=128, batch_size=7, max_tokens=4096)
+    # token ids with the tokenizer, or ready windows, give the same; batch size changes nothing
+    again = perplexity(model, tokenizer, wiki_ids, seq_len=128, batch_size=7, max_tokens=4064)
     assert again["ppl"] == pytest.approx(result["ppl"], rel=1e-5)
+    windows = evaluation.text_windows(tokenizer, load_text("wikitext2"), 128, max_tokens=4064)
+    assert windows.shape == (32, 128) and (windows[:, 0] == bos).all()
+    ready = perplexity(model, None, windows, batch_size=5)
+    assert ready["ppl"] == pytest.approx(result["ppl"], rel=1e-5) and ready["tokens"] == count
+    # bos=False: LLM-Pruner's windows (128 text tokens, the first of each not scored)
+    plain = perplexity(model, tokenizer, load_text("wikitext2"), seq_len=128, max_tokens=4096,
+                       bos=False)
+    assert plain["tokens"] == 32 * 127 and plain["bos"] is None
+    assert plain["ppl"] != pytest.approx(result["ppl"], rel=1e-3)
+
+
+class BosCharTokenizer(CharTokenizer):
+    """CharTokenizer whose own encoding starts every text with BOS (token 1)."""
+
+    bos_token_id = 1
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [1] * add_special_tokens + super().encode(text)
+
+
+def test_bos_is_context_never_a_scored_token() -> None:
+    """A model that gives BOS (almost) no probability: were BOS ever a target, the NLL would
+    blow up; each window's first text token is scored, after BOS."""
+    model = UnigramLM({"\x01": 1e-30, "a": 0.5})
+    result = perplexity(model, BosCharTokenizer(), "a" * 40, seq_len=5)
+    assert result["windows"] == 10 and result["tokens"] == 40 and result["bos"] == 1
+    assert result["nll"] == pytest.approx(-math.log(0.5), abs=1e-5)
+    windows = evaluation.token_windows(list(range(10, 20)), 4, bos=1)
+    assert windows.tolist() == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18]]
+    assert perplexity(model, CharTokenizer(), "a" * 40, seq_len=5)["bos"] is None
+
+
+def test_zeroshot_context_starts_with_bos_where_the_tokenizer_adds_one() -> None:
+    from evaluation import encode_pair
+
+    ctx, cont = encode_pair(BosCharTokenizer(), "Q:", " a")
+    assert ctx == [1, ord("Q"), ord(":")] and cont == [ord(" "), ord("a")]
+    assert encode_pair(CharTokenizer(), "Q:", " a")[0] == [ord("Q"), ord(":")]
+    assert encode_pair(BosCharTokenizer(), "Q:", " a", add_bos=False)[0] == [ord("Q"), ord(":")]
 
 
 @needs_wiki

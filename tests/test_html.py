@@ -88,7 +88,7 @@ def test_page_has_every_layer_and_group(page):
     assert [g["id"] for g in data["groups"]] == [g.id for g in graph.groups()]
     groups = {g["id"]: g for g in data["groups"]}
     for layer in data["layers"][1:]:
-        assert {groups[i]["kind"] for i in layer["groups"]} == {"kv_group", "mlp"}
+        assert {groups[i]["kind"] for i in layer["groups"]} == {"kv_group", "query_head", "mlp"}
         assert layer["touching"] == ["hidden"]
         assert 0 < len(layer["nodes"]) <= MAX_NODES and layer["edges"]
         nodes = [dict(zip(data["node_fields"], row, strict=True)) for row in layer["nodes"]]
@@ -167,7 +167,8 @@ def test_browser_renders_groups(page, tmp_path):
     dom = result.stdout
     assert 'data-rendered="1"' in dom, result.stderr[-2000:]
     items = re.findall(r'class="group-item[^"]*" data-id="([^"]+)"', dom)
-    assert items == ["model.layers.2.self_attn", "model.layers.2.mlp", "hidden"]
+    assert items == ["model.layers.2.self_attn", "model.layers.2.self_attn.query_head",
+                     "model.layers.2.mlp", "hidden"]
     assert dom.count('class="member"') == 4  # q, k, v, o of the selected KV group
     assert dom.count('class="node"') > 20
 
@@ -178,7 +179,7 @@ def test_browser_interaction_has_no_script_errors(page, tmp_path):
     probe.write_text(path.read_text(encoding="utf-8").replace("</body>", SELF_TEST, 1))
     dom = _run_browser(tmp_path, "--dump-dom", probe.as_uri()).stdout
     status = re.search(r'data-selftest="([^"]*)"', dom)
-    assert status and status.group(1) == "ok groups=16 cells=16 info=block", dom[-500:]
+    assert status and status.group(1) == "ok groups=21 cells=21 info=block", dom[-500:]
 
 
 def test_browser_screenshot_is_not_blank(page, tmp_path):

@@ -1,0 +1,114 @@
+"""Allocation: damage measured per group and width, the budget spent where it hurts least."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from archs import Dims, tiny_model
+
+from depgraph import build_graph
+from pruning import PruneSettings, eligible_groups, prune, score, select
+from pruning.allocation import allocate_plan, curve_keys, sensitivity_curves
+from pruning.selection import select_plan
+
+torch.set_num_threads(1)
+
+
+@dataclass
+class FakeGroup:
+    id: str
+    num_units: int
+    params_per_unit: int
+    kind: str = "mlp"
+    layer: int = 0
+
+    def allows(self, kept: int) -> bool:
+        return True
+
+
+def _tokens(n: int = 4, seq: int = 12) -> torch.Tensor:
+    return torch.randint(0, 61, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", Dims(layers=3, intermediate=32), dtype=torch.float32)
+
+
+def test_curves_measure_damage_and_leave_the_model_as_it_was(model):
+    graph = build_graph(model)
+    groups = [g for g in graph.groups() if g.kind == "mlp"]
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    scores = {g.id: np.arange(g.num_units, dtype=float) for g in groups}
+    curves = sensitivity_curves(model, groups, scores, _tokens(), fractions=(0.25, 0.5, 0.75))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    for group in groups:
+        counts, kl = curves[group.id]
+        assert counts.tolist() == [8, 16, 24] and (kl > 0).all()
+        assert kl[-1] > kl[0]  # removing more hurts more
+
+
+def test_the_budget_goes_where_the_curves_say_it_hurts_least():
+    cheap, dear = FakeGroup("cheap", 8, 10), FakeGroup("dear", 8, 10)
+    curves = {"cheap": (np.array([2, 4, 6]), np.array([0.01, 0.02, 0.5])),
+              "dear": (np.array([2, 4, 6]), np.array([0.2, 0.4, 0.6]))}
+    scores = {"cheap": np.arange(8.0)[::-1], "dear": np.arange(8.0)}
+    plan = allocate_plan([cheap, dear], scores, curves, ratio=0.25, total_params=160)
+    assert plan == {"cheap": [4, 5, 6, 7]}  # 40 parameters, the cheap group's lowest units
+    plan = allocate_plan([cheap, dear], scores, curves, ratio=0.5, total_params=160)
+    assert sum(len(u) for u in plan.values()) * 10 >= 80 and len(plan["dear"]) >= 2
+    # a noisy, non-convex curve is made convex: chunk costs never decrease within a group
+    keys = curve_keys(cheap, np.arange(1, 8), (np.array([2, 4, 6]), np.array([0.3, 0.1, 0.9])))
+    assert (np.diff(keys) >= -1e-12).all() and keys[0] >= 0
+
+
+def test_allocation_prunes_a_block_the_model_does_not_need(model):
+    """Block 1's MLP is muted (its output scaled by 1e-3): a criterion blind to that (random
+    scores, normalised per group) spreads the cuts; allocation, which measures the outputs,
+    takes them from the muted block."""
+    muted = copy.deepcopy(model)
+    with torch.no_grad():
+        muted.model.layers[1].mlp.down_proj.weight.mul_(1e-3)
+    kinds, tokens = "mlp", _tokens(8)
+    by_rank = {}
+    for ranking in ("global", "allocate"):
+        result = prune(copy.deepcopy(muted), ratio=0.1, importance="random", kinds=kinds,
+                       ranking=ranking, tokens=tokens,
+                       options={"allocation_fractions": (0.25, 0.5, 0.75, 0.875)})
+        by_rank[ranking] = {gid: len(units) for gid, units in result.plan.items()}
+        assert 0.1 <= result.stats["ratio_removed"] < 0.13
+    assert by_rank["allocate"].get("model.layers.1.mlp", 0) >= 24
+    assert by_rank["allocate"]["model.layers.1.mlp"] > by_rank["global"].get("model.layers.1.mlp", 0)
+    assert "model.layers.1.mlp" in result.stats["allocation"]
+
+
+def test_select_and_prune_and_reconstruct_take_allocation(model):
+    from recovery import prune_and_reconstruct
+
+    settings = PruneSettings(ratio=0.15, importance="second_moment", ranking="allocate",
+                             options={"allocation_fractions": (0.25, 0.5)})
+    graph = build_graph(model)
+    groups = eligible_groups(graph, settings)
+    scores, _ = score(model, graph, groups, settings, tokens=_tokens())
+    plan = select(model, groups, scores, settings, tokens=_tokens())
+    assert plan and set(plan) <= {g.id for g in groups}
+    result = prune_and_reconstruct(copy.deepcopy(model), settings=settings, tokens=_tokens(),
+                                   recon_tokens=_tokens(4))
+    assert result.stats["ratio_removed"] >= 0.15 and "allocation" in result.stats
+
+
+def test_allocation_refuses_what_it_cannot_measure(model):
+    graph = build_graph(model)
+    hidden = [g for g in graph.groups() if g.kind == "hidden"]
+    with pytest.raises(ValueError, match="'hidden' is not one"):
+        sensitivity_curves(model, hidden, {"hidden": np.ones(hidden[0].num_units)}, _tokens())
+    with pytest.raises(ValueError, match="use pruning.select"):
+        select_plan(hidden, {}, ratio=0.1, total_params=100, ranking="allocate")
+    with pytest.raises(ValueError, match="ranking 'allocate' needs calibration data"):
+        prune(copy.deepcopy(model), ratio=0.1, importance="l2", ranking="allocate")
+    with pytest.raises(ValueError, match="fractions must lie in"):
+        sensitivity_curves(model, [], {}, _tokens(), fractions=(1.5,))
