@@ -84,13 +84,13 @@ def _hooks_set_aside(model: nn.Module):
             getattr(module, name).update(hooks)
 
 
-STEPS = ("forward", "decode")
+STEPS = ("forward", "finite", "decode")
 
 
 def check_runs(model: nn.Module, tokens: int = 4, steps: tuple[str, ...] = STEPS) -> None:
     """A forward pass of ``tokens`` tokens as a user calls it (the model's own cache default),
-    then (``"decode"`` in ``steps``) one more token through the cache when there is one, as
-    ``generate`` does; raises what the model raises. Models on the meta device (being built
+    whose logits must be finite (``"finite"``), then (``"decode"``) one more token through
+    the cache when there is one, as ``generate`` does; raises what the model raises. Models on the meta device (being built
     by ``load_pruned``) are skipped: they have nothing to run."""
     first = next(model.parameters(), None)
     if first is None or first.is_meta or "forward" not in steps:
@@ -103,6 +103,11 @@ def check_runs(model: nn.Module, tokens: int = 4, steps: tuple[str, ...] = STEPS
     try:
         with _hooks_set_aside(model), torch.no_grad():
             output = model(**kwargs)
+            logits = getattr(output, "logits", None)
+            if "finite" in steps and isinstance(logits, torch.Tensor) and \
+                    not torch.isfinite(logits).all():
+                raise FloatingPointError("non-finite logits (a router left with fewer experts "
+                                         "than it picks per token does this)")
             name, cache = _cache_of(model, output)
             if "decode" in steps and cache is not None and "input_ids" in kwargs:
                 model(input_ids=input_ids[:, :1], **{name: cache})
