@@ -147,20 +147,25 @@ def _check_regroup(pruned: nn.Module, graph, plan: dict) -> None:
     """The pruned model's graph holds every group that keeps more than one unit, with the
     removed units gone. Groups are matched by their first member (a parameter dim) and by
     whether they are query-head slots (which share their first member with the layer's KV
-    groups), not by id: a group left with one unit is no group any more, and a sibling that
+    groups), not by id (among groups that share a first member, the one of the expected size
+    and kind): a group left with one unit is no group any more, and a sibling that
     shared its module path may then drop the kind from its id. KV groups left with one query
     head each are plain attention heads."""
     def key(group):
         return group.members[0].param, group.members[0].dim, group.kind == "query_head"
 
-    rebuilt = {key(g): g for g in build_graph(pruned).groups()}
+    rebuilt: dict[tuple, list] = {}
+    for found in build_graph(pruned).groups():  # nested axes (SSM heads and head dims) can
+        rebuilt.setdefault(key(found), []).append(found)  # share their first member
     left = {g.id: g.num_units - len(set(plan.get(g.id, ()))) for g in graph.groups()}
     slots = {key(g)[:2]: left[g.id] for g in graph.groups() if g.kind == "query_head"}
     for group in graph.groups():
         want, kind = left[group.id], group.kind
         if kind == "kv_group" and slots.get(key(group)[:2], 2) <= 1:
             kind = "attention_head"
-        found = rebuilt.get(key(group))
+        candidates = rebuilt.get(key(group), [])
+        found = next((g for g in candidates if (g.num_units, g.kind) == (want, kind)),
+                     candidates[0] if candidates else None)
         if want > 1 and (found is None or found.num_units != want or found.kind != kind):
             raise CycleFailure(f"re-built graph: group {group.id!r} has "
                                f"{found and (found.id, found.kind, found.num_units)}, expected "
