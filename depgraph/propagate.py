@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .dimmap import Broadcast, Concat, Coupling, Flatten, InputDim, Slice, Split, ValueAxis
 from .errors import RuleError, UnsupportedOpError
-from .kinds import Tag
+from .kinds import Tag, selects
 from .layout import AxisStore, Layout, make_cat, make_prod
 from .rules import lookup, op_name
 
@@ -227,7 +227,14 @@ class Propagator:
                 and v.value_axis is not None]
         # indices of one axis stay so when combined (the top-2 of a router, concatenated)
         distinct = {str(self.store.resolve(axis)) for axis in axes}
-        return axes[0] if len(distinct) == 1 else None
+        if len(distinct) != 1:
+            return None
+        if len(axes) > 1 and coupling.edge_kind in ("cat", "stack"):
+            # picks joined along a dim (two max() calls, concatenated): that many per row
+            joined = [d for d, spec in enumerate(coupling.outputs[index]) if isinstance(spec, Concat)]
+            if joined == [len(layouts) - 1]:  # the picks dim; joining along tokens picks nothing more
+                self.store.tag(axes[0], selects(layouts[-1].size))
+        return axes[0]
 
     # ---------------------------------------------------------- networkx graph
     def _add_nodes(self, prefix: str, node: torch.fx.Node, value: object) -> None:
