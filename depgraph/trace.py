@@ -29,6 +29,9 @@ class Trace:
     buffers: dict[str, str]  # placeholder name -> buffer name
     inputs: list[str]  # placeholder names of user inputs
     param_shapes: dict[str, tuple[int, ...]]
+    #: modules the forward itself replaced (BigBird swaps its attention for one built from the
+    #: config when the input is short): what is set on the old ones is lost in a real forward
+    replaced: tuple[str, ...] = ()
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -104,6 +107,7 @@ def trace_copy(clone: nn.Module, batch: int = 2, seq_len: int = 7, name: str | N
     input_ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     if vocab is not None:
         input_ids = input_ids.clamp(max=vocab - 1)
+    before = {path: id(module) for path, module in clone.named_modules()}
     try:
         with torch.no_grad():
             program = torch.export.export(clone, (), forward_kwargs(clone, input_ids), strict=False)
@@ -122,8 +126,10 @@ def trace_copy(clone: nn.Module, batch: int = 2, seq_len: int = 7, name: str | N
         elif kind == "USER_INPUT":
             inputs.append(spec.arg.name)
     shapes = {name: tuple(p.shape) for name, p in clone.named_parameters()}
+    after = {path: id(module) for path, module in clone.named_modules()}
+    replaced = tuple(path for path, key in before.items() if after.get(path) != key)
     return Trace(program=program, params=params, buffers=buffers, inputs=inputs,
-                 param_shapes=shapes)
+                 param_shapes=shapes, replaced=replaced)
 
 
 def _vocab_size(model: nn.Module) -> int | None:

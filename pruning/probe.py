@@ -8,22 +8,30 @@ every block, one kind): the fewest units each group allows, removed from every g
 pattern at once. Patterns whose plan ``apply_plan`` refuses (no config and no attribute
 setting expresses it) are excluded from the graph with that reason, so that no pruner is
 offered a group that cannot be applied. Costs one ``apply_plan`` on meta tensors per pattern.
+
+A plan must also survive a real forward and a reload. Some models replace modules while they
+run (BigBird swaps its attention for one built from the config when the input is short; the
+trace sees it), or hold modules of another class than their config builds (the same model,
+after such a forward: a reload builds the other one). Attributes that a plan sets on such a
+module would be lost, so a pattern whose probe changes them is excluded too.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import weakref
 from collections import defaultdict
 
+import torch
 from torch import nn
 
 from depgraph import DependencyGraph, Group, PlanError
 from depgraph.trace import meta_copy
 
-from .apply import apply_plan
+from .apply import apply_plan, library_class
 
-__all__ = ["exclude_unprunable", "probe_plan"]
+__all__ = ["exclude_unprunable", "fragile_modules", "probe_plan"]
 
 _PROBED: weakref.WeakSet = weakref.WeakSet()  # graphs already probed: once is enough
 
@@ -52,15 +60,69 @@ def exclude_unprunable(model: nn.Module, graph: DependencyGraph) -> dict[str, st
     for group in graph.groups():
         patterns[_pattern(group)].append(group)
     refused: dict[str, str] = {}
+    fragile = fragile_modules(model, graph)
     for (kind, pattern), groups in patterns.items():
         plan = probe_plan(groups)
         if not plan:
             continue
+        probe = meta_copy(model)
+        before = {path: _settings(probe, path) for path in fragile}
         try:
-            apply_plan(meta_copy(model), plan, graph)
+            apply_plan(probe, plan, graph)
         except PlanError as error:
             reason = f"the model's code cannot follow removing {kind} units of {pattern} ({error})"
+            refused.update({group.id: reason for group in groups})
+            continue
+        lost = next((path for path in fragile if _changed(before[path], _settings(probe, path))), None)
+        if lost is not None:
+            reason = (f"removing {kind} units of {pattern} sets attributes of {lost}, and "
+                      f"{fragile[lost]}: they would be lost")
             refused.update({group.id: reason for group in groups})
     graph.exclude(refused)
     _PROBED.add(graph)
     return graph.excluded()
+
+
+def fragile_modules(model: nn.Module, graph: DependencyGraph) -> dict[str, str]:
+    """``{path: why}`` of the modules whose attributes a pruned model would not keep: those
+    the forward replaces (seen by the trace) and those of another class than a model built
+    from the config has there (what a reload builds)."""
+    why = {path: "the forward replaces it with a new module built from the config"
+           for path in graph.trace.replaced}
+    built = _config_build(model)
+    if built is not None:
+        classes = {path: type(module) for path, module in built.named_modules()}
+        for path, module in model.named_modules():
+            if path in classes and classes[path] is not type(module):
+                why.setdefault(path, f"it is a {type(module).__name__} where the config builds a "
+                                     f"{classes[path].__name__} (a reload would not get it back)")
+    return why
+
+
+def _config_build(model: nn.Module) -> nn.Module | None:
+    """The model its config builds, on ``meta`` (no weights); None where there is no config
+    or the class will not build from it alone."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_dict"):
+        return None
+    try:
+        with torch.device("meta"):
+            return library_class(model)(copy.deepcopy(config))
+    except Exception:  # noqa: BLE001 - not a config-built model: nothing to compare with
+        return None
+
+
+def _settings(model: nn.Module, path: str) -> dict:
+    """The plain attributes (numbers, strings, tuples) of the module at ``path``."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return {}
+    return {key: value for key, value in vars(module).items()
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str, tuple, list))}
+
+
+def _changed(before: dict, after: dict) -> bool:
+    """Whether an attribute both hold has another value (attributes a forward added or
+    dropped, as when it swaps the module, are not the plan's doing)."""
+    return any(after[key] != value for key, value in before.items() if key in after)

@@ -9,9 +9,10 @@ import torch
 from archs import tiny_model
 
 from depgraph import Kind, PlanError, build_graph
-from evaluation.cycle import tiny_dense_model
+from evaluation.cycle import build_tiny_model, cycle_row, tiny_dense_model
+from evaluation.tiny_config import tiny_config
 from pruning import apply_plan, prune
-from pruning.probe import exclude_unprunable, probe_plan
+from pruning.probe import exclude_unprunable, fragile_modules, probe_plan
 from pruning.prune import PruneSettings, eligible_groups
 
 torch.set_num_threads(1)
@@ -65,3 +66,24 @@ def test_the_probe_removes_what_each_group_allows():
     for group in graph.groups():
         kept = group.num_units - len(plan[group.id])
         assert group.allows(kept) and kept < group.num_units
+
+
+def test_attributes_a_forward_or_a_reload_would_lose_are_not_offered():
+    """BigBird swaps its attention for one built from the config when the input is short. A
+    model fresh from its config: the trace sees the swap. The same model after a forward: it
+    holds another attention class than its config builds, which is what a reload gets. Either
+    way the head count set on that module would be lost, so heads are not offered (with the
+    reason); the MLPs still are, and the whole cycle (save, reload, run) passes."""
+    fresh = build_tiny_model(tiny_config("big_bird"), dtype=torch.float64, seed=0)
+    graph = build_graph(fresh)
+    assert graph.trace.replaced and all(p.endswith("attention.self") for p in graph.trace.replaced)
+    warm = tiny_dense_model("big_bird")  # has run a forward: the swap happened
+    warm_graph = build_graph(warm)
+    assert not warm_graph.trace.replaced
+    fragile = fragile_modules(warm, warm_graph)
+    assert set(fragile) == set(graph.trace.replaced), fragile
+    excluded = exclude_unprunable(warm, warm_graph)
+    heads = [g for g in excluded if "attention" in g]
+    assert heads and all("would be lost" in excluded[g] for g in heads), excluded
+    assert any(g.kind == Kind.MLP for g in warm_graph.groups())
+    assert cycle_row("big_bird").status == "pass"
