@@ -157,17 +157,29 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
                 if dims:
                     param.data = _keep(param.data, dims)
                     param.grad = None
+        settled = {}
         if configs is not None:
             sync_attributes(model, configs, library_class(model))
         else:
-            _sync_unsolved(model, graph, plan, scopes)
+            settled = _sync_unsolved(model, graph, plan, scopes,
+                                     lambda pruned: check_runs(pruned, steps=steps))
         added = add_biases(model, checked, drops)
         _check_runs(model, steps)
     except BaseException:  # refused after slicing: put everything back as it was
         state.restore()
         raise
-    _record(model, original, plan, configs, added)
+    attributes = state.changed_attributes()
+    for (path, key), value in settled.items():  # what the search kept is a choice too
+        attributes.setdefault(path, {})[key] = value
+    _record(model, original, plan, configs, added, attributes)
     return model
+
+
+def _is_json(value) -> bool:
+    """Numbers, strings, booleans, None and (nested) lists or tuples of them."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_json(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _only_biases(model: nn.Module, checked: dict) -> nn.Module:
@@ -246,20 +258,21 @@ def library_class(model: nn.Module) -> type:
     return cls
 
 
-def _sync_unsolved(model: nn.Module, graph: DependencyGraph, plan: dict, scopes: dict) -> None:
+def _sync_unsolved(model: nn.Module, graph: DependencyGraph, plan: dict, scopes: dict,
+                   verify) -> dict:
     """Attributes where no config describes a whole block: the modules that a config fits
-    take them from it, the attribute search settles the rest (all of it, if that fails)."""
+    take them from it, the attribute search settles the rest (all of it, if that fails).
+    ``verify`` runs the pruned model for real (the search's trace does not decode)."""
     fix_standard_modules(model)
     if not scopes:
-        sync_by_extent(model, graph, plan)
-        return
+        return sync_by_extent(model, graph, plan, verify=verify)
     before = ModelState(model)
     try:
         sync_scopes(model, scopes, library_class(model))
-        sync_by_extent(model, graph, plan, solved=set(scopes))
+        return sync_by_extent(model, graph, plan, solved=set(scopes), verify=verify)
     except PlanError:
         before.restore()
-        sync_by_extent(model, graph, plan)
+        return sync_by_extent(model, graph, plan, verify=verify)
 
 
 def _check_runs(model: nn.Module, steps: tuple[str, ...]) -> None:
@@ -288,11 +301,14 @@ def _keep(tensor: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
 
 
 def _record(model: nn.Module, original: dict, plan: dict, configs: dict,
-            added: list[str] = ()) -> None:
+            added: list[str] = (), attributes: dict | None = None) -> None:
     """Record the plan in ``model.config.depgraph``: ``plans`` (every plan applied, for the
     history), ``replay`` (the plans applied since the config last described the model's
-    shapes: what ``load_pruned`` applies to the folder's own config), ``added`` (tensors
-    the model class does not create, e.g. compensation biases) and ``config_exact``."""
+    shapes: what ``load_pruned`` applies to the folder's own config), ``attributes`` (the
+    module attributes those plans set, verified here by a real run: ``load_pruned`` sets
+    them as they were, where a meta-device replay could not tell coinciding sizes apart),
+    ``added`` (tensors the model class does not create, e.g. compensation biases) and
+    ``config_exact``."""
     config = getattr(model, "config", None)
     if config is None:
         return
@@ -307,6 +323,13 @@ def _record(model: nn.Module, original: dict, plan: dict, configs: dict,
     record["plans"].append(applied)
     solved = configs is not None and None in configs  # the config describes the shapes
     record["replay"] = [] if solved else [*record["replay"], applied]
+    if solved:
+        record.pop("attributes", None)
+    else:
+        merged = copy.deepcopy(record.get("attributes", {}))
+        for path, values in (attributes or {}).items():
+            merged.setdefault(path, {}).update({k: v for k, v in values.items() if _is_json(v)})
+        record["attributes"] = merged
     record["added"] = sorted({*record.get("added", ()), *added})
     # config_exact: model.config alone describes the model (plain from_pretrained loads it
     # exactly); an added tensor, which the model class would not create, rules that out

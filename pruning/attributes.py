@@ -17,7 +17,14 @@ verification fails:
    the module that failed, and only the attributes of that block move to their next
    combination (blocks run in order, so each block is settled before the next one fails);
 3. once the export runs, the graph must hold every parameter dim laid out as the
-   plan expects; blocks whose parameters differ move to their next combination.
+   plan expects; blocks whose parameters differ move to their next combination;
+4. then, given a ``verify`` (``apply_plan`` passes a real forward and one decoded token),
+   the model runs for real: the trace does not decode, and a size that only the cache uses
+   (Mamba-2's ``conv_kernel_size``, equal to its heads per group) must keep its value; the
+   block the run fails in moves on.
+
+The chosen attributes are recorded with the plan (:func:`restore_attributes` sets them on
+reload), so a meta-device replay need not tell coinciding sizes apart again.
 
 Attributes of layers that own their weights (``Linear``, ``Embedding``, ``Conv1D``, a
 ``LayerNorm`` with a weight) are set from those weights and are not candidates.
@@ -37,7 +44,7 @@ from depgraph.trace import meta_copy, trace_copy
 
 from .extents import expected_signatures, group_extents, kept_sizes
 
-__all__ = ["sync_by_extent", "STANDARD_LAYERS"]
+__all__ = ["sync_by_extent", "restore_attributes", "STANDARD_LAYERS"]
 
 STANDARD_LAYERS = ("Linear", "Embedding", "LayerNorm", "Conv1D")
 _MAX_TRIALS = 256
@@ -162,20 +169,23 @@ class _Search:
 
 
 def sync_by_extent(model: nn.Module, graph: DependencyGraph, plan: dict,
-                   solved: set[str] = frozenset()) -> None:
-    """Set module attributes after slicing (see module docs); ``PlanError`` if none verify.
-    Modules inside the ``solved`` paths keep the attributes they have (a config set them)."""
+                   solved: set[str] = frozenset(), verify=None) -> dict[_Key, object]:
+    """Set module attributes after slicing (see module docs) and return the setting,
+    ``{(module path, attribute): value}`` (kept values too); ``PlanError`` if none verify.
+    Modules inside the ``solved`` paths keep the attributes they have (a config set them);
+    ``verify(model)`` (a real run, raising on failure) is the last check of a setting."""
     options = {key: values for key, values in _candidates(model, graph, plan).items()
                if not any(key[0] == s or key[0].startswith(s + ".") for s in solved)}
     modules = dict(model.named_modules())
     expected = expected_signatures(graph, plan)
     search = _Search(options)
     for _ in range(_MAX_TRIALS):
-        for (path, key), value in search.assignment().items():
+        assignment = search.assignment()
+        for (path, key), value in assignment.items():
             setattr(modules[path], key, value)
-        failing = _failing_blocks(model, expected)
+        failing = _failing_blocks(model, expected) or _failing_run(model, verify)
         if not failing:
-            return
+            return assignment
         # a block with nothing left to try may be failing for a model-wide attribute
         if not all(search.advance(block) or search.advance(None) for block in failing):
             break
@@ -198,6 +208,29 @@ def _failing_blocks(model: nn.Module, expected: dict[tuple[str, int], str]) -> s
         return {None}
     wrong = {block_index(param) for (param, dim), sig in expected.items() if found.get((param, dim)) != sig}
     return wrong | ({None} if set(found) != set(expected) else set())
+
+
+def _failing_run(model: nn.Module, verify) -> set:
+    """The block a real run of ``model`` fails in (``{None}``: somewhere else); empty when
+    it runs or there is nothing to run."""
+    if verify is None:
+        return set()
+    try:
+        verify(model)
+    except Exception as error:  # noqa: BLE001 - where it failed is what matters
+        return {_failing_block(error, {id(vars(m)): p for p, m in model.named_modules()})}
+    return set()
+
+
+def restore_attributes(model: nn.Module, attributes: dict[str, dict]) -> None:
+    """Set the recorded ``{module path: {attribute: value}}`` (JSON turned tuples into
+    lists: an attribute that holds a tuple gets one back)."""
+    for path, values in attributes.items():
+        module = model.get_submodule(path)
+        for key, value in values.items():
+            if isinstance(value, list) and isinstance(getattr(module, key, None), tuple):
+                value = tuple(value)
+            setattr(module, key, value)
 
 
 def _failing_block(error: BaseException, paths: dict[int, str]) -> int | None:

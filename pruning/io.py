@@ -23,6 +23,7 @@ from torch import nn
 from depgraph.paths import atomic_folder
 
 from .apply import RECORD_KEY, REPLAYS_PLANS, apply_plan
+from .attributes import restore_attributes
 
 __all__ = ["load_pruned", "save_pruned", "read_pruning_info", "write_pruning_files"]
 
@@ -186,6 +187,7 @@ def _load(path: Path, config, record: dict | None, replay, dtype):
                                                      REPLAYS_PLANS: True})
         model, info = pruned_class.from_pretrained(path, config=base_config, dtype=dtype,
                                                    output_loading_info=True)
+        restore_attributes(model, (record or {}).get("attributes", {}))
         setattr(model.config, RECORD_KEY, record)
     return model, info
 

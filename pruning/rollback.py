@@ -48,6 +48,19 @@ class ModelState:
         config = getattr(model, "config", None)
         self.config = copy.deepcopy(vars(config)) if config is not None else None
 
+    def changed_attributes(self) -> dict[str, dict[str, object]]:
+        """``{module path: {attribute: value}}`` of the plain attributes that differ now from
+        when this state was taken (what the plan set: head counts, sizes)."""
+        changed: dict[str, dict[str, object]] = {}
+        for path, module in self.model.named_modules():
+            before = self.attributes.get(module, {})
+            for key, value in vars(module).items():
+                if key.startswith("_") or key == "training" or not isinstance(value, _PLAIN):
+                    continue
+                if key not in before or before[key] != value:
+                    changed.setdefault(path, {})[key] = copy.copy(value)
+        return changed
+
     def restore(self) -> None:
         for module, slots in self.slots.items():  # parameters registered since (a bias)
             module._parameters.clear()

@@ -14,7 +14,8 @@ import torch
 
 from depgraph import Kind, PlanError, build_graph
 from evaluation.cycle import cycle_row, tiny_dense_model
-from pruning import apply_plan
+from pruning import apply_plan, load_pruned
+from pruning.rollback import check_runs
 
 torch.set_num_threads(1)
 
@@ -24,8 +25,9 @@ MORE_FAMILIES = ["mpt", "olmo2", "falcon_mamba", "minimax_m2", "emu3", "fuyu", "
 # zaya (expert rows unaligned for the grouped-GEMM kernel), got_ocr2 (a text
 # model's attention read the top-level config), minicpm3 (re-built graph lost a group),
 # cpmant (its cache cannot decode one more token even dense: every plan was refused),
-# phimoe (two max() calls pick two experts: a plan that kept one gave NaN logits)
-FIXED = ["openai-gpt", "zaya", "got_ocr2", "minicpm3", "cpmant", "phimoe"]
+# phimoe (two max() calls pick two experts: a plan that kept one gave NaN logits),
+# mamba2 (its conv_kernel_size equals its heads per group: the search changed both)
+FIXED = ["openai-gpt", "zaya", "got_ocr2", "minicpm3", "cpmant", "phimoe", "mamba2"]
 
 
 @pytest.mark.parametrize("model_type", MORE_FAMILIES + FIXED)
@@ -51,3 +53,28 @@ def test_router_and_stacked_experts_are_one_group():
     model, group = tiny_dense_model("phimoe"), experts[0]
     with pytest.raises(PlanError, match="must keep at least 2 units"):
         apply_plan(model, {group.id: list(range(1, group.num_units))}, graph)
+
+
+def test_a_size_only_the_cache_uses_keeps_its_value(tmp_path):
+    """Mamba-2's mixer keeps ``conv_kernel_size`` (4), equal to its heads per group (4): the
+    trace (no cache) cannot tell which of the two a plan removing heads changes, so the
+    attribute search also runs the model for real, decoding a token through its cache. The
+    verified setting is recorded and comes back from ``load_pruned`` (whose replay runs on
+    meta tensors and cannot run anything), and the reloaded model decodes."""
+    model = tiny_dense_model("mamba2")
+    graph = build_graph(model)
+    per_group = [g for g in graph.groups() if g.num_units == 4 and "mixer" in g.id]
+    assert len(per_group) == 2, [(g.id, g.num_units) for g in graph.groups()]
+    apply_plan(model, {g.id: [0, 1] for g in per_group}, graph)
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    assert [(m.num_heads, m.conv_kernel_size) for m in mixers] == [(4, 4), (4, 4)]
+    record = model.config.depgraph
+    assert record["attributes"]["backbone.layers.0.mixer"]["num_heads"] == 4
+    assert record["attributes"]["backbone.layers.0.mixer"]["conv_kernel_size"] == 4  # kept: a choice
+    model.save_pretrained(tmp_path)
+    again = load_pruned(tmp_path)
+    assert [(layer.mixer.num_heads, layer.mixer.conv_kernel_size)
+            for layer in again.backbone.layers] == [(4, 4), (4, 4)]
+    check_runs(again)  # a forward, finite logits and one token decoded through the cache
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
