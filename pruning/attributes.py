@@ -152,6 +152,30 @@ class _Search:
         self.combos = {block: _nearest_first([len(options[k]) for k in keys])
                        for block, keys in self.blocks.items()}
         self.choice = {block: next(combo) for block, combo in self.combos.items()}
+        # what the blocks that verified chose, by attribute pattern: the same module in
+        # the next block most likely needs the same (``True``: it kept its own value)
+        self.learned: dict[tuple[str, str], int | bool] = {}
+        self.guessed: set[int | None] = set()
+
+    def learn(self, failing: set) -> None:
+        """Remember the choices of the blocks that verified: those before the first failing
+        block (the export runs blocks in order), all of them when none fails."""
+        first = min((b for b in failing if b is not None), default=None)
+        for block, keys in self.blocks.items():
+            if block is None or (first is not None and block >= first) or (None in failing and first is None):
+                continue
+            for key, index in zip(keys, self.choice[block], strict=True):
+                kept = index == len(self.options[key]) - 1
+                self.learned[(_pattern(key[0]), key[1])] = True if kept else index
+
+    def _guess(self, block: int | None) -> tuple[int, ...] | None:
+        guess = []
+        for key in self.blocks[block]:
+            learned = self.learned.get((_pattern(key[0]), key[1]))
+            last = len(self.options[key]) - 1
+            guess.append(0 if learned is None else last if learned is True else min(learned, last))
+        return tuple(guess) if any(self.learned.get((_pattern(k[0]), k[1])) is not None
+                                   for k in self.blocks[block]) else None
 
     def assignment(self) -> dict[_Key, object]:
         return {key: self.options[key][index] for block, keys in self.blocks.items()
@@ -161,6 +185,12 @@ class _Search:
         """Move ``block`` to its next combination; ``False`` when it has none left."""
         if block not in self.combos:
             return False
+        if block not in self.guessed:  # first try what the same modules chose before
+            self.guessed.add(block)
+            guess = self._guess(block)
+            if guess is not None and guess != self.choice[block]:
+                self.choice[block] = guess
+                return True
         following = next(self.combos[block], None)
         if following is None:
             return False
@@ -186,6 +216,7 @@ def sync_by_extent(model: nn.Module, graph: DependencyGraph, plan: dict,
         failing = _failing_blocks(model, expected) or _failing_run(model, verify)
         if not failing:
             return assignment
+        search.learn(failing)
         # a block with nothing left to try may be failing for a model-wide attribute
         if not all(search.advance(block) or search.advance(None) for block in failing):
             break

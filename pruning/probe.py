@@ -9,7 +9,10 @@ pattern at once. Patterns whose plan ``apply_plan`` refuses (no config and no at
 setting expresses it) are excluded from the graph with that reason, so that no pruner is
 offered a group that cannot be applied. Costs one ``apply_plan`` on meta tensors per pattern.
 
-A plan must also survive a real forward and a reload. Some models replace modules while they
+A plan must also survive a real forward and a reload. The probe's pruned copy runs as a user
+runs it (the model's own cache, one decoded token) on meta tensors, which checks shapes: the
+trace does not use the cache, and RWKV sizes its recurrent state from the config. It is held
+to what the dense copy passes there (data-dependent code cannot run on meta at all). Some models replace modules while they
 run (BigBird swaps its attention for one built from the config when the input is short; the
 trace sees it), or hold modules of another class than their config builds (the same model,
 after such a forward: a reload builds the other one). Attributes that a plan sets on such a
@@ -30,6 +33,7 @@ from depgraph import DependencyGraph, Group, PlanError
 from depgraph.trace import meta_copy
 
 from .apply import apply_plan, library_class
+from .rollback import check_runs, steps_that_run
 
 __all__ = ["exclude_unprunable", "fragile_modules", "probe_plan"]
 
@@ -61,6 +65,7 @@ def exclude_unprunable(model: nn.Module, graph: DependencyGraph) -> dict[str, st
         patterns[_pattern(group)].append(group)
     refused: dict[str, str] = {}
     fragile = fragile_modules(model, graph)
+    steps = steps_that_run(meta_copy(model), meta=True)
     for (kind, pattern), groups in patterns.items():
         plan = probe_plan(groups)
         if not plan:
@@ -71,6 +76,14 @@ def exclude_unprunable(model: nn.Module, graph: DependencyGraph) -> dict[str, st
             apply_plan(probe, plan, graph)
         except PlanError as error:
             reason = f"the model's code cannot follow removing {kind} units of {pattern} ({error})"
+            refused.update({group.id: reason for group in groups})
+            continue
+        try:  # shapes only, as a user runs it (RWKV sizes its recurrent state from the config)
+            check_runs(probe, steps=steps, meta=True)
+        except Exception as error:  # noqa: BLE001 - any failure of the run refuses the pattern
+            message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            reason = (f"the model's own forward fails after removing {kind} units of {pattern} "
+                      f"({type(error).__name__}: {message})")
             refused.update({group.id: reason for group in groups})
             continue
         lost = next((path for path in fragile if _changed(before[path], _settings(probe, path))), None)

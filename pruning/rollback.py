@@ -100,14 +100,18 @@ def _hooks_set_aside(model: nn.Module):
 STEPS = ("forward", "finite", "decode")
 
 
-def check_runs(model: nn.Module, tokens: int = 4, steps: tuple[str, ...] = STEPS) -> None:
+def check_runs(model: nn.Module, tokens: int = 4, steps: tuple[str, ...] = STEPS,
+               meta: bool = False) -> None:
     """A forward pass of ``tokens`` tokens as a user calls it (the model's own cache default),
     whose logits must be finite (``"finite"``), then (``"decode"``) one more token through
-    the cache when there is one, as ``generate`` does; raises what the model raises. Models on the meta device (being built
-    by ``load_pruned``) are skipped: they have nothing to run."""
+    the cache when there is one, as ``generate`` does; raises what the model raises. Models
+    on the meta device (being built by ``load_pruned``) are skipped, unless ``meta``: then
+    the run checks shapes only (values, and so ``"finite"``, are not known there)."""
     first = next(model.parameters(), None)
-    if first is None or first.is_meta or "forward" not in steps:
+    if first is None or (first.is_meta and not meta) or "forward" not in steps:
         return
+    if first.is_meta:
+        steps = tuple(step for step in steps if step != "finite")
     input_ids = torch.zeros(1, tokens, dtype=torch.long, device=first.device)
     kwargs = forward_kwargs(model, input_ids)
     kwargs.pop("use_cache", None)
@@ -128,12 +132,12 @@ def check_runs(model: nn.Module, tokens: int = 4, steps: tuple[str, ...] = STEPS
         model.train(training)
 
 
-def steps_that_run(model: nn.Module) -> tuple[str, ...]:
+def steps_that_run(model: nn.Module, meta: bool = False) -> tuple[str, ...]:
     """The steps of :func:`check_runs` that ``model`` passes as it is: a pruned model is held
     to what its dense self does (CPM-Ant's cache cannot decode one more token even dense)."""
     for count in range(len(STEPS), 0, -1):
         try:
-            check_runs(model, steps=STEPS[:count])
+            check_runs(model, steps=STEPS[:count], meta=meta)
             return STEPS[:count]
         except Exception:  # noqa: BLE001 - whatever the dense model cannot do is not asked
             continue

@@ -87,3 +87,18 @@ def test_attributes_a_forward_or_a_reload_would_lose_are_not_offered():
     assert heads and all("would be lost" in excluded[g] for g in heads), excluded
     assert any(g.kind == Kind.MLP for g in warm_graph.groups())
     assert cycle_row("big_bird").status == "pass"
+
+
+def test_a_forward_that_sizes_its_state_from_the_config_is_probed():
+    """RWKV builds its recurrent state from ``config.hidden_size`` when it runs with its
+    cache (as users run it; the trace does not). The probe runs each pruned copy so, on meta
+    tensors: hidden and attention widths are excluded with the run's error, the
+    feed-forward channels still prune and the pruned model runs."""
+    model = tiny_dense_model("rwkv")
+    graph = build_graph(model)
+    excluded = exclude_unprunable(model, graph)
+    assert "hidden" in excluded and "own forward fails" in excluded["hidden"], excluded
+    assert all(g.kind == Kind.MLP and "feed_forward" in g.id for g in graph.groups())
+    group = graph.groups()[0]
+    apply_plan(model, {group.id: list(range(group.num_units // 2))}, graph)
+    model(torch.zeros(1, 5, dtype=torch.long))
