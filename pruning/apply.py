@@ -29,7 +29,7 @@ from torch import nn
 from depgraph import DependencyGraph, build_graph
 from depgraph.errors import PlanError
 
-from .attributes import sync_by_extent
+from .attributes import restore_attributes, sync_by_extent
 from .compensation import output_dim, takes_bias
 from .config_solver import model_shapes, probe_config
 from .plan_configs import (
@@ -108,7 +108,8 @@ def zero_plan(model: nn.Module, plan: dict[str, list[int]], graph: DependencyGra
 
 def apply_plan(model: nn.Module, plan: dict[str, list[int]],
                graph: DependencyGraph | None = None, *,
-               biases: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+               biases: Mapping[str, torch.Tensor] | None = None,
+               attributes: Mapping[str, Mapping[str, object]] | None = None) -> nn.Module:
     """Remove the plan's units from ``model`` in place and return it (see module docs).
 
     Parameters
@@ -119,6 +120,11 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
     biases : ``{module path: change of its bias}``, each over the module's outputs *before*
         the plan (:func:`pruning.compensation_biases`); the entries of outputs the plan
         removes are dropped, the rest added to the module's bias (created if it had none).
+    attributes : ``{module path: {attribute: value}}`` to set where no config describes the
+        pruned model, instead of searching for them: what an earlier application of the
+        same plan recorded in ``model.config.depgraph["attributes"]`` (``load_pruned``
+        replays plans so; the search verifies by running the model, which a model being
+        built on the meta device cannot).
 
     Returns
     -------
@@ -160,6 +166,9 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
         settled = {}
         if configs is not None:
             sync_attributes(model, configs, library_class(model))
+        elif attributes is not None:
+            fix_standard_modules(model)
+            restore_attributes(model, attributes)
         else:
             settled = _sync_unsolved(model, graph, plan, scopes,
                                      lambda pruned: check_runs(pruned, steps=steps))
@@ -304,9 +313,10 @@ def _record(model: nn.Module, original: dict, plan: dict, configs: dict,
             added: list[str] = (), attributes: dict | None = None) -> None:
     """Record the plan in ``model.config.depgraph``: ``plans`` (every plan applied, for the
     history), ``replay`` (the plans applied since the config last described the model's
-    shapes: what ``load_pruned`` applies to the folder's own config), ``attributes`` (the
-    module attributes those plans set, verified here by a real run: ``load_pruned`` sets
-    them as they were, where a meta-device replay could not tell coinciding sizes apart),
+    shapes: what ``load_pruned`` applies to the folder's own config), ``attributes`` (for
+    each of those plans, the module attributes it set, verified by a real run: the replay
+    sets them as they were, where a meta-device model could not tell coinciding sizes apart,
+    and need not search again),
     ``added`` (tensors the model class does not create, e.g. compensation biases) and
     ``config_exact``."""
     config = getattr(model, "config", None)
@@ -322,14 +332,13 @@ def _record(model: nn.Module, original: dict, plan: dict, configs: dict,
     applied = {gid: sorted(int(u) for u in units) for gid, units in plan.items() if len(units)}
     record["plans"].append(applied)
     solved = configs is not None and None in configs  # the config describes the shapes
+    earlier = record.get("attributes")
+    if not isinstance(earlier, list) or len(earlier) != len(record["replay"]):
+        earlier = [{} for _ in record["replay"]]  # a record written before they were kept
     record["replay"] = [] if solved else [*record["replay"], applied]
-    if solved:
-        record.pop("attributes", None)
-    else:
-        merged = copy.deepcopy(record.get("attributes", {}))
-        for path, values in (attributes or {}).items():
-            merged.setdefault(path, {}).update({k: v for k, v in values.items() if _is_json(v)})
-        record["attributes"] = merged
+    settings = {path: {k: v for k, v in values.items() if _is_json(v)}
+                for path, values in (attributes or {}).items()}
+    record["attributes"] = [] if solved else [*earlier, settings]
     record["added"] = sorted({*record.get("added", ()), *added})
     # config_exact: model.config alone describes the model (plain from_pretrained loads it
     # exactly); an added tensor, which the model class would not create, rules that out

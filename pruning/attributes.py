@@ -12,7 +12,8 @@ until one of them shrinks), so each choice is verified, and the search is guided
 verification fails:
 
 1. every attribute starts at its most specific candidate (the new value of the innermost
-   group whose scope holds the module; keeping the old value comes last);
+   group whose scope holds the module; keeping the old value comes last), and the search
+   moves away from there and from "all keep their value" in turns, fewest changes first;
 2. a meta copy is exported (as ``build_graph`` does); when that fails, the traceback names
    the module that failed, and only the attributes of that block move to their next
    combination (blocks run in order, so each block is settled before the next one fails);
@@ -129,13 +130,29 @@ def _is_block_index(model: nn.Module, path: str, key: str) -> bool:
     return len(seen) > 1 and all(block is not None and value == block for block, value in seen)
 
 
-def _nearest_first(sizes: list[int]):
-    """Index tuples over ``sizes`` options, fewest departures from the first option first
-    (one wrong guess among many attributes is found in a few trials, not a full product)."""
+def _nearest_first(sizes: list[int], centers: list[tuple[int, ...]] | None = None):
+    """Index tuples over ``sizes`` options, fewest departures first from each center, taken
+    in turns. The centers by default: every attribute at its first option (all take the new
+    size) and every attribute at its last (all keep their own value). One wrong guess among
+    many attributes is found in a few trials, and so is the one attribute that must change
+    among many that coincide (an MLA layer's LoRA rank, equal to its head count and dims)."""
+    if centers is None:
+        centers = [tuple(0 for _ in sizes), tuple(size - 1 for size in sizes)]
+    seen = set()
+    for turn in itertools.zip_longest(*[_around(sizes, center) for center in centers]):
+        for choice in turn:
+            if choice is not None and choice not in seen:
+                seen.add(choice)
+                yield choice
+
+
+def _around(sizes: list[int], center: tuple[int, ...]):
+    """Index tuples over ``sizes`` options, by how many positions differ from ``center``."""
     for count in range(len(sizes) + 1):
         for positions in itertools.combinations(range(len(sizes)), count):
-            for values in itertools.product(*[range(1, sizes[p]) for p in positions]):
-                choice = [0] * len(sizes)
+            others = [[i for i in range(sizes[p]) if i != center[p]] for p in positions]
+            for values in itertools.product(*others):
+                choice = list(center)
                 for position, value in zip(positions, values, strict=True):
                     choice[position] = value
                 yield tuple(choice)
@@ -154,7 +171,7 @@ class _Search:
         self.choice = {block: next(combo) for block, combo in self.combos.items()}
         # what the blocks that verified chose, by attribute pattern: the same module in
         # the next block most likely needs the same (``True``: it kept its own value)
-        self.learned: dict[tuple[str, str], int | bool] = {}
+        self.learned: dict[tuple[str, str], tuple[bool, object]] = {}
         self.guessed: set[int | None] = set()
 
     def learn(self, failing: set) -> None:
@@ -166,16 +183,23 @@ class _Search:
                 continue
             for key, index in zip(keys, self.choice[block], strict=True):
                 kept = index == len(self.options[key]) - 1
-                self.learned[(_pattern(key[0]), key[1])] = True if kept else index
+                self.learned[(_pattern(key[0]), key[1])] = (kept, self.options[key][index])
 
     def _guess(self, block: int | None) -> tuple[int, ...] | None:
-        guess = []
+        """Each attribute as the same one chose before: kept its value, or took the same
+        new value (a hidden size), else its first option."""
+        guess, known = [], False
         for key in self.blocks[block]:
+            options = self.options[key]
             learned = self.learned.get((_pattern(key[0]), key[1]))
-            last = len(self.options[key]) - 1
-            guess.append(0 if learned is None else last if learned is True else min(learned, last))
-        return tuple(guess) if any(self.learned.get((_pattern(k[0]), k[1])) is not None
-                                   for k in self.blocks[block]) else None
+            known = known or learned is not None
+            if learned is None:
+                guess.append(0)
+            elif learned[0]:
+                guess.append(len(options) - 1)
+            else:
+                guess.append(options.index(learned[1]) if learned[1] in options[:-1] else 0)
+        return tuple(guess) if known else None
 
     def assignment(self) -> dict[_Key, object]:
         return {key: self.options[key][index] for block, keys in self.blocks.items()
@@ -189,7 +213,10 @@ class _Search:
             self.guessed.add(block)
             guess = self._guess(block)
             if guess is not None and guess != self.choice[block]:
-                self.choice[block] = guess
+                sizes = [len(self.options[key]) for key in self.blocks[block]]
+                self.combos[block] = _nearest_first(
+                    sizes, [guess, tuple(0 for _ in sizes), tuple(n - 1 for n in sizes)])
+                self.choice[block] = next(self.combos[block])
                 return True
         following = next(self.combos[block], None)
         if following is None:

@@ -23,7 +23,6 @@ from torch import nn
 from depgraph.paths import atomic_folder
 
 from .apply import RECORD_KEY, REPLAYS_PLANS, apply_plan
-from .attributes import restore_attributes
 
 __all__ = ["load_pruned", "save_pruned", "read_pruning_info", "write_pruning_files"]
 
@@ -178,8 +177,8 @@ def _load(path: Path, config, record: dict | None, replay, dtype):
         def __init__(self, cfg, *args, **kwargs):  # noqa: N807 - a constructor for the subclass
             base.__init__(self, cfg, *args, **kwargs)
             _tie_as_saved(self)
-            for plan in plans:
-                apply_plan(self, plan)
+            for plan, attributes in plans:  # the attributes verified when it was pruned
+                apply_plan(self, plan, attributes=attributes)
 
         # same name and module as the library class, so checkpoint renamings still apply
         pruned_class = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
@@ -187,7 +186,6 @@ def _load(path: Path, config, record: dict | None, replay, dtype):
                                                      REPLAYS_PLANS: True})
         model, info = pruned_class.from_pretrained(path, config=base_config, dtype=dtype,
                                                    output_loading_info=True)
-        restore_attributes(model, (record or {}).get("attributes", {}))
         setattr(model.config, RECORD_KEY, record)
     return model, info
 
@@ -223,10 +221,13 @@ def _replay(config, record: dict | None):
     if hasattr(base, RECORD_KEY):
         delattr(base, RECORD_KEY)
     if "replay" in record:
-        return base, record["replay"]
+        settings = record.get("attributes")
+        if not isinstance(settings, list) or len(settings) != len(record["replay"]):
+            settings = [None] * len(record["replay"])  # written before they were recorded
+        return base, list(zip(record["replay"], settings, strict=True))
     original = type(config).from_dict(record["original_config"])
     original.dtype = config.dtype  # the dtype the folder was saved in ("auto" reads it)
-    return original, record["plans"]
+    return original, [(plan, None) for plan in record["plans"]]
 
 
 def _restore_every_tensor(model: nn.Module, path: Path, info: dict) -> None:

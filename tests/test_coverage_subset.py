@@ -71,8 +71,8 @@ def test_a_size_only_the_cache_uses_keeps_its_value(tmp_path):
     mixers = [layer.mixer for layer in model.backbone.layers]
     assert [(m.num_heads, m.conv_kernel_size) for m in mixers] == [(4, 4), (4, 4)]
     record = model.config.depgraph
-    assert record["attributes"]["backbone.layers.0.mixer"]["num_heads"] == 4
-    assert record["attributes"]["backbone.layers.0.mixer"]["conv_kernel_size"] == 4  # kept: a choice
+    assert record["attributes"][-1]["backbone.layers.0.mixer"]["num_heads"] == 4
+    assert record["attributes"][-1]["backbone.layers.0.mixer"]["conv_kernel_size"] == 4  # kept: a choice
     model.save_pretrained(tmp_path)
     again = load_pruned(tmp_path)
     assert [(layer.mixer.num_heads, layer.mixer.conv_kernel_size)
