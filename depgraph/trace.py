@@ -8,6 +8,7 @@ not its device, dtype, values, nor train/eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
@@ -108,8 +109,12 @@ def trace_copy(clone: nn.Module, batch: int = 2, seq_len: int = 7, name: str | N
     if vocab is not None:
         input_ids = input_ids.clamp(max=vocab - 1)
     before = {path: id(module) for path, module in clone.named_modules()}
+    # constants the forward creates without a device (Gemma-3n's Normal(0, 1)) are real
+    # tensors in a normal build; inside from_pretrained's meta default device (load_pruned
+    # replays plans there) they would be meta too, and checks on their values untraceable
+    device = torch.device("cpu") if torch.get_default_device().type == "meta" else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), device:
             program = torch.export.export(clone, (), forward_kwargs(clone, input_ids), strict=False)
     except Exception as error:  # noqa: BLE001 - re-raised with context
         raise TraceError(f"torch.export could not trace {model_name}: "

@@ -184,6 +184,23 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
     return model
 
 
+#: elements of non-persistent buffers that the record keeps at most (per buffer)
+SMALL_BUFFER = 4096
+
+
+def _small_derived_buffers(model: nn.Module) -> dict[str, list]:
+    """``{name: values}`` of the non-persistent floating-point buffers of ``model`` of at
+    most :data:`SMALL_BUFFER` elements (scales and rotary frequencies, computed at build)."""
+    found = {}
+    for path, module in model.named_modules():
+        for name in getattr(module, "_non_persistent_buffers_set", ()):
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.is_floating_point() and not buffer.is_meta \
+                    and buffer.numel() <= SMALL_BUFFER:
+                found[f"{path}.{name}" if path else name] = buffer.detach().double().cpu().tolist()
+    return found
+
+
 def _is_json(value) -> bool:
     """Numbers, strings, booleans, None and (nested) lists or tuples of them."""
     if isinstance(value, (tuple, list)):
@@ -339,6 +356,9 @@ def _record(model: nn.Module, original: dict, plan: dict, configs: dict,
     settings = {path: {k: v for k, v in values.items() if _is_json(v)}
                 for path, values in (attributes or {}).items()}
     record["attributes"] = [] if solved else [*earlier, settings]
+    # values that a reload recomputes from sizes (Gemma-3n's hidden_size ** -0.5) and the
+    # pruned model kept from before: load_pruned puts them back (small ones; others are masks)
+    record["buffers"] = {} if solved else _small_derived_buffers(model)
     record["added"] = sorted({*record.get("added", ()), *added})
     # config_exact: model.config alone describes the model (plain from_pretrained loads it
     # exactly); an added tensor, which the model class would not create, rules that out

@@ -145,7 +145,23 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
     with _quiet_report(bool((record or {}).get("added"))):
         model, info = _load(path, config, record, replay, dtype)
     _restore_every_tensor(model, path, info)
+    if replay:
+        _restore_buffers(model, (record or {}).get("buffers") or {})
     return model.to(device).eval()
+
+
+def _restore_buffers(model: nn.Module, values: dict[str, list]) -> None:
+    """Put back the recorded non-persistent buffers (see ``apply_plan``'s record): a build
+    recomputes them from sizes that the pruned model no longer has."""
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in values.items():
+            buffer = buffers.get(name)
+            data = torch.tensor(value, dtype=torch.float64)
+            if buffer is None or tuple(buffer.shape) != tuple(data.shape):
+                raise ValueError(f"the recorded buffer {name!r} (shape {tuple(data.shape)}) "
+                                 f"does not fit the reloaded model")
+            buffer.copy_(data.to(buffer.dtype))
 
 
 @contextmanager
