@@ -567,6 +567,8 @@ _MORE = [
         x, y)[1], [(3, 1), (4,)], False),
     ("log_sigmoid", F.logsigmoid, [(3, 4)], True),
     ("unfold", lambda x: x.unfold(1, 3, 1).sum(-1), [(2, 6, 4)], False),
+    ("flip", lambda x: x.flip(1) * 2, [(2, 6, 4)], False),
+    ("flip_two", lambda x: x.flip([0, -1]), [(3, 2, 5)], False),
     ("complex_rotary", lambda x, a: torch.view_as_real(
         torch.view_as_complex(x.reshape(3, 4, 2)) * torch.polar(torch.ones_like(a), a)).flatten(-2),
      [(3, 8), (3, 4)], False),
@@ -587,7 +589,7 @@ def _unregistered(op) -> bool:
 
 
 @pytest.mark.parametrize("fn, name", [
-    (lambda t: t.flip(0), "aten::flip"),
+    (lambda t: torch.cummax(t, 0)[0], "aten::cummax"),
     (lambda t: torch.linalg.det(t), "aten::linalg_det"),
 ])
 def test_op_without_rule_raises(fn, name):
