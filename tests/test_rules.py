@@ -899,3 +899,32 @@ def test_constant_positions_pin_the_channels_they_count_from():
     assert ("s", 0) not in free
     fixed = {(f["param"], f["dim"]): f["reasons"] for f in graph.fixed()}
     assert any("unbound" in reason for reason in fixed[("s", 0)])
+
+
+class _ShortConv(nn.Module):
+    """A causal depthwise convolution written with unfold (and flip, as inkling2 does)."""
+
+    def __init__(self, flip: bool):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.taps = nn.Parameter(torch.randn(6, 4))
+        self.out = nn.Linear(6, 11)
+        self.flip = flip
+
+    def forward(self, input_ids):
+        x = F.pad(self.embed(input_ids), (0, 0, 3, 0))  # [B, T + 3, C]
+        windows = x.unfold(1, 4, 1)  # [B, T, C, 4]
+        if self.flip:
+            windows = windows.flip(-1)
+        return self.out((windows * self.taps).sum(-1))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_window_positions_are_never_a_group(flip):
+    """The positions inside an unfolded window are as many as the code asks for: the taps
+    of a convolution that meet them cannot lose one (once they formed a group whose pruned
+    model differed from the zeroed one)."""
+    graph = build_graph(_ShortConv(flip))
+    for group in graph.groups():
+        assert not any(m.param == "taps" and m.dim == 1 for m in group.members), group
+    assert any(any(m.param == "taps" and m.dim == 0 for m in g.members) for g in graph.groups())

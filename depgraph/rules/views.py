@@ -313,19 +313,24 @@ def unfold(node: torch.fx.Node) -> Coupling:
     out = shape(node)
     outputs = dims_of(source)
     outputs[dim] = Broadcast(out[dim])
+    # the positions in a window are as many as the code asks for (a convolution's taps):
+    # a weight that meets them cannot lose one
     return Coupling(outputs=[[*outputs, Broadcast(out[-1])]], edge_kind="unfold",
-                    pinned=[(InputDim(source, dim), "unfolded into overlapping windows")])
+                    pinned=[(InputDim(source, dim), "unfolded into overlapping windows")],
+                    output_tags=[(0, len(outputs), Tag.CREATED)])
 
 
 @register("aten::flip")
 def flip(node: torch.fx.Node) -> Coupling:
     """Reverses the order along ``dims``: no layout says "channel i is channel n-1-i", so
-    a reversed dim is a fresh axis of its size and the input's channels there are pinned
-    (reversed windows of a short convolution; other dims map through)."""
+    a reversed dim is a fresh axis of its size, which nothing may prune, and the input's
+    channels there are pinned (reversed windows of a short convolution; other dims map
+    through)."""
     source = node.args[0]
     flipped = {normalize_dim(int(d), ndim(source)) for d in arg(node, 1, "dims")}
     outputs = dims_of(source)
     for dim in flipped:
         outputs[dim] = Broadcast(shape(source)[dim])
     return Coupling(outputs=[outputs], edge_kind="flip",
-                    pinned=[(InputDim(source, dim), "reversed by flip") for dim in sorted(flipped)])
+                    pinned=[(InputDim(source, dim), "reversed by flip") for dim in sorted(flipped)],
+                    output_tags=[(0, dim, Tag.CREATED) for dim in sorted(flipped)])
