@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--json", type=Path, help="the rows, rewritten after each one")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --json and run only the other types")
