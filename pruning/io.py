@@ -152,16 +152,16 @@ def load_pruned(path: str | Path, dtype: torch.dtype | str | None = None,
 
 def _restore_buffers(model: nn.Module, values: dict[str, list]) -> None:
     """Put back the recorded non-persistent buffers (see ``apply_plan``'s record): a build
-    recomputes them from sizes that the pruned model no longer has."""
+    recomputes them from sizes that the pruned model no longer has. Buffers the build does not
+    make (a forward registers them) or makes at another shape (tables grown to the longest
+    input so far) are left to the model's code, which computes them again."""
     buffers = dict(model.named_buffers())
     with torch.no_grad():
         for name, value in values.items():
             buffer = buffers.get(name)
             data = torch.tensor(value, dtype=torch.float64)
-            if buffer is None or tuple(buffer.shape) != tuple(data.shape):
-                raise ValueError(f"the recorded buffer {name!r} (shape {tuple(data.shape)}) "
-                                 f"does not fit the reloaded model")
-            buffer.copy_(data.to(buffer.dtype))
+            if buffer is not None and tuple(buffer.shape) == tuple(data.shape):
+                buffer.copy_(data.to(buffer.dtype))
 
 
 @contextmanager
