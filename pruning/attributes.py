@@ -130,14 +130,15 @@ def _is_block_index(model: nn.Module, path: str, key: str) -> bool:
     return len(seen) > 1 and all(block is not None and value == block for block, value in seen)
 
 
-def _nearest_first(sizes: list[int], centers: list[tuple[int, ...]] | None = None):
+def _nearest_first(sizes: list[int], guess: tuple[int, ...] | None = None):
     """Index tuples over ``sizes`` options, fewest departures first from each center, taken
-    in turns. The centers by default: every attribute at its first option (all take the new
+    in turns: ``guess`` (if any), every attribute at its first option (all take the new
     size) and every attribute at its last (all keep their own value). One wrong guess among
     many attributes is found in a few trials, and so is the one attribute that must change
     among many that coincide (an MLA layer's LoRA rank, equal to its head count and dims)."""
-    if centers is None:
-        centers = [tuple(0 for _ in sizes), tuple(size - 1 for size in sizes)]
+    centers = [tuple(0 for _ in sizes), tuple(size - 1 for size in sizes)]
+    if guess is not None:
+        centers.insert(0, guess)
     seen = set()
     for turn in itertools.zip_longest(*[_around(sizes, center) for center in centers]):
         for choice in turn:
@@ -214,8 +215,7 @@ class _Search:
             guess = self._guess(block)
             if guess is not None and guess != self.choice[block]:
                 sizes = [len(self.options[key]) for key in self.blocks[block]]
-                self.combos[block] = _nearest_first(
-                    sizes, [guess, tuple(0 for _ in sizes), tuple(n - 1 for n in sizes)])
+                self.combos[block] = _nearest_first(sizes, guess)
                 self.choice[block] = next(self.combos[block])
                 return True
         following = next(self.combos[block], None)
