@@ -15,8 +15,15 @@ per-family table):
 * widths (hidden, MLP, ranks and every other size): divided by the product of those two
   factors, so that a hidden size that is not heads × head_dim (Gemma) stays so; a width
   that was a multiple of 8 stays one (grouped-GEMM kernels need 16-byte rows);
-* experts to 4 (groups of experts to 2, one picked), experts per token to 2, the vocabulary
-  to 256 with every token id moved inside it.
+* experts to 4 (groups of experts to 2, one picked), experts per token to 2 (also where the
+  default leaves it unset), an expert's width a multiple of 8, the vocabulary to 256 with
+  every token id moved inside it;
+* relations the default holds stay true: a width that was heads × a state-space head size
+  (or the hidden size × ``expand``) stays that product, a width that was a multiple of the
+  hidden size stays that multiple, a head size or key/value head count the default leaves
+  unset gets transformers' convention (hidden / heads, as many as the heads);
+* a config that says it is not a decoder (BERT-likes, Reformer) is made one: it is built
+  as a causal LM.
 
 Sub-configs (``text_config``, ``vision_config``) shrink the same way. The result is only a
 config: :func:`build_tiny_model` tries to build it and says why not.
@@ -27,6 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from os.path import commonprefix
 
 import torch
 from torch import nn
@@ -48,6 +56,9 @@ def tiny_config(model_type: str, **overrides):
 
     config = AutoConfig.for_model(model_type)
     shrink(config)
+    for sub in [config, *_sub_configs(config)]:  # built as a causal LM: a decoder
+        if getattr(sub, "is_decoder", True) is False and not getattr(sub, "is_encoder_decoder", False):
+            sub.is_decoder = True
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -57,13 +68,23 @@ def shrink(config) -> None:
     """Shrink ``config`` and its sub-configs in place."""
     for sub in _sub_configs(config):
         shrink(sub)
-    values = {k: v for k, v in config.to_dict().items() if not hasattr(getattr(config, k, None), "to_dict")}
+    values = {k: v for k, v in config.to_dict().items() if not hasattr(_attribute(config, k), "to_dict")}
     changes = _Shrinker(values).changes()
     for key, value in changes.items():
+        if isinstance(_attribute(config, key), tuple) and isinstance(value, list):
+            value = tuple(value)  # to_dict() gave a tuple field as a list
         try:
             setattr(config, key, value)
-        except (AttributeError, TypeError, ValueError):
+        except Exception:  # noqa: BLE001 - a read-only or validated field keeps its value
             continue
+
+
+def _attribute(config, key: str):
+    """``config.key``, or None where reading it raises (a per-layer attribute read globally)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001 - transformers raises its own error types here
+        return None
 
 
 def _sub_configs(config) -> list:
@@ -93,6 +114,8 @@ class _Shrinker:
         head_scale = self._heads()
         dim_scale = self._head_dims()
         width_scale = self._widths(head_scale, dim_scale)
+        self._products()
+        self._unset()
         self._experts()
         self._vocab()
         self._nested(dim_scale, width_scale)
@@ -104,7 +127,7 @@ class _Shrinker:
             if not _LAYERS.match(key) or count <= 2:
                 continue
             per_block = [k for k, v in self.values.items() if isinstance(v, list) and len(v) == count]
-            keep = _kept_blocks([self.values[k] for k in per_block if not _is_index_list(self.values[k], count)], count)
+            keep = _kept_blocks(self._block_kinds(per_block, count), count)
             self.out[key] = len(keep)
             for list_key in per_block:
                 entries = self.values[list_key]
@@ -119,14 +142,30 @@ class _Shrinker:
                     self.out[other] = {_same_form(k, keep.index(_block_key(k))): v
                                        for k, v in entries.items() if _block_key(k) in keep}
             for other, value in self.ints.items():
-                if other == key or "layer" not in other and "first_k" not in other:
+                if other == key or not any(word in other for word in ("layer", "first_k", "blocks")):
                     continue
                 if "period" in other and value > 2:
                     self.out[other] = 2
                 elif ("offset" in other or "first_k" in other) and value > 1:
                     self.out[other] = 1
-                elif 0 < value < count and "layers" in other:  # a count of blocks
+                elif 0 < value <= count and "layers" in other or value == count and "blocks" in other:
                     self.out[other] = max(1, round(value * len(keep) / count))
+
+    def _block_kinds(self, per_block: list[str], count: int) -> list[list]:
+        """The kind of every block by each list that gives one: per-block lists, membership
+        in a list of block indices (``attn_layer_indices``), and a shorter list of kinds that
+        repeats (``block_types``: two recurrent blocks, then one attention block)."""
+        kinds = []
+        for key, entries in self.values.items():
+            if not isinstance(entries, list) or not entries:
+                continue
+            if key in per_block and not _is_index_list(entries, count):
+                kinds.append(entries)
+            elif "layer" in key and _is_index_list(entries, count):
+                kinds.append([i in entries for i in range(count)])
+            elif len(entries) < count and all(isinstance(e, str) for e in entries) and len(set(entries)) > 1:
+                kinds.append([entries[i % len(entries)] for i in range(count)])
+        return kinds
 
     # ------------------------------------------------------------------ heads
     def _heads(self) -> int:
@@ -166,7 +205,7 @@ class _Shrinker:
         for key, value in self.ints.items():
             if key in self.out or not _is_width(key, value):
                 continue
-            self.out[key] = _width(value, scale)
+            self.out[key] = _width(value, scale, aligned="moe" in key or "expert" in key)
         for key, value in self.values.items():  # per-block widths (Gemma-3n's MLP sizes)
             if key not in self.out and isinstance(value, list) and value and \
                     all(_is_int(v) for v in value) and _is_width(key, min(value)):
@@ -176,7 +215,67 @@ class _Shrinker:
             # a derived head_dim (hidden / heads) stays a whole, even number
             per_head = max(8, self.ints[hidden_key] // self.ints[main] // dim_scale)
             self.out[hidden_key] = self.out[main] * (per_head + per_head % 2)
+            # a width that was a multiple of the hidden size stays that multiple
+            hidden = self.ints[hidden_key]
+            for key, value in self.ints.items():
+                if key != hidden_key and key in self.out and _is_width(key, value) and \
+                        value % hidden == 0 and value // hidden <= 8:
+                    self.out[key] = value // hidden * self.out[hidden_key]
+        if hidden_key:  # widths that split the hidden size (``axial_pos_embds_dim``) still do
+            hidden, now = self.ints[hidden_key], self.out.get(hidden_key, self.ints[hidden_key])
+            for key, value in self.values.items():
+                if isinstance(value, list | tuple) and len(value) > 1 and all(_is_int(v) for v in value) \
+                        and sum(value) == hidden and key != hidden_key:
+                    parts = [max(1, v * now // hidden) for v in value[:-1]]
+                    self.out[key] = type(value)([*parts, now - sum(parts)])
         return scale
+
+    def _products(self) -> None:
+        """A width that was heads × per-head size (``mamba_d_ssm`` = ``mamba_n_heads`` ×
+        ``mamba_d_head``, or the hidden size times an ``expand`` factor) stays that product:
+        the per-head size (of a state-space head; attention's ``head_dim`` follows its own
+        scale) becomes the shrunk width over the shrunk head count where that is even, else
+        the width becomes the shrunk head count times the head size."""
+        now = {k: self.out.get(k, v) for k, v in self.ints.items()}
+        hidden = next((k for k in _HIDDEN if self.ints.get(k, 0) >= 16), None)
+        targets = [(k, v, now[k]) for k, v in self.ints.items() if k in self.out and _is_width(k, v)]
+        if hidden:  # named by the factor: the name closest to the per-head size's wins
+            targets += [(m, self.ints[hidden] * v, now[hidden] * v)
+                        for m, v in self.ints.items() if "expand" in m and 1 < v <= 8]
+        heads = [k for k, v in self.ints.items() if _is_heads_key(k) and v > 0]
+        for dim, size in self.ints.items():
+            if size <= 0 or not any(word in dim for word in ("headdim", "d_head")):  # not head_dim
+                continue
+            found = [(name, shrunk, [h for h in heads if self.ints[h] * size == was])
+                     for name, was, shrunk in targets]
+            found = [item for item in found if item[2]]
+            if not found:
+                continue
+            name, shrunk, partners = max(found, key=lambda item: len(commonprefix([item[0], dim])))
+            head = max(partners, key=lambda h: len(commonprefix([h, dim])))
+            if now[head] * now[dim] == shrunk:
+                continue
+            if shrunk % (2 * now[head]) == 0:
+                self.out[dim] = now[dim] = shrunk // now[head]
+            elif name in self.out:  # too narrow for an even head size: the width follows instead
+                self.out[name] = now[name] = now[head] * now[dim]
+
+    def _unset(self) -> None:
+        """Sizes a default config leaves unset where transformers' convention derives them
+        (a head size of hidden / heads, as many key/value heads as heads, two experts per
+        token where experts are routed)."""
+        now = {k: self.out.get(k, v) for k, v in self.ints.items()}
+        hidden = next((k for k in _HIDDEN if now.get(k, 0) >= 16), None)
+        main = _main_heads_key({k: v for k, v in now.items() if _is_heads_key(k)})
+        unset = [k for k, v in self.values.items() if v is None]
+        if main and "num_key_value_heads" in unset:
+            self.out["num_key_value_heads"] = now[main]
+        if main and hidden and "head_dim" in unset:
+            self.out["head_dim"] = now[hidden] // now[main]
+        if any("expert" in k and v > 1 for k, v in now.items()):
+            for key in unset:
+                if "per_tok" in key:
+                    self.out[key] = 2
 
     # ----------------------------------------------------- experts, vocabulary
     def _experts(self) -> None:
@@ -236,9 +335,11 @@ def _is_width(key: str, value: int) -> bool:
                                                and "dim" not in key) and "group" not in key)
 
 
-def _width(value: int, scale: float) -> int:
+def _width(value: int, scale: float, aligned: bool = False) -> int:
+    """``value / scale``; a multiple of 8 where ``value`` was one or ``aligned`` (an expert's
+    width: the grouped-GEMM kernel that runs every expert at once needs 16-byte rows)."""
     shrunk = max(4, int(round(value / scale)))
-    return max(8, 8 * round(shrunk / 8)) if value % 8 == 0 else shrunk
+    return max(8, 8 * round(shrunk / 8)) if value % 8 == 0 or aligned else shrunk
 
 
 def _kept_blocks(kinds: list[list], count: int) -> list[int]:
