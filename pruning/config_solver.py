@@ -95,7 +95,7 @@ def _integer_keys(config) -> dict[str, object]:
     ``hidden_size`` and ``num_attention_heads`` available on every config.)
     """
     keys = dict(config.to_dict())
-    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    hidden, heads = config_value(config, "hidden_size"), config_value(config, "num_attention_heads")
     if "head_dim" not in keys and isinstance(hidden, int) and isinstance(heads, int) and heads:
         keys["head_dim"] = hidden // heads
     return keys
@@ -138,7 +138,7 @@ def solve_config(config, probe: ConfigProbe, target: dict[str, tuple[int, ...]],
     options: list[tuple[str, list]] = []
     for key, effect in sorted(probe.exponents.items()):
         current = _current(config, key)
-        derived = key == "head_dim" and getattr(config, "head_dim", None) is None
+        derived = key == "head_dim" and config_value(config, "head_dim") is None
         if not derived and not any(d in effect for d in changed):
             continue
         values = sorted(extents.get(current, set()) - {current})
@@ -167,7 +167,16 @@ def solve_config(config, probe: ConfigProbe, target: dict[str, tuple[int, ...]],
 
 
 def _current(config, key: str) -> int:
-    value = getattr(config, key, None)
+    value = config_value(config, key)
     if value is None and key == "head_dim":
-        return config.hidden_size // config.num_attention_heads
+        return config_value(config, "hidden_size") // config_value(config, "num_attention_heads")
     return int(value)
+
+
+def config_value(config, key: str, default=None):
+    """``config.key`` (``default`` where absent); for a field a heterogeneous config keeps per
+    block (``per_layer_config``), whose global read transformers refuses, its global value."""
+    try:
+        return getattr(config, key, default)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError
+        return config.to_dict().get(key, default)
