@@ -134,7 +134,7 @@ class DependencyGraph:
         counts = defaultdict(int)
         for prefix, item in zip(prefixes, raw, strict=True):
             counts[prefix] += item[1] != Kind.QUERY_HEAD  # KV groups keep the ids they had
-        stacked = _stacked_expert_params(self.store, self._param_layouts)
+        stacked = _stacked_expert_params(self.store, self._param_layouts, self.trace)
         groups, seen = [], defaultdict(int)
         for (root, kind, layer, zero_eq, members), prefix in zip(raw, prefixes, strict=True):
             if kind == Kind.QUERY_HEAD:
@@ -232,18 +232,33 @@ class DependencyGraph:
 EXPERT_ROW_ALIGN = 8
 
 
-def _stacked_expert_params(store: AxisStore, param_layouts: dict) -> set[str]:
+def _stacked_expert_params(store: AxisStore, param_layouts: dict, trace: Trace) -> set[str]:
     """Parameters that stack one weight per expert (3-d or more, one dim looked up by
-    routing indices): kernels run them as grouped GEMMs."""
+    routing indices): kernels run them as grouped GEMMs. A single expert's stack has no
+    looked-up axis of its own (a dim of size 1): rows picked by a tensor of indices tell."""
     found = set()
     for (param, _dim), layout in param_layouts.items():
         if any(Tag.LOOKED_UP in store.tags.get(a, ()) for a in store.atoms(layout)
                if store.sizes[a] > 1):
             found.add(param)
+    found |= _indexed_params(trace)
     rank = defaultdict(int)
     for param, _dim in param_layouts:
         rank[param] += 1
     return {param for param in found if rank[param] >= 3}
+
+
+_INDEX_OPS = ("aten.index.Tensor", "aten.index_select.default")
+
+
+def _indexed_params(trace: Trace) -> set[str]:
+    """Parameters whose rows a tensor of indices picks (``weight[top_k_index]``)."""
+    found = set()
+    for node in trace.program.graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in trace.params and any(
+                str(user.target) in _INDEX_OPS and user.args[0] is node for user in node.users):
+            found.add(trace.params[node.name])
+    return found
 
 
 def _constrain(group: Group, store: AxisStore, stacked: set[str]) -> None:

@@ -29,9 +29,11 @@ MORE_FAMILIES = ["mpt", "olmo2", "falcon_mamba", "minimax_m2", "emu3", "fuyu", "
 # mamba2 (its conv_kernel_size equals its heads per group: the search changed both),
 # rwkv (its state is sized from the config), big_bird (its forward swaps its attention),
 # gemma3n_text (a scale buffer recomputed from the hidden size on reload; a constant of
-# torch.distributions made on meta inside from_pretrained)
+# torch.distributions made on meta inside from_pretrained), dots3_note_text (heads per block:
+# transformers refuses a global read of the count), hunyuan_v1_moe (one expert: no looked-up
+# axis said its stacked rows run through the grouped-GEMM kernel)
 FIXED = ["openai-gpt", "zaya", "got_ocr2", "minicpm3", "cpmant", "phimoe", "mamba2", "rwkv",
-         "big_bird", "gemma3n_text"]
+         "big_bird", "gemma3n_text", "dots3_note_text", "hunyuan_v1_moe"]
 
 
 @pytest.mark.parametrize("model_type", MORE_FAMILIES + FIXED)
@@ -57,6 +59,19 @@ def test_router_and_stacked_experts_are_one_group():
     model, group = tiny_dense_model("phimoe"), experts[0]
     with pytest.raises(PlanError, match="must keep at least 2 units"):
         apply_plan(model, {group.id: list(range(1, group.num_units))}, graph)
+
+
+def test_a_single_experts_stacked_rows_stay_aligned():
+    """One expert stacked in a 3-d weight (Hunyuan's default) has no looked-up axis of size
+    > 1, yet the grouped-GEMM kernel runs it and needs 16-byte rows: its intermediate width
+    keeps a multiple of 8, and a plan that breaks that is refused naming the constraint (once
+    it failed with "no setting of module attributes": the real run crashed in the kernel)."""
+    model = tiny_dense_model("hunyuan_v1_moe")
+    graph = build_graph(model)
+    stacked = [g for g in graph.groups() if g.id.endswith("mlp.experts")]
+    assert stacked and all(g.multiple == 8 for g in stacked), [(g.id, g.multiple) for g in stacked]
+    with pytest.raises(PlanError, match="multiple of 8"):
+        apply_plan(model, {stacked[0].id: list(range(5))}, graph)
 
 
 def test_a_size_only_the_cache_uses_keeps_its_value(tmp_path):
