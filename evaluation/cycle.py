@@ -262,11 +262,27 @@ def _check_added(pruned: nn.Module, biases: dict | None) -> None:
 
 
 def tiny_dense_model(model_type: str, seed: int = 0) -> nn.Module:
-    """The tiny model in float64 where it runs so (float32 otherwise)."""
-    try:
-        config = tiny_config(model_type)
-    except Exception as error:  # noqa: BLE001 - transformers refuses the config itself
-        raise ValueError(f"config: {type(error).__name__}: {_one_line(error)}") from error
+    """The tiny model in float64 where it runs so (float32 otherwise). Where it does not build
+    or run with one block of each kind, two of each are tried (a model that ties one block's
+    weights to the next of its kind needs a next); the error said is that of the first."""
+    errors, configs = [], []
+    for per_kind in (1, 2):
+        try:
+            config = tiny_config(model_type, blocks_per_kind=per_kind)
+        except Exception as error:  # noqa: BLE001 - transformers refuses the config itself
+            errors.append(f"config: {type(error).__name__}: {_one_line(error)}")
+            continue
+        if any(config.to_dict() == seen for seen in configs):
+            continue
+        configs.append(config.to_dict())
+        try:
+            return _run_dense(config, seed)
+        except ValueError as error:
+            errors.append(str(error))
+    raise ValueError(errors[0])
+
+
+def _run_dense(config, seed: int) -> nn.Module:
     errors = []
     for dtype in (torch.float64, torch.float32):
         model = build_tiny_model(config, dtype=dtype, seed=seed)

@@ -7,7 +7,8 @@ per-family table):
 * blocks: the shortest run of blocks from the first that holds every distinct entry of the
   per-block lists (``layer_types``: sliding, full, linear attention ...), at least two and
   at most eight (else one block of each kind); per-block lists, dicts keyed by block index
-  and counts of blocks (``num_kv_shared_layers``) follow;
+  and counts of blocks (``num_kv_shared_layers``) follow. ``blocks_per_kind=2`` keeps two
+  of each kind, for models that share one block's weights with the next of its kind;
 * head counts: divided by one factor so that the largest is 8 (16 where the smallest would
   drop to one), so grouped-query ratios survive;
 * per-head sizes (``head_dim``, ``qk_rope_head_dim`` ...): divided by the power of two that
@@ -21,7 +22,8 @@ per-family table):
 * relations the default holds stay true: a width that was heads × a state-space head size
   (or the hidden size × ``expand``) stays that product, a width that was a multiple of the
   hidden size stays that multiple, a head size or key/value head count the default leaves
-  unset gets transformers' convention (hidden / heads, as many as the heads);
+  unset gets transformers' convention (hidden / heads, as many as the heads), a
+  ``default_language`` left unset the first of the ``languages`` listed;
 * a config that says it is not a decoder (BERT-likes, Reformer) is made one: it is built
   as a causal LM.
 
@@ -50,12 +52,13 @@ _KEEP = ("position", "n_positions", "n_ctx", "seq_len", "seq_length", "window", 
          "tokens_per", "state", "conv", "kernel", "num_labels", "pretraining_tp")
 
 
-def tiny_config(model_type: str, **overrides):
-    """The default config of ``model_type`` shrunk (see the module doc)."""
+def tiny_config(model_type: str, blocks_per_kind: int = 1, **overrides):
+    """The default config of ``model_type`` shrunk (see the module doc), keeping the first
+    ``blocks_per_kind`` blocks of each kind."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type)
-    shrink(config)
+    shrink(config, blocks_per_kind)
     for sub in [config, *_sub_configs(config)]:  # built as a causal LM: a decoder
         if getattr(sub, "is_decoder", True) is False and not getattr(sub, "is_encoder_decoder", False):
             sub.is_decoder = True
@@ -64,12 +67,12 @@ def tiny_config(model_type: str, **overrides):
     return config
 
 
-def shrink(config) -> None:
+def shrink(config, blocks_per_kind: int = 1) -> None:
     """Shrink ``config`` and its sub-configs in place."""
     for sub in _sub_configs(config):
-        shrink(sub)
+        shrink(sub, blocks_per_kind)
     values = {k: v for k, v in config.to_dict().items() if not hasattr(_attribute(config, k), "to_dict")}
-    changes = _Shrinker(values).changes()
+    changes = _Shrinker(values, blocks_per_kind).changes()
     for key, value in changes.items():
         if isinstance(_attribute(config, key), tuple) and isinstance(value, list):
             value = tuple(value)  # to_dict() gave a tuple field as a list
@@ -104,8 +107,9 @@ def _power_of_two_at_least(value: float) -> int:
 class _Shrinker:
     """The changes for one config's own fields (see the module doc)."""
 
-    def __init__(self, values: dict):
+    def __init__(self, values: dict, blocks_per_kind: int = 1):
         self.values = values
+        self.blocks_per_kind = blocks_per_kind
         self.ints = {k: v for k, v in values.items() if _is_int(v)}
         self.out: dict[str, object] = {}
 
@@ -127,7 +131,7 @@ class _Shrinker:
             if not _LAYERS.match(key) or count <= 2:
                 continue
             per_block = [k for k, v in self.values.items() if isinstance(v, list) and len(v) == count]
-            keep = _kept_blocks(self._block_kinds(per_block, count), count)
+            keep = _kept_blocks(self._block_kinds(per_block, count), count, self.blocks_per_kind)
             self.out[key] = len(keep)
             for list_key in per_block:
                 entries = self.values[list_key]
@@ -276,6 +280,10 @@ class _Shrinker:
             for key in unset:
                 if "per_tok" in key:
                     self.out[key] = 2
+        for key in unset:  # a default choice left unset among the choices listed (languages)
+            choices = self.values.get(key.removeprefix("default_") + "s")
+            if key.startswith("default_") and isinstance(choices, list) and choices:
+                self.out[key] = choices[0]
 
     # ----------------------------------------------------- experts, vocabulary
     def _experts(self) -> None:
@@ -342,17 +350,19 @@ def _width(value: int, scale: float, aligned: bool = False) -> int:
     return max(8, 8 * round(shrunk / 8)) if value % 8 == 0 or aligned else shrunk
 
 
-def _kept_blocks(kinds: list[list], count: int) -> list[int]:
-    """The first blocks up to one of every kind (2..MAX_BLOCKS), else one of each kind."""
+def _kept_blocks(kinds: list[list], count: int, per_kind: int = 1) -> list[int]:
+    """The first blocks up to ``per_kind`` of every kind (2..MAX_BLOCKS), else those blocks."""
     first: dict = {}
     for entries in kinds:
         for i, entry in enumerate(entries):
-            first.setdefault((id(entries), repr(entry)), i)
-    last = max(first.values(), default=0)
+            seen = first.setdefault((id(entries), repr(entry)), [])
+            if len(seen) < per_kind:
+                seen.append(i)
+    found = sorted({i for seen in first.values() for i in seen})
+    last = max(found, default=0)
     if last < MAX_BLOCKS:
         return list(range(max(2, last + 1)))
-    keep = sorted(set(first.values()))
-    return keep if len(keep) >= 2 else [0, 1]
+    return found if len(found) >= 2 else [0, 1]
 
 
 def _block_key(key) -> int | None:
