@@ -24,10 +24,20 @@ def ndim(value: torch.fx.Node) -> int:
 
 
 def arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> object:
-    """Argument ``index`` (positional) or ``name`` (keyword) of a call."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+    """Argument ``index`` (positional) or ``name`` (keyword) of a call; a scalar the graph
+    computes (``end = n // 2`` of a symbolic size) comes as its traced value (an ``int`` or a
+    ``SymInt``, whose ``int()`` is refused as data-dependent where no value is known)."""
+    value = node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+    if isinstance(value, list | tuple):
+        return type(value)(_scalar(item) for item in value)
+    return _scalar(value)
+
+
+def _scalar(value: object) -> object:
+    if isinstance(value, torch.fx.Node) and not isinstance(value.meta.get("val"), torch.Tensor) \
+            and value.meta.get("val") is not None:
+        return value.meta["val"]
+    return value
 
 
 def dims_of(value: torch.fx.Node) -> list[DimSpec]:
