@@ -255,10 +255,23 @@ def check_biases(model: nn.Module, biases: Mapping[str, torch.Tensor]
 
 def add_biases(model: nn.Module, checked: dict, drops: dict) -> list[str]:
     """Add each checked change to its module's bias (sliced like the module's outputs);
-    returns the names of the bias parameters this created."""
+    returns the names of the bias parameters this created.
+
+    Layers that share one weight (tied blocks, called at several places) share one bias:
+    their changes are averaged, the bias is created once and set on every layer that holds
+    that weight, and a bias they already share changes once."""
     names = {id(p): n for n, p in model.named_parameters()}
-    added = []
+    sharing: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(getattr(module, "weight", None), nn.Parameter):
+            sharing.setdefault(id(module.weight), []).append((path, module))
+    by_weight: dict[int, list] = {}
     for path, (module, delta) in checked.items():
+        by_weight.setdefault(id(module.weight), []).append((path, module, delta))
+    added = []
+    for entries in by_weight.values():
+        path, module, _ = entries[0]
+        delta = torch.stack([d for _, _, d in entries]).mean(0)
         weight = module.weight
         dim = output_dim(module)
         drop = drops.get((names.get(id(weight), f"{path}.weight"), dim))
@@ -267,9 +280,15 @@ def add_biases(model: nn.Module, checked: dict, drops: dict) -> list[str]:
             keep[drop] = False
             delta = delta[keep]
         change = delta.to(dtype=weight.dtype, device=weight.device)
+        holders = sharing.get(id(weight)) or [(path, module)]
         if module.bias is None:
-            module.bias = nn.Parameter(change.clone(), requires_grad=weight.requires_grad)
-            added.append(f"{path}.bias")
+            bias = nn.Parameter(change.clone(), requires_grad=weight.requires_grad)
+            named = []
+            for holder_path, holder in holders:  # an Embedding tied to lm_head takes none
+                if takes_bias(holder) and holder.bias is None:
+                    holder.bias = bias
+                    named.append(f"{holder_path}.bias")
+            added.append(named[0])  # named_parameters() lists a shared tensor once, first
         else:
             with torch.no_grad():
                 module.bias.add_(change)

@@ -195,6 +195,7 @@ def _load(path: Path, config, record: dict | None, replay, dtype):
             _tie_as_saved(self)
             for plan, attributes in plans:  # the attributes verified when it was pruned
                 apply_plan(self, plan, attributes=attributes)
+            _tolerant_init(self)
 
         # same name and module as the library class, so checkpoint renamings still apply
         pruned_class = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
@@ -204,6 +205,35 @@ def _load(path: Path, config, record: dict | None, replay, dtype):
                                                    output_loading_info=True)
         setattr(model.config, RECORD_KEY, record)
     return model, info
+
+
+def _tolerant_init(model: nn.Module) -> None:
+    """Weight initialisation that skips a module whose init code assumes the dense sizes
+    (Zamba's mixer reshapes by a head size only its init reads). ``from_pretrained`` runs it
+    for tensors the folder lacks: a missing parameter fails the load afterwards anyway
+    (``_restore_every_tensor``); a module with buffers only its init computes cannot be
+    skipped, and fails with that reason."""
+    for sub in model.modules():
+        init = getattr(sub, "_init_weights", None)
+        if init is None or not hasattr(sub, "_initialize_weights"):
+            continue
+
+        def tolerant(module, init=init):
+            try:
+                init(module)
+            except Exception as error:  # noqa: BLE001 - init code written for the dense sizes
+                if any(True for _ in _own_buffers(module)):
+                    raise ValueError(f"cannot initialise the buffers of a pruned "
+                                     f"{type(module).__name__} ({type(error).__name__}: {error})"
+                                     ) from error
+
+        sub._init_weights = tolerant
+
+
+def _own_buffers(module: nn.Module):
+    """The non-persistent buffers of ``module`` itself: values only its init computes."""
+    persistent = set(module.state_dict(keep_vars=True))
+    return (name for name, _ in module.named_buffers(recurse=False) if name not in persistent)
 
 
 def _tie_as_saved(model: nn.Module) -> None:
@@ -265,11 +295,23 @@ def _restore_every_tensor(model: nn.Module, path: Path, info: dict) -> None:
             refused.append(key)
             continue
         template = next(module.parameters())
-        module.register_parameter(name, nn.Parameter(
-            tensors[key].to(device=template.device), requires_grad=template.requires_grad))
+        tensor = nn.Parameter(tensors[key].to(device=template.device),
+                              requires_grad=template.requires_grad)
+        for holder in _sharing_weight(model, module):  # tied layers share the added tensor
+            if _reads(holder, name):
+                holder.register_parameter(name, tensor)
     if refused:
         raise ValueError(f"{str(path)!r} holds {len(refused)} tensor(s) that the model has no "
                          f"place for, e.g. {refused[:3]}; refusing to drop them")
+
+
+def _sharing_weight(model: nn.Module, module: nn.Module) -> list[nn.Module]:
+    """``module`` and every other layer that holds the same weight (tied blocks)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return [module]
+    return [module] + [other for other in model.modules()
+                       if other is not module and getattr(other, "weight", None) is weight]
 
 
 def _reads(module: nn.Module, name: str) -> bool:

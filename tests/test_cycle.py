@@ -30,6 +30,7 @@ from pruning import (
     save_pruned,
     zero_plan,
 )
+from pruning.apply import add_biases, check_biases
 
 torch.set_num_threads(1)
 
@@ -269,6 +270,27 @@ def test_an_added_bias_on_a_layer_renamed_on_disk_reloads(save, tmp_path):
     reloaded = load_pruned(tmp_path / "m")
     assert torch.equal(reloaded.lm_head.bias, model.lm_head.bias)
     assert torch.equal(_logits(reloaded), _logits(model))
+
+
+def test_layers_that_share_a_weight_share_one_added_bias():
+    """A block tied into several places (Zamba's shared transformer) holds one weight in
+    several layers: compensation gives them one bias, the mean of their changes, set on each
+    (untied, a reload that ties the block again would silently drop all but one)."""
+    first, second, alone = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False), nn.Linear(4, 3)
+    second.weight = first.weight
+    model = nn.Sequential(first, second, alone)
+    before = alone.bias.detach().clone()
+    checked = check_biases(model, {"0": torch.ones(3), "1": torch.full((3,), 3.0),
+                                   "2": torch.ones(3)})
+    added = add_biases(model, checked, {})
+    assert model[0].bias is model[1].bias
+    assert torch.equal(model[0].bias.detach(), torch.full((3,), 2.0))
+    assert torch.equal(alone.bias.detach(), before + 1)
+    assert added == ["0.bias"]  # the name named_parameters() gives the shared tensor
+    only_one = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False))
+    only_one[1].weight = only_one[0].weight
+    add_biases(only_one, check_biases(only_one, {"1": torch.ones(3)}), {})
+    assert only_one[0].bias is only_one[1].bias
 
 
 def test_a_tensor_with_no_place_in_the_model_is_an_error_not_dropped(tmp_path):
