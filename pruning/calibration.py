@@ -54,6 +54,7 @@ from torch import nn
 from depgraph.paths import data_dir
 from depgraph.progress import progress_bar
 
+from .checks import check_int
 from .corpus import MAX_UNDECODABLE, FileCorpus, RowCorpus, text_column
 from .text import bos_prefix, encode_text, load_hf_dataset
 
@@ -321,12 +322,6 @@ def _self_generated(model: nn.Module, tokenizer: Any, n_samples: int, seq_len: i
 
 
 # ------------------------------------------------------------------------------- entry point
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled",
                        n_samples: int = 10, seq_len: int = 128, seed: int = 0,
                        model: nn.Module | None = None,
@@ -373,9 +368,9 @@ def calibration_tokens(tokenizer: Any, source: str | os.PathLike[str] = "bundled
     >>> calibration_tokens(tokenizer).shape                # doctest: +SKIP
     torch.Size([10, 128])
     """
-    n_samples = _check_int("n_samples", n_samples, 1)
-    seq_len = _check_int("seq_len", seq_len, 2)
-    seed = _check_int("seed", seed, 0)
+    n_samples = check_int("n_samples", n_samples, 1)
+    seq_len = check_int("seq_len", seq_len, 2)
+    seed = check_int("seed", seed, 0)
     if not (isinstance(region, (tuple, list)) and len(region) == 2
             and 0 <= region[0] < region[1] <= 1):
         raise ValueError(f"region must be (start, stop) with 0 <= start < stop <= 1, got {region!r}")

@@ -31,6 +31,7 @@ from depgraph import DependencyGraph, Group, Kind, build_graph
 from .allocation import FRACTIONS, SAMPLES, allocate_plan, sensitivity_curves
 from .apply import apply_plan, plan_slices
 from .calibration import calibration_tokens
+from .checks import check_int
 from .compensation import compensation_biases
 from .importance import ScoringContext, importance_name, resolve_importance, score_groups
 from .probe import exclude_unprunable
@@ -120,9 +121,7 @@ class PruneSettings:
         if not isinstance(self.compensate, bool):
             raise ValueError(f"compensate must be True or False, got {self.compensate!r}")
         for name in ("n_samples", "seq_len", "round_to"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name))
 
 
 @dataclass

@@ -47,6 +47,8 @@ import numpy as np
 
 from depgraph.kinds import Kind
 
+from .checks import check_int
+
 __all__ = ["KINDS", "CHANNEL_KINDS", "DEFAULT_KINDS", "RANKINGS", "LLM_PRUNER_LAYERS",
            "allowed_counts", "greedy_counts", "group_scale", "parse_layers", "removed_params",
            "select_plan"]
@@ -90,8 +92,7 @@ def parse_layers(spec: str, num_layers: int) -> range:
     >>> parse_layers("all", 5), parse_layers("-1", 5)
     (range(0, 5), range(4, 5))
     """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+    check_int("num_layers", num_layers)
     if not isinstance(spec, str):
         raise ValueError(f"layer spec must be a str like '4:-2', got {spec!r}")
     text = spec.strip().lower()
@@ -297,14 +298,11 @@ def _check_options(ratio, kind_ratios, total_params, ranking, round_to, min_keep
         _check_fraction("ratio", ratio)
     for kind, value in (kind_ratios or {}).items():
         _check_fraction(f"kind_ratios[{kind!r}]", value, allow_zero=True)
-    if isinstance(total_params, bool) or not isinstance(total_params, (int, np.integer)) \
-            or total_params < 1:
-        raise ValueError(f"total_params must be an integer >= 1, got {total_params!r}")
+    check_int("total_params", total_params)
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
     for name, value in (("round_to", round_to), ("min_keep", min_keep)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value)
 
 
 # ------------------------------------------------------------------------------- entry point

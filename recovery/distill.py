@@ -39,6 +39,7 @@ from torch import nn
 
 from depgraph.errors import NonFiniteError
 from depgraph.progress import progress_bar
+from pruning.checks import check_int, check_positive
 
 from .blocks import find_blocks
 from .checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
@@ -52,11 +53,6 @@ PARAMS = ("full", "lora")
 
 class DistillDivergedError(NonFiniteError):
     """The distillation loss became NaN or infinite."""
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -85,20 +81,13 @@ class DistillSettings:
     def __post_init__(self) -> None:
         if self.params not in PARAMS:
             raise ValueError(f"params must be one of {PARAMS}, got {self.params!r}")
-        for name in ("warmup_steps",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("batch_size", "seq_len", "tokens", "val_windows", "eval_steps", "patience",
+        check_int("warmup_steps", self.warmup_steps, 0)
+        for name in ("batch_size", "tokens", "val_windows", "eval_steps", "patience",
                      "checkpoint_steps", "r", "alpha"):
-            _positive_int(name, getattr(self, name))
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len!r}")
+            check_int(name, getattr(self, name))
+        check_int("seq_len", self.seq_len, 2)
         for name in ("temperature", "learning_rate", "max_grad_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-                    or not math.isfinite(value):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            check_positive(name, getattr(self, name))
         if not 0 <= self.lm_weight <= 1:
             raise ValueError(f"lm_weight must be in [0, 1], got {self.lm_weight!r}")
         if not 0 <= self.dropout < 1 or not 0 <= self.weight_decay:

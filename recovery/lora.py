@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from depgraph.errors import NonFiniteError
+from pruning.checks import check_int
 
 from .blocks import find_blocks
 from .refit import linear_layers
@@ -67,9 +68,7 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         for name in ("r", "alpha", "batch_size", "grad_accum", "seq_len", "eval_steps", "patience"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, getattr(self, name))
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.learning_rate > 0:

@@ -41,6 +41,7 @@ from torch import nn
 from depgraph import build_graph
 from depgraph.progress import restart
 from pruning.apply import apply_plan, plan_slices, zero_plan
+from pruning.checks import check_int
 from pruning.importance import ScoringContext, needs_loss, score_groups
 from pruning.prune import (
     PruneResult,
@@ -81,8 +82,7 @@ class SequentialSettings:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         check_damping(self.damping)
         check_correction(self.correction)
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        check_int("batch_size", self.batch_size)
 
 
 def masked_refits(block_path: str, block: nn.Module, drops: dict, targets: str) -> dict[str, Refit]:

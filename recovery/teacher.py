@@ -32,6 +32,7 @@ from torch import nn
 
 from depgraph.paths import atomic_folder
 from depgraph.progress import progress_bar
+from pruning.checks import check_int
 
 __all__ = ["Targets", "LiveTeacher", "CachedTeacher", "write_teacher_cache", "distill_loss",
            "CACHE_FORMAT"]
@@ -113,8 +114,7 @@ def write_teacher_cache(model: nn.Module, tokens: torch.Tensor, folder: str | Pa
     Disk: ``windows × seq × k × 6`` bytes (float16 values, int32 ids): 64 MB per 160k tokens
     at ``k = 64``.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    check_int("top_k", top_k)
     tokens = tokens.long().cpu()
     model.eval()
     device = next(model.parameters()).device

@@ -158,8 +158,8 @@ def test_full_vocabulary_kl_is_exact():
     ({"params": "half"}, "params must be one of"),
     ({"temperature": 0}, "temperature must be a positive number, got 0"),
     ({"lm_weight": 1.5}, "lm_weight must be in \\[0, 1\\], got 1.5"),
-    ({"tokens": 0}, "tokens must be a positive integer, got 0"),
-    ({"seq_len": 1}, "seq_len must be at least 2"),
+    ({"tokens": 0}, "tokens must be an integer >= 1, got 0"),
+    ({"seq_len": 1}, "seq_len must be an integer >= 2"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
