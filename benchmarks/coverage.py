@@ -54,6 +54,23 @@ def attention_family(model_type: str) -> bool:
     return heads and "bert" not in model_type and not model_type.startswith(("xlm", "roberta"))
 
 
+def default_config_error(model_type: str) -> str:
+    """Why transformers cannot build ``model_type``'s own full-size default config (on the
+    meta device, no memory), or "" when it can: an unconstructible row whose default fails
+    too is transformers' case, not the shrinking function's."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(model_type)
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)
+    except Exception as error:  # noqa: BLE001 - the reason is the result
+        text = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+    return ""
+
+
 def _run_one(model_type: str, seed: int, timeout: float, threads: int) -> dict:
     code = ("import json,sys,logging,warnings;warnings.filterwarnings('ignore');"
             f"logging.disable(logging.WARNING);import torch;torch.set_num_threads({threads});"
@@ -87,14 +104,19 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| model type | attention family | result | groups / reason | s |", "|---|---|---|---|---|"]
     for row in rows:
         detail = row.get("groups") if row["status"] == "pass" else row.get("reason", "")
+        if row["status"] == "unconstructible" and row.get("default"):
+            detail += " (the full-size default config fails too)"
         lines.append(f"| {row['model_type']} | {'yes' if row['attention'] else 'no'} | "
                      f"{row['status']} | {_cell(detail)} | {row['seconds']} |")
     counts = Counter(r["status"] for r in rows)
     attention = [r for r in rows if r["attention"]]
     passed = sum(r["status"] == "pass" for r in attention)
     built = [r for r in attention if r["status"] != "unconstructible"]
+    own = [r["model_type"] for r in attention if r["status"] == "unconstructible" and r.get("default")]
     lines += ["", "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
               + f" (of {len(rows)} types).",
+              f"Of the unconstructible attention families, {len(own)} fail in transformers' own "
+              f"full-size default config too ({', '.join(own) or 'none'}).",
               f"Decoder-only attention families: {passed} of {len(attention)} pass "
               f"({100 * passed / max(1, len(attention)):.1f}%); of the {len(built)} whose tiny "
               f"model transformers builds and runs, {100 * passed / max(1, len(built)):.1f}%."]
@@ -127,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:  # an interrupted sweep keeps what it finished (--resume goes on)
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps([done[t] for t in types if t in done], indent=1))
+    for row in done.values():  # cheap (meta device): said of every unconstructible row
+        if row["status"] == "unconstructible" and "default" not in row:
+            row["default"] = default_config_error(row["model_type"])
+    if args.json:
+        args.json.write_text(json.dumps([done[t] for t in types if t in done], indent=1))
     print(markdown([done[t] for t in types]))
     return 0
 
