@@ -20,15 +20,19 @@ def test_the_counts_say_which_unconstructible_rows_are_transformers_own():
     rows = [_row("a", "pass", groups="mlp 2"), _row("b", "refused", reason="recurrent state"),
             _row("c", "unconstructible", reason="KeyError: 'x'", default="KeyError: 'x'"),
             _row("d", "unconstructible", reason="shape", default=""),
+            _row("f", "unconstructible", reason="KeyError: 'y'", default="KeyError: 'x'"),
             _row("e", "pass", attention=False, groups="hidden 1")]
     text = sweep.markdown(rows)
-    assert "| c | yes | unconstructible | KeyError: 'x' (the full-size default config fails too) |" in text
+    assert "| c | yes | unconstructible | KeyError: 'x' (transformers' full-size default config " \
+           "fails the same way) |" in text
     assert "| d | yes | unconstructible | shape |" in text
-    assert "Counts: pass 2, refused 1, unconstructible 2 (of 5 types)." in text
-    assert "1 fail in transformers' own full-size default config too (c)" in text
-    assert "Decoder-only attention families: 1 of 4 pass (25.0%); of the 2 whose tiny" in text
+    assert "| f | yes | unconstructible | KeyError: 'y' |" in text  # another error: not said
+    assert "Counts: pass 2, refused 1, unconstructible 3 (of 6 types)." in text
+    assert "1 fail the same way in transformers' own full-size default config (c)" in text
+    assert "Decoder-only attention families: 1 of 5 pass (20.0%); of the 2 whose tiny" in text
 
 
 def test_a_default_config_that_builds_has_no_error_and_one_that_does_not_says_why():
     assert sweep.default_config_error("llama") == ""
     assert "is_decoder" in sweep.default_config_error("reformer")  # transformers' own default
+    assert "get_seq_length" in sweep.default_config_error("bamba")  # its forward, on meta
