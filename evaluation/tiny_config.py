@@ -71,7 +71,8 @@ def shrink(config, blocks_per_kind: int = 1) -> None:
     """Shrink ``config`` and its sub-configs in place."""
     for sub in _sub_configs(config):
         shrink(sub, blocks_per_kind)
-    values = {k: v for k, v in config.to_dict().items() if not hasattr(_attribute(config, k), "to_dict")}
+    values = {k: _read(config, k, v) for k, v in config.to_dict().items()
+              if not hasattr(_attribute(config, k), "to_dict")}
     changes = _Shrinker(values, blocks_per_kind).changes()
     for key, value in changes.items():
         if isinstance(_attribute(config, key), tuple) and isinstance(value, list):
@@ -80,6 +81,16 @@ def shrink(config, blocks_per_kind: int = 1) -> None:
             setattr(config, key, value)
         except Exception:  # noqa: BLE001 - a read-only or validated field keeps its value
             continue
+
+
+def _read(config, key: str, saved):
+    """The value the model reads (the attribute) where it is a number or a list, otherwise
+    the saved value: Dory saves twice its blocks (attention and MLP sub-blocks in one
+    ``layer_types`` list, every count doubled) and reads them back halved."""
+    value = _attribute(config, key)
+    if _is_int(value) or isinstance(value, list | tuple) and isinstance(saved, list):
+        return list(value) if isinstance(value, tuple) else value
+    return saved
 
 
 def _attribute(config, key: str):
