@@ -94,11 +94,16 @@ def _integer_keys(config) -> dict[str, object]:
     lets a config say "fewer heads of the same size". (Transformers' attribute maps make
     ``hidden_size`` and ``num_attention_heads`` available on every config.)
     """
-    keys = dict(config.to_dict())
+    keys = {key: value if not _is_count(config_value(config, key)) else config_value(config, key)
+            for key, value in config.to_dict().items()}  # what the model reads (Dory halves)
     hidden, heads = config_value(config, "hidden_size"), config_value(config, "num_attention_heads")
     if "head_dim" not in keys and isinstance(hidden, int) and isinstance(heads, int) and heads:
         keys["head_dim"] = hidden // heads
     return keys
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _probeable(key: str, value: object) -> bool:

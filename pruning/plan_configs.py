@@ -32,7 +32,7 @@ from depgraph import DependencyGraph, build_graph
 from depgraph.errors import DepGraphError
 from depgraph.groups import block_index
 
-from .config_solver import ConfigProbe, instantiate_meta, solve_config
+from .config_solver import ConfigProbe, config_value, instantiate_meta, solve_config
 from .extents import expected_signatures, plan_extents
 
 __all__ = ["configs_for", "scope_configs", "sync_attributes", "sync_scopes",
@@ -262,15 +262,17 @@ def _replace_config(model: nn.Module, config) -> None:
 
 
 def _update_config(target, source) -> None:
+    """Set ``source``'s values on ``target``: as the attributes the model reads, not the
+    saved form (Dory saves twice its blocks and reads them back halved)."""
     for key, value in source.to_dict().items():
         if key in ("transformers_version", "architectures", RECORD_KEY):
             continue
-        current, new = getattr(target, key, None), getattr(source, key, None)
+        current, new = config_value(target, key), config_value(source, key)
         try:
             if hasattr(current, "to_dict") and hasattr(new, "to_dict"):
                 _update_config(current, new)
             else:
-                setattr(target, key, value)
+                setattr(target, key, copy.deepcopy(new) if new is not None else value)
         except (AttributeError, TypeError):
             continue
 
