@@ -101,6 +101,7 @@ class Group:
     min_units: int = 1
     multiple: int = 1
     constraints: list[str] = field(default_factory=list)
+    zero_reason: str = ""  # why zeroing is not removal, where a probe found out beyond the graph
 
     def allows(self, kept: int) -> bool:
         """Whether keeping ``kept`` units satisfies the group's constraints: at least

@@ -17,6 +17,11 @@ run (BigBird swaps its attention for one built from the config when the input is
 trace sees it), or hold modules of another class than their config builds (the same model,
 after such a forward: a reload builds the other one). Attributes that a plan sets on such a
 module would be lost, so a pattern whose probe changes them is excluded too.
+
+A pruned model is the model its smaller config builds: a scale its constructor computes from
+a size (Dory's gate scale, ``hidden_size ** 0.25``) follows the plan. Removing such units
+then also rescales, so zeroing them is not the same: a pattern whose probe changes a float
+attribute is marked not zero-equivalent (``group.zero_reason`` says which).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ def exclude_unprunable(model: nn.Module, graph: DependencyGraph) -> dict[str, st
     refused: dict[str, str] = {}
     fragile = fragile_modules(model, graph)
     steps = steps_that_run(meta_copy(model), meta=True)
+    scales = _scales(model)
     for (kind, pattern), groups in patterns.items():
         plan = probe_plan(groups)
         if not plan:
@@ -78,6 +84,12 @@ def exclude_unprunable(model: nn.Module, graph: DependencyGraph) -> dict[str, st
             reason = f"the model's code cannot follow removing {kind} units of {pattern} ({error})"
             refused.update({group.id: reason for group in groups})
             continue
+        rescaled = [key for key, value in _scales(probe).items() if scales.get(key, value) != value]
+        for group in groups if rescaled else ():  # zeroing them would not rescale anything
+            group.zero_equivalent = False
+            path, name = rescaled[0]
+            group.zero_reason = (f"removing units changes {path}.{name}, a scale computed from "
+                                 f"the config's sizes")
         try:  # shapes only, as a user runs it (RWKV sizes its recurrent state from the config)
             check_runs(probe, steps=steps, meta=True)
         except Exception as error:  # noqa: BLE001 - any failure of the run refuses the pattern
@@ -123,6 +135,14 @@ def _config_build(model: nn.Module) -> nn.Module | None:
             return library_class(model)(copy.deepcopy(config))
     except Exception:  # noqa: BLE001 - not a config-built model: nothing to compare with
         return None
+
+
+def _scales(model: nn.Module) -> dict[tuple[str, str], float]:
+    """The float attributes of every module (scales a constructor computed from sizes, such
+    as Dory's ``hidden_size ** 0.25``)."""
+    return {(path, key): value for path, module in model.named_modules()
+            for key, value in vars(module).items()
+            if not key.startswith("_") and isinstance(value, float)}
 
 
 def _settings(model: nn.Module, path: str) -> dict:
