@@ -15,6 +15,7 @@ import torch
 from depgraph import Kind, PlanError, build_graph
 from evaluation.cycle import cycle_row, tiny_dense_model
 from pruning import apply_plan, load_pruned
+from pruning.probe import exclude_unprunable
 from pruning.rollback import check_runs
 
 torch.set_num_threads(1)
@@ -31,9 +32,10 @@ MORE_FAMILIES = ["mpt", "olmo2", "falcon_mamba", "minimax_m2", "emu3", "fuyu", "
 # gemma3n_text (a scale buffer recomputed from the hidden size on reload; a constant of
 # torch.distributions made on meta inside from_pretrained), dots3_note_text (heads per block:
 # transformers refuses a global read of the count), hunyuan_v1_moe (one expert: no looked-up
-# axis said its stacked rows run through the grouped-GEMM kernel)
+# axis said its stacked rows run through the grouped-GEMM kernel), dory (saves twice its
+# blocks, reads them back halved; a gate scale computed from the hidden size)
 FIXED = ["openai-gpt", "zaya", "got_ocr2", "minicpm3", "cpmant", "phimoe", "mamba2", "rwkv",
-         "big_bird", "gemma3n_text", "dots3_note_text", "hunyuan_v1_moe"]
+         "big_bird", "gemma3n_text", "dots3_note_text", "hunyuan_v1_moe", "dory"]
 
 
 @pytest.mark.parametrize("model_type", MORE_FAMILIES + FIXED)
@@ -81,6 +83,25 @@ def test_a_single_experts_stacked_rows_stay_aligned():
     assert stacked and all(g.multiple == 8 for g in stacked), [(g.id, g.multiple) for g in stacked]
     with pytest.raises(PlanError, match="multiple of 8"):
         apply_plan(model, {stacked[0].id: list(range(5))}, graph)
+
+
+def test_a_scale_computed_from_a_size_makes_removal_differ_from_zeroing():
+    """Dory's attention gates by ``hidden_size ** 0.25``: a pruned model (what its smaller
+    config builds) rescales, so its hidden group is not zero-equivalent (once the oracle
+    claimed it was: pruned and zeroed differed by 0.02). Its config saves twice its blocks
+    and reads them back halved: a uniform plan keeps the model's own block count."""
+    model = tiny_dense_model("dory")
+    graph = build_graph(model)
+    assert graph.group("hidden").zero_equivalent  # the graph alone cannot see the scale
+    exclude_unprunable(model, graph)
+    hidden = graph.group("hidden")
+    assert not hidden.zero_equivalent and "s_gate_scale" in hidden.zero_reason
+    assert all(g.zero_equivalent for g in graph.groups() if g.kind == Kind.MLP)
+    blocks = model.config.num_hidden_layers
+    apply_plan(model, {g.id: [0] for g in graph.groups() if g.kind == Kind.MLP}, graph)
+    assert model.config.depgraph["config_exact"]
+    assert model.config.num_hidden_layers == blocks == len(model.config.layer_types)
+    check_runs(model)
 
 
 def test_a_size_only_the_cache_uses_keeps_its_value(tmp_path):
