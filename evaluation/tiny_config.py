@@ -7,8 +7,9 @@ per-family table):
 * blocks: the shortest run of blocks from the first that holds every distinct entry of the
   per-block lists (``layer_types``: sliding, full, linear attention ...), at least two and
   at most eight (else one block of each kind); per-block lists, dicts keyed by block index
-  and counts of blocks (``num_kv_shared_layers``) follow. ``blocks_per_kind=2`` keeps two
-  of each kind, for models that share one block's weights with the next of its kind;
+  and counts of blocks (``num_kv_shared_layers``) follow; blocks counted as stacks of
+  ``num_layers_per_stack`` keep one block per stack. ``blocks_per_kind=2`` keeps two of
+  each kind, for models that share one block's weights with the next of its kind;
 * head counts: divided by one factor so that the largest is 8 (16 where the smallest would
   drop to one), so grouped-query ratios survive;
 * per-head sizes (``head_dim``, ``qk_rope_head_dim`` ...): divided by the power of two that
@@ -142,7 +143,14 @@ class _Shrinker:
             if not _LAYERS.match(key) or count <= 2:
                 continue
             per_block = [k for k, v in self.values.items() if isinstance(v, list) and len(v) == count]
-            keep = _kept_blocks(self._block_kinds(per_block, count), count, self.blocks_per_kind)
+            kinds = self._block_kinds(per_block, count)
+            stacks = {k: v for k, v in self.ints.items() if "layers_per" in k and 1 < v < count
+                      and count % v == 0 and count // v <= MAX_BLOCKS}
+            if stacks and not kinds:  # blocks = stacks x blocks per stack (HRM): one per stack
+                self.out.update({k: 1 for k in stacks})
+                keep = list(range(count // next(iter(stacks.values()))))
+            else:
+                keep = _kept_blocks(kinds, count, self.blocks_per_kind)
             self.out[key] = len(keep)
             for list_key in per_block:
                 entries = self.values[list_key]
@@ -157,7 +165,8 @@ class _Shrinker:
                     self.out[other] = {_same_form(k, keep.index(_block_key(k))): v
                                        for k, v in entries.items() if _block_key(k) in keep}
             for other, value in self.ints.items():
-                if other == key or not any(word in other for word in ("layer", "first_k", "blocks")):
+                if other == key or other in stacks and not kinds or \
+                        not any(word in other for word in ("layer", "first_k", "blocks")):
                     continue
                 if "period" in other and value > 2:
                     self.out[other] = 2
