@@ -99,3 +99,13 @@ def test_per_layer_attributes_shrink(model_type):
 def test_a_causal_lm_built_from_an_encoder_config_is_a_decoder():
     assert tiny_config("bert").is_decoder
     assert tiny_config("reformer").is_decoder
+
+
+@given(per_stack=st.sampled_from([4, 8, 16]), stacks=st.integers(2, 8))
+@settings(max_examples=20, deadline=None)
+def test_blocks_counted_as_stacks_keep_one_block_per_stack(per_stack, stacks):
+    values = {"num_hidden_layers": per_stack * stacks, "num_layers_per_stack": per_stack,
+              "hidden_size": 1024, "num_attention_heads": 16}
+    out = _shrunk(values)
+    assert out["num_layers_per_stack"] == 1
+    assert out["num_hidden_layers"] == stacks
