@@ -253,6 +253,16 @@ def check_biases(model: nn.Module, biases: Mapping[str, torch.Tensor]
     return checked
 
 
+def weight_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """``{id(weight): [(path, layer), ...]}``: the layers holding each weight parameter (more
+    than one where a block is tied into several places)."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(getattr(module, "weight", None), nn.Parameter):
+            holders.setdefault(id(module.weight), []).append((path, module))
+    return holders
+
+
 def add_biases(model: nn.Module, checked: dict, drops: dict) -> list[str]:
     """Add each checked change to its module's bias (sliced like the module's outputs);
     returns the names of the bias parameters this created.
@@ -261,10 +271,7 @@ def add_biases(model: nn.Module, checked: dict, drops: dict) -> list[str]:
     their changes are averaged, the bias is created once and set on every layer that holds
     that weight, and a bias they already share changes once."""
     names = {id(p): n for n, p in model.named_parameters()}
-    sharing: dict[int, list[tuple[str, nn.Module]]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        if isinstance(getattr(module, "weight", None), nn.Parameter):
-            sharing.setdefault(id(module.weight), []).append((path, module))
+    sharing = weight_holders(model)
     by_weight: dict[int, list] = {}
     for path, (module, delta) in checked.items():
         by_weight.setdefault(id(module.weight), []).append((path, module, delta))

@@ -22,7 +22,7 @@ from torch import nn
 
 from depgraph.paths import atomic_folder
 
-from .apply import RECORD_KEY, REPLAYS_PLANS, apply_plan
+from .apply import RECORD_KEY, REPLAYS_PLANS, apply_plan, weight_holders
 
 __all__ = ["load_pruned", "save_pruned", "read_pruning_info", "write_pruning_files"]
 
@@ -287,6 +287,7 @@ def _restore_every_tensor(model: nn.Module, path: Path, info: dict) -> None:
         return
     tensors = _read_tensors(path, extra, _load_names(model))
     modules = dict(model.named_modules())
+    holders = weight_holders(model)
     refused = []
     for key in extra:
         owner, _, name = key.rpartition(".")
@@ -297,21 +298,13 @@ def _restore_every_tensor(model: nn.Module, path: Path, info: dict) -> None:
         template = next(module.parameters())
         tensor = nn.Parameter(tensors[key].to(device=template.device),
                               requires_grad=template.requires_grad)
-        for holder in _sharing_weight(model, module):  # tied layers share the added tensor
+        tied = holders.get(id(getattr(module, "weight", None))) or [("", module)]
+        for _, holder in tied:  # tied layers share the added tensor
             if _reads(holder, name):
                 holder.register_parameter(name, tensor)
     if refused:
         raise ValueError(f"{str(path)!r} holds {len(refused)} tensor(s) that the model has no "
                          f"place for, e.g. {refused[:3]}; refusing to drop them")
-
-
-def _sharing_weight(model: nn.Module, module: nn.Module) -> list[nn.Module]:
-    """``module`` and every other layer that holds the same weight (tied blocks)."""
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        return [module]
-    return [module] + [other for other in model.modules()
-                       if other is not module and getattr(other, "weight", None) is weight]
 
 
 def _reads(module: nn.Module, name: str) -> bool:
