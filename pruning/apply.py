@@ -31,7 +31,7 @@ from depgraph.errors import PlanError
 
 from .attributes import restore_attributes, sync_by_extent
 from .compensation import output_dim, takes_bias
-from .config_solver import model_shapes, probe_config
+from .config_solver import config_changes, model_shapes, probe_config
 from .plan_configs import (
     RECORD_KEY,
     configs_for,
@@ -41,6 +41,7 @@ from .plan_configs import (
     sync_scopes,
 )
 from .rollback import ModelState, check_runs, steps_that_run
+from .saved_form import merged_on_save
 
 __all__ = ["apply_plan", "zero_plan", "plan_slices", "plan_units", "check_biases", "add_biases",
            "cut", "RECORD_KEY", "REPLAYS_PLANS"]
@@ -178,6 +179,9 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
         state.restore()
         raise
     attributes = state.changed_attributes()
+    for path, (before, now) in state.changed_configs().items():  # a module's own config
+        if changes := config_changes(before, now):
+            attributes.setdefault(path, {})["config"] = changes
     for (path, key), value in settled.items():  # what the search kept is a choice too
         attributes.setdefault(path, {})[key] = value
     _record(model, original, plan, configs, added, attributes)
@@ -202,9 +206,12 @@ def _small_derived_buffers(model: nn.Module) -> dict[str, list]:
 
 
 def _is_json(value) -> bool:
-    """Numbers, strings, booleans, None and (nested) lists or tuples of them."""
+    """Numbers, strings, booleans, None and (nested) lists, tuples or string-keyed dicts of
+    them."""
     if isinstance(value, (tuple, list)):
         return all(_is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
     return value is None or isinstance(value, (bool, int, float, str))
 
 
@@ -269,7 +276,9 @@ def add_biases(model: nn.Module, checked: dict, drops: dict) -> list[str]:
 
     Layers that share one weight (tied blocks, called at several places) share one bias:
     their changes are averaged, the bias is created once and set on every layer that holds
-    that weight, and a bias they already share changes once."""
+    that weight, and a bias they already share changes once. A layer whose tensors
+    ``save_pretrained`` stores merged with other layers' (:mod:`pruning.saved_form`) gives
+    those layers a zero bias too, so that the merge on disk splits back."""
     names = {id(p): n for n, p in model.named_parameters()}
     sharing = weight_holders(model)
     by_weight: dict[int, list] = {}
@@ -280,26 +289,48 @@ def add_biases(model: nn.Module, checked: dict, drops: dict) -> list[str]:
         path, module, _ = entries[0]
         delta = torch.stack([d for _, _, d in entries]).mean(0)
         weight = module.weight
-        dim = output_dim(module)
-        drop = drops.get((names.get(id(weight), f"{path}.weight"), dim))
+        drop = drops.get((names.get(id(weight), f"{path}.weight"), output_dim(module)))
         if drop is not None and drop.numel():
             keep = torch.ones(delta.numel(), dtype=torch.bool)
             keep[drop] = False
             delta = delta[keep]
         change = delta.to(dtype=weight.dtype, device=weight.device)
-        holders = sharing.get(id(weight)) or [(path, module)]
         if module.bias is None:
-            bias = nn.Parameter(change.clone(), requires_grad=weight.requires_grad)
-            named = []
-            for holder_path, holder in holders:  # an Embedding tied to lm_head takes none
-                if takes_bias(holder) and holder.bias is None:
-                    holder.bias = bias
-                    named.append(f"{holder_path}.bias")
-            added.append(named[0])  # named_parameters() lists a shared tensor once, first
+            added.append(_new_bias(sharing.get(id(weight)) or [(path, module)], change))
         else:
             with torch.no_grad():
                 module.bias.add_(change)
-    return added
+    return added + _complete_merges(model, added, sharing)
+
+
+def _new_bias(holders: list[tuple[str, nn.Module]], value: torch.Tensor) -> str:
+    """Set one new bias ``value`` on every layer in ``holders`` (layers sharing a weight)
+    that adds one; its name (``named_parameters()`` lists a shared tensor once, first)."""
+    bias = nn.Parameter(value.clone(), requires_grad=holders[0][1].weight.requires_grad)
+    named = []
+    for holder_path, holder in holders:  # an Embedding tied to lm_head takes none
+        if takes_bias(holder) and holder.bias is None:
+            holder.bias = bias
+            named.append(f"{holder_path}.bias")
+    return named[0]
+
+
+def _complete_merges(model: nn.Module, added: list[str], sharing: dict) -> list[str]:
+    """Zero biases for the layers stored merged with a layer in ``added`` that have none."""
+    if not added:
+        return []
+    layers = {f"{path}.bias": module for path, module in model.named_modules() if takes_bias(module)}
+    merged = merged_on_save(model, layers)
+    more = []
+    for key in added:
+        for partner in merged.get(key, ()):
+            layer = layers[partner]
+            if layer.bias is None:
+                weight = layer.weight
+                zero = weight.new_zeros(weight.shape[output_dim(layer)])
+                holders = sharing.get(id(weight)) or [(partner.removesuffix(".bias"), layer)]
+                more.append(_new_bias(holders, zero))
+    return more
 
 
 def library_class(model: nn.Module) -> type:

@@ -43,6 +43,7 @@ from depgraph.graph import graph_of_trace
 from depgraph.groups import block_index
 from depgraph.trace import meta_copy, trace_copy
 
+from .config_solver import with_changes
 from .extents import expected_signatures, group_extents, kept_sizes
 
 __all__ = ["sync_by_extent", "restore_attributes", "STANDARD_LAYERS"]
@@ -282,11 +283,16 @@ def _failing_run(model: nn.Module, verify) -> set:
 
 def restore_attributes(model: nn.Module, attributes: dict[str, dict]) -> None:
     """Set the recorded ``{module path: {attribute: value}}`` (JSON turned tuples into
-    lists: an attribute that holds a tuple gets one back)."""
+    lists: an attribute that holds a tuple gets one back). A module's ``config`` is recorded
+    as its changes (``config_solver.config_changes``): the module gets a copy of its config
+    with them."""
     for path, values in attributes.items():
         module = model.get_submodule(path)
         for key, value in values.items():
-            if isinstance(value, list) and isinstance(getattr(module, key, None), tuple):
+            current = getattr(module, key, None)
+            if key == "config" and isinstance(value, dict) and hasattr(current, "to_dict"):
+                value = with_changes(current, value)
+            elif isinstance(value, list) and isinstance(current, tuple):
                 value = tuple(value)
             setattr(module, key, value)
 

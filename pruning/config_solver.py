@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ConfigProbe", "probe_config", "solve_config", "instantiate_meta", "model_shapes"]
+__all__ = ["ConfigProbe", "probe_config", "solve_config", "instantiate_meta", "model_shapes",
+           "config_value", "config_changes", "with_changes"]
 
 _SKIP = ("vocab_size", "max_position_embeddings", "token_id", "pad_", "n_positions", "n_ctx",
          "max_window_layers", "sliding_window", "chunk_size", "pretraining_tp", "seq_length")
@@ -185,3 +186,33 @@ def config_value(config, key: str, default=None):
         return getattr(config, key, default)
     except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError
         return config.to_dict().get(key, default)
+
+
+def config_changes(old, new) -> dict:
+    """``{field: value}`` where config ``new`` differs from ``old``, as the values the model
+    reads (a sub-config's changes nested as a dict): what :func:`with_changes` puts back."""
+    changes = {}
+    for key in new.to_dict():
+        if key in ("transformers_version", "architectures", "depgraph"):
+            continue
+        before, after = config_value(old, key), config_value(new, key)
+        if hasattr(after, "to_dict") and hasattr(before, "to_dict"):
+            if nested := config_changes(before, after):
+                changes[key] = nested
+        elif before != after:
+            changes[key] = copy.deepcopy(after)
+    return changes
+
+
+def with_changes(config, changes: dict):
+    """A copy of ``config`` with ``changes`` (from :func:`config_changes`; JSON may have made
+    tuples lists) set on it."""
+    config = copy.deepcopy(config)
+    for key, value in changes.items():
+        current = config_value(config, key)
+        if hasattr(current, "to_dict") and isinstance(value, dict):
+            value = with_changes(current, value)
+        elif isinstance(value, list) and isinstance(current, tuple):
+            value = tuple(value)
+        setattr(config, key, value)
+    return config

@@ -23,6 +23,8 @@ from torch import nn
 from depgraph.paths import atomic_folder
 
 from .apply import RECORD_KEY, REPLAYS_PLANS, apply_plan, weight_holders
+from .compensation import output_dim
+from .saved_form import load_names
 
 __all__ = ["load_pruned", "save_pruned", "read_pruning_info", "write_pruning_files"]
 
@@ -182,29 +184,49 @@ def _quiet_report(quiet: bool):
 
 
 def _load(path: Path, config, record: dict | None, replay, dtype):
-    """``(model, loading info)``: plain ``from_pretrained``, or the class that replays."""
-    if not replay:
-        model, info = _model_class(config).from_pretrained(path, dtype=dtype,
-                                                           output_loading_info=True)
-    else:
-        base_config, plans = replay
-        base = _model_class(base_config)
+    """``(model, loading info)``: plain ``from_pretrained``, or a subclass whose constructor
+    replays the plans and creates the tensors added after pruning (as placeholders that the
+    load fills through transformers' own conversions: a bias stored merged with others on
+    disk is split by the sizes of the model's parameters, so they must exist before)."""
+    added = list((record or {}).get("added") or ())
+    if not replay and not added:
+        return _model_class(config).from_pretrained(path, dtype=dtype, output_loading_info=True)
+    base_config, plans = replay or (config, [])
+    base = _model_class(base_config)
 
-        def __init__(self, cfg, *args, **kwargs):  # noqa: N807 - a constructor for the subclass
-            base.__init__(self, cfg, *args, **kwargs)
-            _tie_as_saved(self)
-            for plan, attributes in plans:  # the attributes verified when it was pruned
-                apply_plan(self, plan, attributes=attributes)
+    def __init__(self, cfg, *args, **kwargs):  # noqa: N807 - a constructor for the subclass
+        base.__init__(self, cfg, *args, **kwargs)
+        _tie_as_saved(self)
+        for plan, attributes in plans:  # the attributes verified when it was pruned
+            apply_plan(self, plan, attributes=attributes)
+        if plans:
             _tolerant_init(self)
+        _add_placeholders(self, added)
 
-        # same name and module as the library class, so checkpoint renamings still apply
-        pruned_class = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
-                                                     "__qualname__": base.__qualname__,
-                                                     REPLAYS_PLANS: True})
-        model, info = pruned_class.from_pretrained(path, config=base_config, dtype=dtype,
-                                                   output_loading_info=True)
-        setattr(model.config, RECORD_KEY, record)
+    # same name and module as the library class, so checkpoint renamings still apply
+    pruned_class = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
+                                                 "__qualname__": base.__qualname__,
+                                                 REPLAYS_PLANS: True})
+    model, info = pruned_class.from_pretrained(path, config=base_config, dtype=dtype,
+                                               output_loading_info=True)
+    setattr(model.config, RECORD_KEY, record)
     return model, info
+
+
+def _add_placeholders(model: nn.Module, names: list[str]) -> None:
+    """Zero tensors for the recorded added ``names`` on the standard layers that read them
+    (others are left to ``_restore_every_tensor``'s refusal)."""
+    modules = dict(model.named_modules())
+    for key in names:
+        owner, _, name = key.rpartition(".")
+        module = modules.get(owner)
+        if module is None or not _reads(module, name):
+            continue
+        weight = module.weight
+        shape = (tuple(module.normalized_shape) if isinstance(module, nn.LayerNorm)
+                 else (weight.shape[output_dim(module)],))
+        module.register_parameter(name, nn.Parameter(weight.new_zeros(shape),
+                                                     requires_grad=weight.requires_grad))
 
 
 def _tolerant_init(model: nn.Module) -> None:
@@ -282,26 +304,32 @@ def _restore_every_tensor(model: nn.Module, path: Path, info: dict) -> None:
     if missing:
         raise ValueError(f"{str(path)!r} lacks {len(missing)} weight(s) of the model, e.g. "
                          f"{missing[:3]}; refusing to leave them randomly initialised")
+    modules = dict(model.named_modules())
+    holders = weight_holders(model)
+
+    def share(module: nn.Module, name: str, tensor: nn.Parameter) -> None:
+        for _, holder in holders.get(id(getattr(module, "weight", None))) or [("", module)]:
+            if _reads(holder, name):  # tied layers share the added tensor
+                holder.register_parameter(name, tensor)
+
+    for key in (getattr(model.config, RECORD_KEY, None) or {}).get("added") or ():
+        owner, _, name = key.rpartition(".")  # loaded into its placeholder
+        if isinstance(getattr(modules.get(owner), name, None), nn.Parameter):
+            share(modules[owner], name, getattr(modules[owner], name))
     extra = sorted(info.get("unexpected_keys") or ())
     if not extra:
         return
-    tensors = _read_tensors(path, extra, _load_names(model))
-    modules = dict(model.named_modules())
-    holders = weight_holders(model)
+    tensors = _read_tensors(path, extra, load_names(model))
     refused = []
-    for key in extra:
+    for key in extra:  # a folder whose record does not list what was added
         owner, _, name = key.rpartition(".")
         module = modules.get(owner)
         if key not in tensors or module is None or not _reads(module, name):
             refused.append(key)
             continue
         template = next(module.parameters())
-        tensor = nn.Parameter(tensors[key].to(device=template.device),
-                              requires_grad=template.requires_grad)
-        tied = holders.get(id(getattr(module, "weight", None))) or [("", module)]
-        for _, holder in tied:  # tied layers share the added tensor
-            if _reads(holder, name):
-                holder.register_parameter(name, tensor)
+        share(module, name, nn.Parameter(tensors[key].to(device=template.device),
+                                         requires_grad=template.requires_grad))
     if refused:
         raise ValueError(f"{str(path)!r} holds {len(refused)} tensor(s) that the model has no "
                          f"place for, e.g. {refused[:3]}; refusing to drop them")
@@ -311,20 +339,6 @@ def _reads(module: nn.Module, name: str) -> bool:
     """Whether ``module`` is a standard layer whose forward reads attribute ``name`` (None now)."""
     standard = isinstance(module, (nn.Linear, nn.LayerNorm)) or type(module).__name__ == "Conv1D"
     return standard and name in ("bias", "weight") and getattr(module, name, None) is None
-
-
-def _load_names(model: nn.Module):
-    """The name ``from_pretrained`` gives a key of the saved file: transformers renames
-    some on save and back on load (GPT-NeoX's ``lm_head`` is ``embed_out`` on disk), and
-    reports unexpected keys by their loaded name."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
-    except ImportError:  # a transformers without renaming on load
-        return lambda key: key
-    transforms = getattr(model, "_weight_conversions", None) or get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    return lambda key: apply_renamings(key, renamings)
 
 
 def _read_tensors(path: Path, keys: list[str], load_name=lambda key: key

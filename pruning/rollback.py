@@ -39,7 +39,8 @@ class ModelState:
         self.attributes = {}
         self.buffers = {}
         for module in model.modules():
-            self.attributes[module] = {k: copy.copy(v) for k, v in vars(module).items()
+            self.attributes[module] = {k: v if k == "config" else copy.copy(v)  # the object
+                                       for k, v in vars(module).items()  # shared, not a copy
                                        if not k.startswith("_") and (isinstance(v, _PLAIN) or k == "config")}
             for name in getattr(module, "_non_persistent_buffers_set", ()):
                 buffer = module._buffers.get(name)
@@ -59,6 +60,17 @@ class ModelState:
                     continue
                 if key not in before or before[key] != value:
                     changed.setdefault(path, {})[key] = copy.copy(value)
+        return changed
+
+    def changed_configs(self) -> dict[str, tuple[object, object]]:
+        """``{module path: (config before, config now)}`` of the modules given a config
+        object of their own since (modules that read their sizes from it at run time)."""
+        changed = {}
+        for path, module in self.model.named_modules():
+            before = self.attributes.get(module, {}).get("config")
+            now = vars(module).get("config")
+            if before is not None and now is not None and now is not before:
+                changed[path] = (before, now)
         return changed
 
     def restore(self) -> None:

@@ -127,3 +127,50 @@ def test_a_size_only_the_cache_uses_keeps_its_value(tmp_path):
     check_runs(again)  # a forward, finite logits and one token decoded through the cache
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_a_config_a_module_reads_at_run_time_comes_back_on_reload(tmp_path):
+    """Phi-4-multimodal's attention reads ``self.config.num_attention_heads`` in its forward.
+    Hidden channels pruned with query heads of one block leave no config for a whole block,
+    so that module gets a config of its own; the record keeps its changes and
+    ``load_pruned`` gives the rebuilt module the same (once the reloaded attention read the
+    dense head count and failed its first forward)."""
+    model = tiny_dense_model("phi4_multimodal")
+    graph = build_graph(model)
+    heads = next(g for g in graph.groups() if g.kind == Kind.QUERY_HEAD and ".1." in g.id)
+    apply_plan(model, {Kind.HIDDEN: [5], heads.id: [1, 2]}, graph)
+    attention = model.model.layers[1].self_attn
+    assert attention.config is not model.config
+    assert attention.config.num_attention_heads < model.config.num_attention_heads
+    record = model.config.depgraph["attributes"][-1]["model.layers.1.self_attn"]["config"]
+    assert record["num_attention_heads"] == attention.config.num_attention_heads
+    model.save_pretrained(tmp_path)
+    again = load_pruned(tmp_path)
+    assert again.model.layers[1].self_attn.config.num_attention_heads == \
+        attention.config.num_attention_heads
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_a_bias_added_to_a_layer_merged_on_disk_reloads(tmp_path):
+    """transformers stores Lara's ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b`` and
+    ``in_proj_a`` as one ``in_proj`` tensor and splits it on load by the model's own
+    parameter sizes. A bias added to one of them gives the others a zero bias (the merge on
+    disk splits back), and ``load_pruned`` restores all of them (once it refused: the
+    split names were not in the file)."""
+    model = tiny_dense_model("lara_mini")
+    graph = build_graph(model)
+    mlps = [g.id for g in graph.groups() if g.kind == Kind.MLP]
+    plan = {mlps[0]: list(range(8))}  # widths of stacked experts stay multiples of 8
+    layer = model.model.layers[0].linear_attn
+    change = torch.randn(layer.in_proj_a.out_features, dtype=layer.in_proj_a.weight.dtype)
+    apply_plan(model, plan, graph, biases={"model.layers.0.linear_attn.in_proj_a": change})
+    assert torch.equal(layer.in_proj_a.bias.detach(), change)
+    for name in ("in_proj_qkv", "in_proj_z", "in_proj_b"):
+        assert not getattr(layer, name).bias.detach().any()
+        assert f"model.layers.0.linear_attn.{name}.bias" in model.config.depgraph["added"]
+    model.save_pretrained(tmp_path)
+    again = load_pruned(tmp_path)
+    assert torch.equal(again.model.layers[0].linear_attn.in_proj_a.bias, layer.in_proj_a.bias)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
