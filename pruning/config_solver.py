@@ -26,6 +26,11 @@ from torch import nn
 __all__ = ["ConfigProbe", "probe_config", "solve_config", "instantiate_meta", "model_shapes",
            "config_value", "config_changes", "with_changes"]
 
+#: where apply_plan records its plans in a config
+RECORD_KEY = "depgraph"
+#: config fields that describe no size: never copied between configs nor compared
+BOOKKEEPING = ("transformers_version", "architectures", RECORD_KEY)
+
 _SKIP = ("vocab_size", "max_position_embeddings", "token_id", "pad_", "n_positions", "n_ctx",
          "max_window_layers", "sliding_window", "chunk_size", "pretraining_tp", "seq_length")
 
@@ -193,7 +198,7 @@ def config_changes(old, new) -> dict:
     reads (a sub-config's changes nested as a dict): what :func:`with_changes` puts back."""
     changes = {}
     for key in new.to_dict():
-        if key in ("transformers_version", "architectures", "depgraph"):
+        if key in BOOKKEEPING:
             continue
         before, after = config_value(old, key), config_value(new, key)
         if hasattr(after, "to_dict") and hasattr(before, "to_dict"):

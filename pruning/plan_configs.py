@@ -32,13 +32,18 @@ from depgraph import DependencyGraph, build_graph
 from depgraph.errors import DepGraphError
 from depgraph.groups import block_index
 
-from .config_solver import ConfigProbe, config_value, instantiate_meta, solve_config
+from .config_solver import (
+    BOOKKEEPING,
+    RECORD_KEY,
+    ConfigProbe,
+    config_value,
+    instantiate_meta,
+    solve_config,
+)
 from .extents import expected_signatures, plan_extents
 
 __all__ = ["configs_for", "scope_configs", "sync_attributes", "sync_scopes",
            "fix_standard_modules", "RECORD_KEY"]
-
-RECORD_KEY = "depgraph"
 
 
 def configs_for(model: nn.Module, target: dict[str, tuple[int, ...]], graph: DependencyGraph,
@@ -265,7 +270,7 @@ def _update_config(target, source) -> None:
     """Set ``source``'s values on ``target``: as the attributes the model reads, not the
     saved form (Dory saves twice its blocks and reads them back halved)."""
     for key, value in source.to_dict().items():
-        if key in ("transformers_version", "architectures", RECORD_KEY):
+        if key in BOOKKEEPING:
             continue
         current, new = config_value(target, key), config_value(source, key)
         try:
