@@ -28,6 +28,10 @@ windows of 128 tokens. A cell is
   ``--tp-mlp`` LLM-Pruner's block-wise setting on the MLP channels only (compare it with
   depgraph cells run with ``--kinds mlp``).
 
+``--pruned-cache DIR`` keeps each pruned (and reconstructed) model in ``DIR``
+(``save_pruned``) and reads it back (``load_pruned``) for the next cell with the same pruning
+inputs, so that recoveries compared on one pruned model prune it once.
+
 Printed: a markdown table with perplexity, the share of parameters removed, and wall time
 and peak RSS of each step. ``--json FILE`` keeps every number.
 """
@@ -104,14 +108,88 @@ def _lora(model, tokenizer, spec: dict, record: dict):
     return model
 
 
+def _prune_mode(recovery: str) -> str:
+    """What the prune step of a cell does besides pruning (the rest of ``recovery`` trains)."""
+    if "reconstruct" in recovery:
+        return "sequential"  # recovery.prune_and_reconstruct
+    return recovery if recovery in ("refit", "compensate") else "none"
+
+
+def _cache_key(spec: dict) -> str:
+    """The cells whose pruned model is the same: same pruning inputs, whatever trains after."""
+    import hashlib
+
+    fields = ("model", "criterion", "ratio", "layers", "kinds", "ranking", "round_to", "calib",
+              "calib_samples", "recon_samples", "seed")
+    text = json.dumps([spec.get(f) for f in fields] + [_prune_mode(spec.get("recovery", ""))])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _depgraph_pruned(model, tokenizer, calib, spec: dict, record: dict):
+    """The pruned (and, as the recovery says, reconstructed) model of a depgraph cell; with
+    ``--pruned-cache`` read back from the cache (``load_pruned``) when an earlier cell of the
+    same pruning inputs wrote it there, so cells that differ in training only prune once."""
+    cache = spec.get("pruned_cache")
+    if not cache:
+        return _prune_cell(model, tokenizer, calib, spec, record)
+    from filelock import FileLock  # huggingface_hub's dependency
+
+    from pruning import load_pruned, save_pruned
+
+    folder = Path(cache) / _cache_key(spec)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # a second cell waits for the first one's prune
+        if folder.is_dir():
+            saved = json.loads((folder / "pruning.json").read_text())["benchmark_cell"]
+            record.update(saved, pruned_from_cache=str(folder))
+            return load_pruned(folder, dtype="float32").eval()
+        model = _prune_cell(model, tokenizer, calib, spec, record)
+        keep = {k: record[k] for k in ("prune", "ranking_used", "reconstruction_seconds")
+                if k in record}
+        save_pruned(model, folder, extra={"benchmark_cell": keep})
+    return model
+
+
+def _prune_cell(model, tokenizer, calib, spec: dict, record: dict):
+    from pruning import prune
+    from pruning.calibration import calibration_tokens
+    from recovery import prune_and_reconstruct
+
+    mode = _prune_mode(spec.get("recovery", "none"))
+    recon_tokens = None
+    if mode in ("sequential", "refit"):
+        recon_tokens = calibration_tokens(tokenizer, spec["calib"],
+                                          n_samples=spec["recon_samples"], seq_len=128,
+                                          seed=spec["seed"] + 1)
+    layers = None if spec["layers"] == "all" else spec["layers"]
+    dense = copy.deepcopy(model) if mode == "refit" else None
+    with step(record, "prune"):
+        options = dict(tokenizer=tokenizer, tokens=calib, layers=layers, seed=spec["seed"],
+                       kinds="mlp,attention" if spec.get("kinds", "default") == "default"
+                       else spec["kinds"], ranking=spec.get("ranking"),
+                       round_to=spec.get("round_to", 1), compensate=mode == "compensate")
+        if mode == "sequential":
+            result = prune_and_reconstruct(model, spec["ratio"], spec["criterion"],
+                                           reconstruct="both", recon_tokens=recon_tokens,
+                                           **options)
+        else:
+            result = prune(model, spec["ratio"], spec["criterion"], **options)
+        if mode == "refit":
+            from recovery import reconstruct
+
+            reconstruct(result.model, dense, recon_tokens, plan=result.plan)
+    record["ranking_used"] = result.stats.get("ranking")
+    if "reconstruction" in result.stats:
+        record["reconstruction_seconds"] = result.stats["reconstruction"]["seconds"]
+    return result.model
+
+
 def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
     from depgraph_cli.models import load_model, load_tokenizer
-    from pruning import prune
     from pruning.calibration import calibration_tokens
-    from recovery import prune_and_reconstruct
 
     record: dict = dict(spec)
     tokenizer = load_tokenizer(spec["model"])
@@ -130,33 +208,7 @@ def worker(spec: dict) -> dict:
                                                mlp_only=spec.get("kinds") == "mlp")
         record.update(info)
     elif spec["tool"] == "depgraph":
-        sequential = "reconstruct" in recovery  # refit: one-shot, then recovery.reconstruct
-        recon_tokens = None
-        if sequential or recovery == "refit":
-            recon_tokens = calibration_tokens(tokenizer, spec["calib"],
-                                              n_samples=spec["recon_samples"], seq_len=128,
-                                              seed=spec["seed"] + 1)
-        layers = None if spec["layers"] == "all" else spec["layers"]
-        dense = copy.deepcopy(model) if recovery == "refit" else None
-        with step(record, "prune"):
-            options = dict(tokenizer=tokenizer, tokens=calib, layers=layers, seed=spec["seed"],
-                           kinds="mlp,attention" if spec.get("kinds", "default") == "default"
-                           else spec["kinds"], ranking=spec.get("ranking"),
-                           round_to=spec.get("round_to", 1), compensate=recovery == "compensate")
-            if sequential:
-                result = prune_and_reconstruct(model, spec["ratio"], spec["criterion"],
-                                               reconstruct="both", recon_tokens=recon_tokens,
-                                               **options)
-            else:
-                result = prune(model, spec["ratio"], spec["criterion"], **options)
-            if recovery == "refit":
-                from recovery import reconstruct
-
-                reconstruct(result.model, dense, recon_tokens, plan=result.plan)
-        model = result.model
-        record["ranking_used"] = result.stats.get("ranking")
-        if "reconstruction" in result.stats:
-            record["reconstruction_seconds"] = result.stats["reconstruction"]["seconds"]
+        model = _depgraph_pruned(model, tokenizer, calib, spec, record)
     if recovery.endswith("+lora") or recovery == "lora":
         model = _lora(model, tokenizer, spec, record)
     elif "distill" in recovery:
@@ -179,7 +231,8 @@ def _cells(args) -> list[dict]:
             "distill_tokens": args.distill_tokens, "distill_lr": args.distill_lr,
             "temperature": args.temperature, "lm_weight": args.lm_weight,
             "ppl_seq_lens": args.ppl_seq_lens,
-            "kinds": args.kinds, "ranking": args.ranking, "round_to": args.round_to}
+            "kinds": args.kinds, "ranking": args.ranking, "round_to": args.round_to,
+            "pruned_cache": str(args.pruned_cache) if args.pruned_cache else None}
     cells = [{**base, "tool": "dense", "criterion": "-", "ratio": 0.0, "layers": "-"}]
     for ratio in args.ratios:
         for layers in args.layers:
@@ -277,6 +330,10 @@ def main(argv=None) -> int:
                              "cells per hour, but each cell's seconds are then measured "
                              "under contention)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pruned-cache", type=Path, default=None,
+                        help="folder keeping each pruned (and reconstructed) model, so that "
+                             "cells differing only in training prune once (saved and "
+                             "reloaded with save_pruned / load_pruned)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

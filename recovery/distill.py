@@ -44,6 +44,7 @@ from pruning.checks import check_int, check_positive
 from .blocks import find_blocks
 from .checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from .lora import lora_targets
+from .precision import PRECISIONS, fused_adamw_ok, resolve_precision, training_autocast
 from .teacher import LiveTeacher, Targets, distill_loss
 
 __all__ = ["DistillSettings", "DistillResult", "DistillDivergedError", "distill", "PARAMS"]
@@ -77,10 +78,13 @@ class DistillSettings:
     alpha: int = 16
     dropout: float = 0.0
     seed: int = 0
+    precision: str = "auto"  # training forward: bf16 autocast where native (recovery.precision)
 
     def __post_init__(self) -> None:
         if self.params not in PARAMS:
             raise ValueError(f"params must be one of {PARAMS}, got {self.params!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         check_int("warmup_steps", self.warmup_steps, 0)
         for name in ("batch_size", "tokens", "val_windows", "eval_steps", "patience",
                      "checkpoint_steps", "r", "alpha"):
@@ -169,7 +173,9 @@ class _Loop:
         self.tokens, self.n_train = tokens, n_train
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate,
-                                      weight_decay=settings.weight_decay)
+                                      weight_decay=settings.weight_decay,
+                                      fused=fused_adamw_ok(params) or None)
+        self.precision = resolve_precision(settings.precision, accelerator.device)
         # the scheduler steps once per optimizer step, whatever the number of processes
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
@@ -196,8 +202,9 @@ class _Loop:
                                       (self.step + 1) * settings.batch_size])
         ids = self.tokens[rows].to(self.accelerator.device)
         self.student.train()
-        loss, parts = distill_loss(_logits(self.student, ids), ids, self._targets(rows, ids),
-                                   settings.temperature, settings.lm_weight)
+        with training_autocast(self.precision, self.accelerator.device):
+            loss, parts = distill_loss(_logits(self.student, ids), ids, self._targets(rows, ids),
+                                       settings.temperature, settings.lm_weight)
         if not torch.isfinite(loss.detach()).all():
             raise DistillDivergedError(f"distillation loss became {loss.item()} at step "
                                        f"{self.step + 1}; lower the learning rate or check the "
@@ -212,7 +219,8 @@ class _Loop:
 
     @torch.no_grad()
     def held_out_kl(self) -> float:
-        """Mean KL (temperature 1) of teacher to student over the validation windows."""
+        """Mean KL (temperature 1) of teacher to student over the validation windows, in the
+        models' own precision (not the training autocast)."""
         self.student.eval()
         rows = self._share(torch.arange(self.n_train, self.tokens.shape[0]))
         total = torch.zeros(2, device=self.accelerator.device)
@@ -313,6 +321,7 @@ def distill(model: nn.Module, teacher, train_tokens: torch.Tensor, val_tokens: t
              "train_tokens": loop.step * settings.batch_size * settings.seq_len,
              "tokens_per_second": trained / seconds if seconds > 0 else None,
              "seconds": round(seconds, 2), "teacher": type(teacher).__name__,
+             "precision_used": loop.precision,
              "world_size": loop.accelerator.num_processes,
              "is_main_process": loop.accelerator.is_main_process}
     return DistillResult(merged.eval(), loop.history, stats)

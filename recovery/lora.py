@@ -8,7 +8,8 @@ Alpaca data), with the guards its recovery lacked:
 
 * adapters on every ``nn.Linear`` / ``Conv1D`` inside the model's blocks (found as in
   :mod:`recovery.blocks`; the head and the embeddings stay frozen), fp32 adapter weights
-  whatever the base dtype, bf16 autocast where the device supports it;
+  whatever the base dtype, bf16 autocast where the device multiplies it natively (a GPU, or
+  a CPU with AMX / AVX512-BF16: :mod:`recovery.precision`), torch's fused AdamW;
 * a validation split: validation loss and perplexity every ``eval_steps``, the best
   checkpoint kept, training stopped after ``patience`` evaluations without improvement
   (LLM-Pruner's recovery was seen to overfit after a few hundred steps);
@@ -35,6 +36,7 @@ from depgraph.errors import NonFiniteError
 from pruning.checks import check_int
 
 from .blocks import find_blocks
+from .precision import PRECISIONS, fused_adamw_ok, resolve_precision
 from .refit import linear_layers
 
 __all__ = ["LoraSettings", "LoraDivergedError", "LoraResult", "lora_targets", "train_lora",
@@ -65,6 +67,7 @@ class LoraSettings:
     warmup_steps: int = 10
     train_on_inputs: bool = False
     seed: int = 0
+    precision: str = "auto"  # training forward: bf16 autocast where native (recovery.precision)
 
     def __post_init__(self) -> None:
         for name in ("r", "alpha", "batch_size", "grad_accum", "seq_len", "eval_steps", "patience"):
@@ -77,6 +80,8 @@ class LoraSettings:
             raise ValueError(f"epochs must be positive (or set max_steps), got {self.epochs!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass
@@ -115,10 +120,6 @@ class _Collator:
 def _quiet(progress) -> bool:
     """No Trainer bars without a progress callback, or when stderr is not a terminal."""
     return progress is None or not sys.stderr.isatty()
-
-
-def _bf16_ok() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def _trainer_class():
@@ -179,6 +180,8 @@ def train_lora(model: nn.Module, tokenizer, data, settings: LoraSettings = LoraS
     peft_model = get_peft_model(model, config)  # adapters in fp32 (autocast_adapter_dtype)
     history: list[dict] = []
     workdir = output_dir or tempfile.mkdtemp(prefix="depgraph-lora-")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    adapters = [p for p in peft_model.parameters() if p.requires_grad]
     args = TrainingArguments(
         output_dir=workdir, per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
@@ -188,8 +191,10 @@ def train_lora(model: nn.Module, tokenizer, data, settings: LoraSettings = LoraS
         save_strategy="steps", save_steps=settings.eval_steps, save_total_limit=2,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         logging_steps=min(10, settings.eval_steps), report_to=[], seed=settings.seed,
-        bf16=_bf16_ok(), use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-        optim="adamw_torch", disable_tqdm=_quiet(progress), save_only_model=True)
+        bf16=resolve_precision(settings.precision, device) == "bf16",
+        use_cpu=device.type == "cpu", remove_unused_columns=False,
+        optim="adamw_torch_fused" if fused_adamw_ok(adapters) else "adamw_torch",
+        disable_tqdm=_quiet(progress), save_only_model=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = _trainer_class()(model=peft_model, args=args, train_dataset=train, eval_dataset=val,
                                data_collator=_Collator(int(pad or 0)),
