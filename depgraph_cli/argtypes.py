@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_int", "positive_float", "ratio"]
+__all__ = ["positive_int", "nonnegative_int", "positive_float", "ratio"]
 
 
 def _number(kind, text: str, expected: str, accept) -> int | float:
@@ -23,6 +23,10 @@ def _number(kind, text: str, expected: str, accept) -> int | float:
 
 def positive_int(text: str) -> int:
     return _number(int, text, "a positive integer", lambda v: v >= 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(int, text, "a non-negative integer", lambda v: v >= 0)
 
 
 def positive_float(text: str) -> float:

@@ -10,6 +10,8 @@ Steps, each announced on one line with its time (tqdm bars on a terminal):
 3. prune ``--ratio`` of the parameters with ``--importance`` (:func:`pruning.prune`);
 4. reconstruct: refit the pruned model's linear layers block by block against the dense
    model (:func:`recovery.reconstruct`, least squares, no training; ``--no-reconstruct``);
+4b. distil: train the pruned model's blocks on the dense model's next-token distributions
+   (:func:`recovery.distill`, ``--distill-tokens`` of the calibration source; 0 skips it);
 5. evaluate the dense and 6. the pruned model: WikiText-2 perplexity, zero-shot accuracy,
    parameters, weight bytes, MACs, peak forward memory, and next-token agreement with the
    dense model;
@@ -44,7 +46,7 @@ from pathlib import Path
 
 from . import defaults
 from . import demo_steps as steps
-from .argtypes import positive_int
+from .argtypes import nonnegative_int, positive_int
 from .argtypes import ratio as ratio_arg
 
 __all__ = ["FAST", "FULL", "DemoSettings", "add_demo", "run_demo", "run_job"]
@@ -76,6 +78,11 @@ class DemoSettings:
     agreement_windows: int = 16
     reconstruct: bool = True
     recon_samples: int = 32
+    # distillation from the dense model after reconstruction (0: none): the best measured
+    # recovery (benchmarks/RESULTS.md, issue 16), sized to keep the job under 20 minutes
+    distill_tokens: int = 81_920
+    distill_batch: int = 4
+    distill_val: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +91,9 @@ class DemoSettings:
         bad = [r for r in self.sweep if not 0 < r < 1]
         if bad:
             raise ValueError(f"--sweep ratios must be in (0, 1), got {bad}")
+        if self.distill_tokens < 0:
+            raise ValueError(f"--distill-tokens must be 0 (no distillation) or positive, got "
+                             f"{self.distill_tokens!r}")
         if self.seq_len < 2 or self.sweep_tokens < self.seq_len:
             raise ValueError(f"--sweep-tokens ({self.sweep_tokens}) must be at least --seq-len "
                              f"({self.seq_len}) and --seq-len at least 2")
@@ -95,7 +105,7 @@ FULL = DemoSettings()
 FAST = DemoSettings(sweep=(0.2, 0.4), round_to=1, samples=2, calib_len=32, seq_len=32, ppl_tokens=512,
                     sweep_tokens=256, tasks=("piqa", "winogrande"), zeroshot_limit=4,
                     batch_size=4, new_tokens=4, rounds=1, agreement_windows=4,
-                    recon_samples=4)
+                    recon_samples=4, distill_tokens=128, distill_batch=2, distill_val=2)
 
 # ------------------------------------------------------------------------------ CLI
 def _ratios(text: str) -> tuple[float, ...]:
@@ -159,6 +169,9 @@ def add_demo(subparsers) -> None:
                         default=None, help="evaluate the pruned model without reconstruction")
     parser.add_argument("--recon-samples", type=positive_int, **option,
                         help=f"calibration windows for reconstruction ({FULL.recon_samples})")
+    parser.add_argument("--distill-tokens", type=nonnegative_int, **option,
+                        help="tokens of distillation from the dense model after "
+                             f"reconstruction, 0 for none ({FULL.distill_tokens})")
     parser.add_argument("--seed", type=int, **option)
     parser.add_argument("--threads", type=positive_int, default=2, metavar="N",
                         help="CPU threads for torch (default: 2)")
@@ -260,6 +273,7 @@ class _Job:
     STEPS = (("load model and tokenizer", "load"),
              ("trace the dependency graph, write graph.html", "trace"),
              ("score and prune", "prune"), ("reconstruct", "reconstruct"),
+             ("distil from the dense model", "distill"),
              ("evaluate the dense model", "evaluate_dense"),
              ("evaluate the pruned model", "evaluate_pruned"), ("ratio sweep", "sweep"),
              ("time every model side by side", "time"), ("save the pruned model", "save"),
@@ -304,6 +318,10 @@ class _Job:
         self.pruned, self.recon = steps.reconstruct(self.dense, self.pruned, self.tokenizer,
                                                self.settings, self.result)
 
+    def distill(self) -> None:
+        self.pruned, self.distilled = steps.distill(self.dense, self.pruned, self.tokenizer,
+                                                    self.settings)
+
     def evaluate_dense(self) -> None:
         self.dense_results = steps.evaluate(self.dense, self.tokenizer, self.ids, self.settings)
 
@@ -315,7 +333,7 @@ class _Job:
         self.points, self.sweep_models = steps.sweep(
             self.dense, self.pruned, self.graph, self.result, self.dense_results,
             self.pruned_results, self.ids, self.settings,
-            reuse_main=self.recon["status"] != "applied")
+            reuse_main="applied" not in (self.recon["status"], self.distilled["status"]))
 
     def time(self) -> None:
         steps.timings(self.dense, self.pruned, self.sweep_models, self.dense_results,
@@ -330,13 +348,15 @@ class _Job:
         extra = {k: v for k, v in self.result.stats.items() if k != "kept_widths"}
         save_pruned(self.pruned, self.work / "model", tokenizer=self.tokenizer,
                     extra={**extra, **dense_record(self.source), "model_spec": self.spec,
-                           "reconstruction": self.recon["status"]})
+                           "reconstruction": self.recon["status"],
+                           "distillation": self.distilled["status"]})
 
     def figures(self) -> None:
         self.report = {"model": self.spec, "model_path": str(self.source), "out": str(self.out),
                        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "settings": steps.plain(self.settings), "graph": self.graph_info,
                        "pruning": self.result.stats, "reconstruction": self.recon,
+                       "distillation": self.distilled,
                        "dense": self.dense_results, "pruned": self.pruned_results,
                        "agreement": self.agreement, "sweep": self.points,
                        "kept_widths": self.result.kept_rows,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +140,39 @@ def reconstruct(dense, pruned, tokenizer, settings: DemoSettings, result: Pruned
     return pruned, {"status": "applied", "detail": detail, **stats}
 
 
+def distill(dense, pruned, tokenizer, settings: DemoSettings) -> tuple[Any, dict]:
+    """Distillation of the pruned model from the dense one (:func:`recovery.distill`: forward
+    KL of the next-token distributions, every block parameter, bfloat16 autocast where the
+    CPU has it) on ``distill_tokens`` tokens of the calibration source, held-out KL on windows
+    of other text; ``--distill-tokens 0`` skips it."""
+    if not settings.distill_tokens:
+        return pruned, {"status": "off", "detail": "--distill-tokens 0 was given"}
+    from pruning.calibration import calibration_tokens
+    from recovery import DistillSettings
+    from recovery import distill as run
+
+    options = DistillSettings(tokens=settings.distill_tokens, seq_len=settings.calib_len,
+                              batch_size=settings.distill_batch, val_windows=settings.distill_val,
+                              checkpoint_steps=10**9, seed=settings.seed, patience=2)
+    options = replace(options, eval_steps=max(1, math.ceil(options.steps / 4)))
+    train = calibration_tokens(tokenizer, settings.calib, n_samples=options.train_windows,
+                               seq_len=settings.calib_len, seed=settings.seed + 2,
+                               region=(0.0, 0.9), model=dense)
+    val = calibration_tokens(tokenizer, settings.calib, n_samples=options.val_windows,
+                             seq_len=settings.calib_len, seed=settings.seed + 3,
+                             region=(0.9, 1.0), model=dense)
+    result = run(pruned, dense, train, val, options,
+                 progress=lambda line: print(f"      {line}", flush=True))
+    stats = {k: result.stats[k] for k in ("steps", "train_tokens", "stopped", "val_kl_before",
+                                          "val_kl_best", "tokens_per_second", "seconds",
+                                          "precision_used", "learning_rate", "params")}
+    detail = (f"{stats['train_tokens']:,} tokens of {settings.calib} "
+              f"({stats['steps']} steps, {stats['precision_used']}, "
+              f"{stats['tokens_per_second']:.0f} tokens/s); held-out KL to the dense model "
+              f"{stats['val_kl_before']:.4f} -> {stats['val_kl_best']:.4f}")
+    return result.model, {"status": "applied", "detail": detail, **stats}
+
+
 def ppl(model, ids: dict, settings: DemoSettings) -> dict:
     """Perplexity over the sweep part, then over both parts (token-weighted NLL)."""
     from evaluation import perplexity
@@ -263,7 +296,7 @@ def figures(work: Path, report: dict, result: Pruned) -> dict:
                           f"parameters removed, {prune['criterion']})")
     plot_sweep(report["sweep"], work / "sweep.png", highlight=prune["ratio_removed"],
                title=f"{name}: {prune['criterion']} importance, {prune['ranking']} ranking, "
-                     "no reconstruction")
+                     "one-shot, no reconstruction or distillation")
     plot_importance(result.importance, work / "importance.png",
                     title=f"{name}: {prune['criterion']} importance (normalised per group)")
     arrays = {f"score/{g['group']}": g["raw"] for g in result.importance}

@@ -25,9 +25,10 @@ __all__ = ["add_distill_arguments", "check_distill_data", "run_distill", "distil
 
 def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``distill`` group (it shares --data, --lr, --batch-size, --seq-len, --eval-steps,
-    --patience, --r, --alpha, --dropout with ``lora``)."""
+    --patience, --r, --alpha, --dropout, --precision with ``lora``)."""
     group = parser.add_argument_group("distill (also reads --data --lr --batch-size --seq-len "
-                                      "--eval-steps --patience --r --alpha --dropout)")
+                                      "--eval-steps --patience --r --alpha --dropout "
+                                      "--precision)")
     group.add_argument("--params", default="full", choices=["full", "lora"],
                        help="train every block parameter (full) or LoRA adapters (default full)")
     group.add_argument("--temperature", type=positive_float, default=1.0,
@@ -58,7 +59,8 @@ def distill_settings(args: argparse.Namespace):
                            batch_size=args.batch_size, seq_len=args.seq_len, tokens=args.tokens,
                            val_windows=args.val_windows, eval_steps=args.eval_steps,
                            patience=args.patience, checkpoint_steps=args.checkpoint_steps,
-                           r=args.r, alpha=args.alpha, dropout=args.dropout, seed=args.seed)
+                           r=args.r, alpha=args.alpha, dropout=args.dropout, seed=args.seed,
+                           precision=args.precision)
 
 
 def check_distill_data(args: argparse.Namespace) -> None:

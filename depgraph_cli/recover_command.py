@@ -74,6 +74,10 @@ def add_recover(subparsers) -> None:
     lora.add_argument("--val-fraction", type=float, default=0.1)
     lora.add_argument("--eval-steps", type=positive_int, default=50)
     lora.add_argument("--patience", type=positive_int, default=3)
+    lora.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                      help="training forward of lora and distill: bf16 autocast where the "
+                           "CPU (AMX, AVX512-BF16) or GPU multiplies it natively (auto), or "
+                           "always fp32 / bf16 (default auto)")
     lora.add_argument("--train-on-inputs", action="store_true",
                       help="also train on the instruction part of Alpaca records")
     lora.add_argument("--no-merge", action="store_true",
@@ -197,7 +201,8 @@ def _lora(model, tokenizer, args: argparse.Namespace) -> tuple:
                             max_steps=args.max_steps, seq_len=args.seq_len,
                             max_examples=args.max_examples, val_fraction=args.val_fraction,
                             eval_steps=args.eval_steps, patience=args.patience,
-                            train_on_inputs=args.train_on_inputs, seed=args.seed)
+                            train_on_inputs=args.train_on_inputs, seed=args.seed,
+                            precision=args.precision)
     dtype = next(model.parameters()).dtype
     result = train_lora(model.float(), tokenizer, args.data, settings,
                         progress=lambda line: print(line, flush=True))

@@ -74,8 +74,9 @@ def _header(data: Mapping[str, Any]) -> str:
                      f"mean zero-shot accuracy {accuracy_cell(*acc_d)} → "
                      f"**{accuracy_cell(*acc_p)}**{noise}; prefill speed at batch 1 "
                      f"{_speedup(dense, pruned, 'prefill_b1_tok_s')}.")
-    lines += ["", f"**Reconstruction:** {recon.get('status', 'not run')}"
-              + (f": {recon['detail']}" if recon.get("detail") else "")]
+    for title, step in (("Reconstruction", recon), ("Distillation", data.get("distillation", {}))):
+        lines += ["", f"**{title}:** {step.get('status', 'not run')}"
+                  + (f": {step['detail']}" if step.get("detail") else "")]
     lines += ["", f"The pruned model is saved in [`model/`](model/) (load it with "
                   "`pruning.load_pruned`, or `depgraph eval "
                   f"{Path(data.get('out', '.')) / 'model'}`)."
@@ -169,7 +170,7 @@ def _sweep(data: Mapping[str, Any]) -> str:
                             "prefill tok/s (b1)", "generation tok/s (b1)"], rows)
     tokens = points[0].get("ppl_tokens")
     return ("## Ratio sweep\n\nThe same importance scores (computed once on the dense model), "
-            "different ratios, no reconstruction; perplexity on the first "
+            "different ratios, no reconstruction or distillation; perplexity on the first "
             f"{_int(tokens)} scored WikiText-2 tokens.\n\n" + table)
 
 

@@ -205,20 +205,23 @@ def test_prune_streams_by_itself_when_the_weights_would_not_fit(tmp_path, capsys
     assert "--stream cannot take over: importance 'taylor'" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("top_k", ["0", "16"])
-def test_recover_distill_end_to_end(tmp_path, capsys, top_k):
+@pytest.mark.parametrize(("top_k", "precision"), [("0", "fp32"), ("16", "bf16")])
+def test_recover_distill_end_to_end(tmp_path, capsys, top_k, precision):
     """Prune stories260K, distil the dense model back into it (live or through the top-k
-    cache): the held-out KL goes down, the work folders are gone, the output loads."""
+    cache, each precision): the held-out KL goes down, the work folders are gone, the output
+    loads."""
     pruned, out = tmp_path / "p", tmp_path / "d"
     assert main(["prune", str(TINY), "--ratio", "0.3", "--importance", "l2", "--ppl-tokens", "0",
                  "--out", str(pruned), "--threads", "1"]) == 0
     argv = ["recover", str(pruned), "--method", "distill", "--tokens", str(32 * 4 * 6),
             "--seq-len", "32", "--eval-steps", "3", "--lr", "1e-3", "--top-k", top_k,
+            "--precision", precision,
             "--ppl-tokens", "0", "--out", str(out), "--json", str(tmp_path / "d.json"),
             "--threads", "1"]
     assert main(argv) == 0, capsys.readouterr().err
     stats = json.loads((tmp_path / "d.json").read_text())
     assert stats["method"] == "distill" and stats["steps"] == 6
+    assert stats["precision"] == precision and stats["precision_used"] == precision
     assert stats["teacher"] == ("CachedTeacher" if top_k != "0" else "LiveTeacher")
     assert stats["val_kl_best"] < stats["val_kl_before"]
     assert (out / "config.json").is_file()

@@ -44,8 +44,13 @@ def test_report_json_numbers(report_dir):
     recon = data["reconstruction"]
     assert recon["status"] == "applied" and recon["samples"] == 4
     assert recon["mean_error_after"] < recon["mean_error_before"]
+    distilled = data["distillation"]  # --fast: 128 tokens, 2 x 32 per step
+    assert distilled["status"] == "applied" and distilled["steps"] == 2
+    assert distilled["train_tokens"] == 128
+    assert math.isfinite(distilled["val_kl_before"]) and math.isfinite(distilled["val_kl_best"])
     assert [s["name"] for s in data["steps"]][0] == "load model and tokenizer"
-    assert len(data["steps"]) == 10
+    assert "distil from the dense model" in [s["name"] for s in data["steps"]]
+    assert len(data["steps"]) == 11
     for side in ("dense", "pruned"):  # timed side by side, after the sweep
         efficiency = data[side]["efficiency"]
         assert efficiency["timing_rounds"] == 1
@@ -71,6 +76,7 @@ def test_report_md_links_graph_and_plots(report_dir):
     assert "## Dense vs pruned" in text and "## Ratio sweep" in text
     assert "piqa acc / acc_norm (4 items) | 0." in text and " ± " in text  # standard errors
     assert "within noise" in text  # 4 items per task: no difference is beyond noise
+    assert "**Distillation:** applied: 128 tokens" in text
 
 
 def test_pruned_model_loads(report_dir):
@@ -93,3 +99,9 @@ def test_refuses_non_empty_out(tmp_path, capsys):
 def test_bad_ratio_is_a_usage_error(tmp_path, capsys):
     assert main(["demo", str(TINY), "--out", str(tmp_path / "x"), "--ratio", "1.5"]) == 2
     assert "ratio" in capsys.readouterr().err
+
+
+def test_negative_distill_tokens_is_a_usage_error(tmp_path, capsys):
+    assert main(["demo", str(TINY), "--out", str(tmp_path / "x"), "--distill-tokens", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--distill-tokens" in err and "non-negative" in err

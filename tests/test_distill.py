@@ -13,6 +13,7 @@ from depgraph import build_graph
 from pruning import apply_plan
 from recovery.checkpoint import CHECKPOINT_FILE
 from recovery.distill import DistillDivergedError, DistillSettings, _Loop, distill
+from recovery.precision import resolve_precision
 from recovery.teacher import CachedTeacher, Targets, distill_loss, write_teacher_cache
 
 torch.set_num_threads(1)
@@ -45,14 +46,18 @@ def _tokens(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 61, (n, 16), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(("params", "lr"), [("full", 3e-3), ("lora", 1e-2)])
-def test_distillation_lowers_the_held_out_kl(dense, params, lr):
-    settings = DistillSettings(params=params, **{**LONG, "learning_rate": lr})
+@pytest.mark.parametrize(("params", "lr", "precision"),
+                         [("full", 3e-3, "fp32"), ("full", 3e-3, "bf16"), ("lora", 1e-2, "auto")])
+def test_distillation_lowers_the_held_out_kl(dense, params, lr, precision):
+    settings = DistillSettings(params=params, precision=precision,
+                               **{**LONG, "learning_rate": lr})
     result = distill(_pruned(dense), dense, _tokens(240, 0), _tokens(8, 1), settings,
                      progress=None)
     stats = result.stats
     assert stats["steps"] == 60 and stats["train_tokens"] == 60 * 64 and stats["stopped"] == "budget"
     assert stats["val_kl_best"] < 0.8 * stats["val_kl_before"]
+    assert stats["precision_used"] == resolve_precision(precision, torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast only
     assert [row["step"] for row in result.history] == [20, 40, 60]
     assert not any(type(m).__name__.startswith("Lora") for m in result.model.modules())
     # the returned model is the best one: its held-out KL is the best one recorded
@@ -160,6 +165,7 @@ def test_full_vocabulary_kl_is_exact():
     ({"lm_weight": 1.5}, "lm_weight must be in \\[0, 1\\], got 1.5"),
     ({"tokens": 0}, "tokens must be an integer >= 1, got 0"),
     ({"seq_len": 1}, "seq_len must be an integer >= 2"),
+    ({"precision": "half"}, "precision must be one of \\('auto', 'fp32', 'bf16'\\), got 'half'"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
