@@ -78,7 +78,7 @@ def _distill(model, dense, tokenizer, spec: dict, record: dict, recovery: str):
     settings = DistillSettings(
         params="lora" if recovery.endswith("distill_lora") else "full",
         tokens=spec["distill_tokens"], seq_len=128, batch_size=4, learning_rate=spec["distill_lr"]
-        or (2e-4 if recovery.endswith("distill_lora") else 5e-5),
+        or 2e-4,
         temperature=spec["temperature"], lm_weight=spec["lm_weight"], val_windows=16,
         eval_steps=max(1, math.ceil(spec["distill_tokens"] / 512 / 4)), patience=2,
         checkpoint_steps=10**9, seed=spec["seed"])
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-tokens", type=int, default=30_720,
                         help="training tokens of distillation (default 30720, as 60 LoRA steps)")
     parser.add_argument("--distill-lr", type=float, default=None,
-                        help="distillation learning rate (default 5e-5 full, 2e-4 LoRA)")
+                        help="distillation learning rate (default 2e-4, full or LoRA)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lm-weight", type=float, default=0.0)
     parser.add_argument("--ppl-seq-lens", type=_list(int), default=[128],

@@ -63,7 +63,7 @@ class DistillSettings:
     params: str = "full"  # "full": every block parameter; "lora": adapters, merged at the end
     temperature: float = 1.0
     lm_weight: float = 0.0  # share of the language-model loss in the mix, in [0, 1]
-    learning_rate: float = 5e-5
+    learning_rate: float = 2e-4  # SmolLM2-135M at 20%, 204800 tokens: 87.6 ppl against 91.5 at 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10
     batch_size: int = 4
