@@ -12,7 +12,10 @@ WikiText-2 raw test, first 16384 tokens, windows of 128):
   of 64: 1.20x generation against 1.15x unrounded, and with allocation and refit 112.6 at
   20%, better than the old unrounded global pipeline (125.4). ``depgraph prune`` rounds to 1:
   it takes any model, and a model whose MLPs are narrower than a few multiples of 64 would
-  have nothing left to prune.
+  have nothing left to prune;
+* recovery: the demo refits the pruned model and then distils the dense model into it
+  (81920 tokens: 90.6 at 20% against 112.6 without, the whole demo in 18.5 minutes;
+  ``depgraph_cli.demo.DemoSettings.distill_tokens``).
 """
 
 from __future__ import annotations

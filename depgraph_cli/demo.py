@@ -80,6 +80,7 @@ class DemoSettings:
     recon_samples: int = 32
     # distillation from the dense model after reconstruction (0: none): the best measured
     # recovery (benchmarks/RESULTS.md, issue 16), sized to keep the job under 20 minutes
+    # (SmolLM2-135M, 2 cores: 18.5 min in all, 298 s of it distillation; ppl 112.6 -> 90.6)
     distill_tokens: int = 81_920
     distill_batch: int = 4
     distill_val: int = 16
