@@ -201,6 +201,9 @@ def train_lora(model: nn.Module, tokenizer, data, settings: LoraSettings = LoraS
                                callbacks=_callbacks(settings, history, progress))
     first = trainer.evaluate()
     output = trainer.train()
+    # the Trainer ran the model's forward in bf16 autocast (a wrapper left on the model): take
+    # it off, so that the returned model computes in its own dtype, as it will once merged
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     best = min((row["eval_loss"] for row in history), default=first["eval_loss"])
     stats = {"method": "lora", **asdict(settings), "train_examples": len(train),
              "val_examples": len(val), "steps": int(output.global_step),

@@ -17,6 +17,7 @@ from depgraph_cli.main import main
 from pruning import load_pruned, prune
 from recovery import LoraDivergedError, LoraSettings, merge, prune_and_reconstruct, train_lora
 from recovery.lora import lora_targets
+from recovery.precision import native_bf16
 
 TINY = models_dir() / "stories260K"
 pytestmark = pytest.mark.skipif(not TINY.is_dir(), reason="offline stories260K model missing")
@@ -83,6 +84,8 @@ def test_lora_lowers_validation_loss_and_merges_exactly(tiny, one_shot):
     with torch.no_grad():
         adapted = result.model(ids).logits
         merged = merge(result.model)(ids).logits
+    # trained in bf16 autocast where the CPU has it; the returned model computes in float32
+    assert adapted.dtype == torch.float32 and result.stats["bf16"] == native_bf16(torch.device("cpu"))
     assert torch.allclose(adapted, merged, atol=1e-4, rtol=0)
 
 
