@@ -77,8 +77,8 @@ def _distill(model, dense, tokenizer, spec: dict, record: dict, recovery: str):
 
     settings = DistillSettings(
         params="lora" if recovery.endswith("distill_lora") else "full",
-        tokens=spec["distill_tokens"], seq_len=128, batch_size=4, learning_rate=spec["distill_lr"]
-        or 2e-4,
+        tokens=spec["distill_tokens"], seq_len=128, batch_size=4,
+        learning_rate=spec["distill_lr"] or DistillSettings.learning_rate,
         temperature=spec["temperature"], lm_weight=spec["lm_weight"], val_windows=16,
         eval_steps=max(1, math.ceil(spec["distill_tokens"] / 512 / 4)), patience=2,
         checkpoint_steps=10**9, seed=spec["seed"])

@@ -44,7 +44,7 @@ from pruning.checks import check_int, check_positive
 from .blocks import find_blocks
 from .checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from .lora import lora_targets
-from .precision import PRECISIONS, fused_adamw_ok, resolve_precision, training_autocast
+from .precision import check_precision, fused_adamw_ok, resolve_precision, training_autocast
 from .teacher import LiveTeacher, Targets, distill_loss
 
 __all__ = ["DistillSettings", "DistillResult", "DistillDivergedError", "distill", "PARAMS"]
@@ -83,8 +83,7 @@ class DistillSettings:
     def __post_init__(self) -> None:
         if self.params not in PARAMS:
             raise ValueError(f"params must be one of {PARAMS}, got {self.params!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
         check_int("warmup_steps", self.warmup_steps, 0)
         for name in ("batch_size", "tokens", "val_windows", "eval_steps", "patience",
                      "checkpoint_steps", "r", "alpha"):

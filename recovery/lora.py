@@ -36,7 +36,7 @@ from depgraph.errors import NonFiniteError
 from pruning.checks import check_int
 
 from .blocks import find_blocks
-from .precision import PRECISIONS, fused_adamw_ok, resolve_precision
+from .precision import check_precision, fused_adamw_ok, resolve_precision
 from .refit import linear_layers
 
 __all__ = ["LoraSettings", "LoraDivergedError", "LoraResult", "lora_targets", "train_lora",
@@ -80,8 +80,7 @@ class LoraSettings:
             raise ValueError(f"epochs must be positive (or set max_steps), got {self.epochs!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 @dataclass

@@ -17,8 +17,8 @@ import contextlib
 
 import torch
 
-__all__ = ["PRECISIONS", "native_bf16", "resolve_precision", "training_autocast",
-           "fused_adamw_ok"]
+__all__ = ["PRECISIONS", "check_precision", "native_bf16", "resolve_precision",
+           "training_autocast", "fused_adamw_ok"]
 
 #: ``auto``: bfloat16 autocast where the device multiplies it natively, else float32.
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -34,10 +34,15 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"bf16"`` or ``"fp32"`` for ``precision`` (one of :data:`PRECISIONS`) on ``device``."""
+def check_precision(precision: str) -> None:
+    """A one-line ``ValueError`` naming ``precision`` unless it is one of :data:`PRECISIONS`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"bf16"`` or ``"fp32"`` for ``precision`` (one of :data:`PRECISIONS`) on ``device``."""
+    check_precision(precision)
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
