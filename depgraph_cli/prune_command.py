@@ -10,6 +10,7 @@ validates it. Both take ``--compensate`` (bias compensation over the calibration
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -64,6 +65,10 @@ def add_prune(subparsers) -> None:
                              "(the default when the flag is given alone)")
     parser.add_argument("--recon-samples", type=positive_int, default=32,
                         help="calibration windows for --reconstruct (default 32)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="arithmetic of --reconstruct's block runs and least-squares "
+                             "products: bf16 where the CPU (AMX, AVX512-BF16) or GPU multiplies "
+                             "it natively (auto), or always fp32 / bf16 (default auto)")
     parser.add_argument("--stream", action="store_true",
                         help="prune a model bigger than memory: read, score, cut and write one "
                              "block at a time from a local safetensors folder (resumable; "
@@ -292,7 +297,7 @@ def _run_streamed(args: argparse.Namespace, source: Path) -> int:
 
     dtype = compute_dtype(args.device)
     result = prune_streamed(source, args.out, _settings(args), tokenizer=tokenizer,
-                            device=args.device, dtype=dtype, reconstruct=args.reconstruct,
+                            device=args.device, dtype=dtype, reconstruct=_reconstruction(args),
                             recon_samples=args.recon_samples, overwrite=args.overwrite, on_block=BlockProgress(),
                             extra=stats)
     stats = {**result.stats, **stats}
@@ -359,6 +364,15 @@ def _apply_plan_file(model, tokenizer, args: argparse.Namespace):
     return apply_given_plan(model, args.plan_data, graph, tokens=tokens), before_ppl
 
 
+def _reconstruction(args: argparse.Namespace):
+    """``--reconstruct`` and ``--precision`` as the sequential pass's settings (or None)."""
+    from recovery import sequential_settings
+
+    if not args.reconstruct:
+        return None
+    return dataclasses.replace(sequential_settings(args.reconstruct), precision=args.precision)
+
+
 def _choose_and_prune(model, tokenizer, args: argparse.Namespace):
     """``--ratio``: score, select and apply (block by block with ``--reconstruct``)."""
     from depgraph.progress import progress_bar
@@ -371,7 +385,7 @@ def _choose_and_prune(model, tokenizer, args: argparse.Namespace):
     progress = progress_bar(total=args.samples, desc="scoring") if data_passes else None
     settings = _settings(args)
     if args.reconstruct:
-        result = prune_and_reconstruct(model, settings=settings, reconstruct=args.reconstruct,
+        result = prune_and_reconstruct(model, settings=settings, reconstruct=_reconstruction(args),
                                        tokenizer=tokenizer, recon_samples=args.recon_samples,
                                        progress=progress)
     else:

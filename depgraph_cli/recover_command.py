@@ -75,9 +75,10 @@ def add_recover(subparsers) -> None:
     lora.add_argument("--eval-steps", type=positive_int, default=50)
     lora.add_argument("--patience", type=positive_int, default=3)
     lora.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                      help="training forward of lora and distill: bf16 autocast where the "
-                           "CPU (AMX, AVX512-BF16) or GPU multiplies it natively (auto), or "
-                           "always fp32 / bf16 (default auto)")
+                      help="arithmetic of the training forward (lora, distill) and of "
+                           "reconstruct's block runs and least-squares products: bf16 where "
+                           "the CPU (AMX, AVX512-BF16) or GPU multiplies it natively (auto), "
+                           "or always fp32 / bf16 (default auto)")
     lora.add_argument("--train-on-inputs", action="store_true",
                       help="also train on the instruction part of Alpaca records")
     lora.add_argument("--no-merge", action="store_true",
@@ -184,7 +185,7 @@ def _reconstruct(model, tokenizer, dense_source, args: argparse.Namespace) -> tu
           f"of {args.calib} ...", flush=True)
     bar = progress_bar(total=len(find_blocks(dense)[1]), desc="reconstruction (blocks)")
     stats = reconstruct(model, dense, tokens, targets=args.targets, damping=args.damping,
-                        correction=args.correction, progress=bar)
+                        correction=args.correction, precision=args.precision, progress=bar)
     bar.close()
     stats.pop("blocks")
     return model, stats, None

@@ -18,11 +18,16 @@ from .distill import DistillDivergedError, DistillResult, DistillSettings, disti
 from .lora import LoraDivergedError, LoraResult, LoraSettings, merge, train_lora
 from .lstsq import ReconstructionError
 from .reconstruct import kept_channels, reconstruct
-from .sequential import SequentialSettings, prune_and_reconstruct, prune_sequential
+from .sequential import (
+    SequentialSettings,
+    prune_and_reconstruct,
+    prune_sequential,
+    sequential_settings,
+)
 from .stream import StreamResult, prune_streamed
 
 __all__ = ["reconstruct", "kept_channels", "prune_sequential", "prune_and_reconstruct",
-           "SequentialSettings", "prune_streamed", "StreamResult",
+           "SequentialSettings", "sequential_settings", "prune_streamed", "StreamResult",
            "ReconstructionError", "train_lora", "merge", "LoraSettings", "LoraResult",
            "LoraDivergedError", "distill", "DistillSettings", "DistillResult",
            "DistillDivergedError"]

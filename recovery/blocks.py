@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .precision import compute_autocast
+
 __all__ = ["BlockCall", "find_blocks", "capture_calls", "run_block", "batches", "stop_after",
            "StopForward", "truncated"]
 
@@ -76,11 +78,13 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
 
 
 def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[torch.Tensor],
-                  device: torch.device | str | None = None
+                  device: torch.device | str | None = None, precision: str = "fp32"
                   ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
     """Block-0 hidden states per batch, and each block's call per batch (``[batch][block]``).
 
-    The token ids go to ``device`` (default: the model's first parameter's)."""
+    The token ids go to ``device`` (default: the model's first parameter's). ``precision``
+    (``"bf16"``: autocast) is the arithmetic of the blocks run to reach the next one's call;
+    block 0's hidden states are taken before any block runs."""
     hidden: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = []
     last = len(blocks) - 1
@@ -98,9 +102,9 @@ def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[to
 
     handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True)
                for i, block in enumerate(blocks)]
-    device = device if device is not None else next(model.parameters()).device
+    device = torch.device(device if device is not None else next(model.parameters()).device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), compute_autocast(precision, device):
             for ids in batch_tokens:
                 current = []
                 try:

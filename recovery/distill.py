@@ -44,7 +44,7 @@ from pruning.checks import check_int, check_positive
 from .blocks import find_blocks
 from .checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from .lora import lora_targets
-from .precision import check_precision, fused_adamw_ok, resolve_precision, training_autocast
+from .precision import check_precision, compute_autocast, fused_adamw_ok, resolve_precision
 from .teacher import LiveTeacher, Targets, distill_loss
 
 __all__ = ["DistillSettings", "DistillResult", "DistillDivergedError", "distill", "PARAMS"]
@@ -201,7 +201,7 @@ class _Loop:
                                       (self.step + 1) * settings.batch_size])
         ids = self.tokens[rows].to(self.accelerator.device)
         self.student.train()
-        with training_autocast(self.precision, self.accelerator.device):
+        with compute_autocast(self.precision, self.accelerator.device):
             loss, parts = distill_loss(_logits(self.student, ids), ids, self._targets(rows, ids),
                                        settings.temperature, settings.lm_weight)
         if not torch.isfinite(loss.detach()).all():

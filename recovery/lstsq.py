@@ -3,19 +3,23 @@
 For inputs ``X`` (tokens × in) and targets ``Y`` (tokens × out) the refit of a linear layer is
 ``W = (XᵀX + λI)⁻¹ XᵀY`` (with a column of ones appended to ``X`` when the layer has a bias).
 :class:`NormalEquations` accumulates ``XᵀX`` and ``XᵀY`` batch by batch in float64, so the
-tokens never need to be held at once; :func:`solve` adds the damping
-``λ = damping · mean(diag(XᵀX))`` (relative, as GPTQ's ``percdamp``: scale-free) and solves by
-Cholesky, falling back to an eigen-decomposition pseudo-inverse if the damped matrix is still
-not positive definite. Non-finite inputs or results raise :class:`ReconstructionError`.
+tokens never need to be held at once; :func:`fit` (and :func:`solve`, its weights alone) adds
+the damping (per input channel by default, or ``λ = damping · mean(diag(XᵀX))``: relative, as
+GPTQ's ``percdamp``, scale-free) and solves by Cholesky, falling back to an
+eigen-decomposition pseudo-inverse if the damped matrix is still not positive definite; the
+solution's relative error comes from the same equations. Non-finite inputs or results raise
+:class:`ReconstructionError`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from depgraph.errors import DepGraphError
 
-__all__ = ["NormalEquations", "ReconstructionError", "solve"]
+__all__ = ["NormalEquations", "ReconstructionError", "Fit", "fit", "solve"]
 
 
 class ReconstructionError(DepGraphError, RuntimeError):
@@ -27,12 +31,16 @@ class NormalEquations:
     """Running ``XᵀX`` of one input and ``XᵀY`` of each of its targets (``bias``: ones column).
 
     Layers that read the same input (q, k and v; gate and up) share one ``XᵀX``: each is a
-    target ``key``. Each batch's products are formed in the activations' precision and
-    accumulated in float64.
+    target ``key``. Each batch's products are formed in float32 (``precision="bf16"``: in
+    bfloat16, 4.5x faster where the CPU multiplies it natively, each entry then good to
+    about 3 significant digits, far inside the damping) and accumulated in float64.
     """
 
-    def __init__(self, name: str, bias: bool):
+    def __init__(self, name: str, bias: bool, precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.name, self.bias = name, bias
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
         self.xtx: torch.Tensor | None = None
         self.xty: dict[str, torch.Tensor] = {}
         self.yty: dict[str, float] = {}  # ||Y||², for reporting the relative error
@@ -40,7 +48,10 @@ class NormalEquations:
 
     def _design(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, x.shape[-1])
-        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if self.dtype is not None and x.is_floating_point() and x.dtype != torch.float64:
+            x = x.to(self.dtype)
+        elif x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         if self.bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         return x
@@ -51,35 +62,58 @@ class NormalEquations:
                                       "(NaN or Inf); cannot reconstruct")
 
     def add(self, x: torch.Tensor, targets: torch.Tensor | dict[str, torch.Tensor]) -> None:
-        """Add a batch: ``x`` (..., in) inputs and, per key, ``y`` (..., out) targets."""
+        """Add a batch: ``x`` (..., in) inputs and, per key, ``y`` (..., out) targets.
+
+        Non-finite numbers are caught in the sums, not element by element: a NaN or Inf in
+        ``x`` makes the diagonal of ``XᵀX`` non-finite, one in ``y`` makes ``||Y||²`` so."""
         targets = {"": targets} if isinstance(targets, torch.Tensor) else targets
         design = self._design(x)
-        self._check(design, "activations")
         gram = (design.T @ design).double()
+        self._check(gram.diagonal(), "activations")
         self.xtx = gram if self.xtx is None else self.xtx + gram
         for key, y in targets.items():
             target = y.reshape(-1, y.shape[-1]).to(design.dtype)
-            self._check(target, "targets")
+            energy = target.double().square().sum()
+            self._check(energy, "targets")
             cross = (design.T @ target).double()
             self.xty[key] = cross if key not in self.xty else self.xty[key] + cross
-            self.yty[key] = self.yty.get(key, 0.0) + float(target.double().square().sum())
+            self.yty[key] = self.yty.get(key, 0.0) + float(energy)
         self.tokens += design.shape[0]
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A solved layer: ``weight`` (out, in), ``bias`` (out,) or None, and ``error``, the
+    relative output error ``||XW - Y||² / ||Y||²`` of the solution on the accumulated data."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    error: float
 
 
 def solve(equations: NormalEquations, damping: float, prior: torch.Tensor | None = None,
           mode: str = "diag", key: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight (out, in), bias (out,) or None)`` minimising
-    ``||XW - Y||² + λ ||D^½ (W - W₀)||²``.
+    ``||XW - Y||² + λ ||D^½ (W - W₀)||²`` (:func:`fit`, without the error)."""
+    found = fit(equations, damping, prior, mode, key)
+    return found.weight, found.bias
+
+
+def fit(equations: NormalEquations, damping: float, prior: torch.Tensor | None = None,
+        mode: str = "diag", key: str = "") -> Fit:
+    """The :class:`Fit` minimising ``||XW - Y||² + λ ||D^½ (W - W₀)||²``.
 
     ``mode="diag"``: ``D = diag(XᵀX)`` and ``λ = damping`` (each input channel is damped by its
     own energy: scale-free per channel, so a few channels with huge activations do not
     swamp the rest); ``mode="mean"``: ``D = I``, ``λ = damping · mean(diag(XᵀX))``.
     ``prior``: ``W₀`` as ``(out, in [+ 1 for the bias])``, the weights to stay near when the
-    data says little (default zero, plain ridge regression).
+    data says little (default zero, plain ridge regression). The error costs no product with
+    ``XᵀX``: the damped equations give ``XᵀX W = XᵀY + λD (W₀ - W)``.
     """
     if equations.xtx is None or key not in equations.xty:
         raise ReconstructionError(f"{equations.name}: no calibration tokens reached this layer")
-    gram, rhs = equations.xtx.clone(), equations.xty[key].clone()
+    cross = equations.xty[key]
+    gram = equations.xtx.clone()
     diagonal = gram.diagonal().clone()
     if mode == "diag":
         penalty = damping * diagonal.clamp_min(diagonal.mean() * 1e-8 + 1e-30)
@@ -89,19 +123,24 @@ def solve(equations: NormalEquations, damping: float, prior: torch.Tensor | None
     else:
         raise ValueError(f"damping mode must be 'diag' or 'mean', got {mode!r}")
     gram.diagonal().add_(penalty)
-    if prior is not None:
-        rhs += penalty[:, None] * prior.T.to(rhs.dtype)
+    anchor = torch.zeros_like(cross) if prior is None else prior.T.to(cross.dtype)
+    rhs = cross + penalty[:, None] * anchor
     factor, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:
         solution = torch.cholesky_solve(rhs, factor)
+        fitted = cross + penalty[:, None] * (anchor - solution)  # XᵀX W, from the equations
     else:
         values, vectors = torch.linalg.eigh(gram)
         keep = values > values.abs().max() * 1e-12
         inverse = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
         solution = inverse @ rhs
+        fitted = equations.xtx @ solution
     if not torch.isfinite(solution).all():
         raise ReconstructionError(f"{equations.name}: the least-squares solution is not finite "
                                   f"(damping {damping}); try a larger damping")
+    yty = equations.yty[key]
+    error = float((solution * fitted).sum() - 2 * (solution * cross).sum()) + yty
+    error = max(error, 0.0) / max(yty, 1e-300)
     if equations.bias:
-        return solution[:-1].T.contiguous(), solution[-1].contiguous()
-    return solution.T.contiguous(), None
+        return Fit(solution[:-1].T.contiguous(), solution[-1].contiguous(), error)
+    return Fit(solution.T.contiguous(), None, error)

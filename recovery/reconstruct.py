@@ -31,7 +31,15 @@ from depgraph.trace import meta_copy
 from pruning.apply import apply_plan, plan_slices
 
 from .blocks import batches, capture_calls, find_blocks
-from .refit import Refit, block_outputs, dense_targets, linear_layers, refit_block
+from .precision import resolve_precision
+from .refit import (
+    Refit,
+    block_outputs,
+    block_structure,
+    dense_targets,
+    linear_layers,
+    refit_block,
+)
 
 __all__ = ["TARGETS", "kept_channels", "reconstruct", "check_tokens", "check_damping",
            "check_correction"]
@@ -104,7 +112,8 @@ def post_refits(block_path: str, block: nn.Module, kept: dict, targets: str) -> 
 
 def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
                 plan: dict | None = None, targets: str = "all", damping: float = 4.0,
-                correction: float = 1.0, batch_size: int = 8, progress=None) -> dict:
+                correction: float = 1.0, batch_size: int = 8, precision: str = "auto",
+                progress=None) -> dict:
     """Refit ``pruned`` in place so that each block reproduces ``dense``; returns numbers.
 
     Parameters
@@ -126,6 +135,9 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
         branch's last projection) take up in their targets, 0 to 1 (see
         :func:`recovery.refit.refit_block`): without it the error the pruned inputs carry
         flows on down the residual stream.
+    precision : ``"auto"`` (bfloat16 where the device multiplies it natively), ``"fp32"`` or
+        ``"bf16"``: the arithmetic of the block runs and the normal equations' products
+        (:mod:`recovery.precision`); solving is float64 either way.
 
     Raises
     ------
@@ -138,6 +150,7 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     damping, tokens = check_damping(damping), check_tokens(tokens)
     correction = check_correction(correction)
+    precision = resolve_precision(precision, next(pruned.parameters()).device)
     start = time.perf_counter()
     plans = [plan] if plan is not None else _recorded_plans(pruned)
     kept = kept_channels(dense, plans)
@@ -147,23 +160,26 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
         raise ValueError(f"the pruned model's blocks ({path!r}, {len(blocks)}) do not match the "
                          f"dense model's ({dense_path!r}, {len(dense_blocks)})")
     chunks = batches(tokens, batch_size)
-    dense_states, dense_calls = capture_calls(dense, dense_blocks, chunks)
-    states, calls = capture_calls(pruned, blocks, chunks)
-    report = []
+    dense_states, dense_calls = capture_calls(dense, dense_blocks, chunks, precision=precision)
+    states, calls = capture_calls(pruned, blocks, chunks, precision=precision)
+    report, probes = [], {}
     for index, (block, dense_block) in enumerate(zip(blocks, dense_blocks, strict=True)):
         refits = post_refits(f"{path}.{index}", block, kept, targets)
         block_calls, block_dense_calls = [c[index] for c in calls], [c[index] for c in dense_calls]
         dense_states, outputs = dense_targets(dense_block, dense_states, block_dense_calls,
-                                              list(refits))
+                                              list(refits), precision)
+        structure = block_structure(block, states[0], block_calls[0], probe=correction > 0,
+                                    known=probes) if refits else None
+        after: list = []
         layers = refit_block(block, states, block_calls, refits, outputs, damping,
-                             dense_states, correction)
-        states = block_outputs(block, states, block_calls)
+                             dense_states, correction, structure, precision, outputs_after=after)
+        states = after or block_outputs(block, states, block_calls, precision)
         del outputs
         report.append({"block": index, "layers": layers})
         if progress is not None:
             progress.update(1)
     return {"method": "reconstruct", "targets": targets, "damping": damping,
-            "correction": correction,
+            "correction": correction, "precision": precision,
             "samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
             "seconds": round(time.perf_counter() - start, 3), "blocks": report,
             **summarize(report)}

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .blocks import BlockCall, StopForward, run_block, stop_after
-from .lstsq import NormalEquations, solve
+from .lstsq import NormalEquations, fit
+from .precision import compute_autocast
 
 __all__ = ["Refit", "BlockStructure", "block_structure", "linear_layers", "block_outputs",
            "dense_targets", "refit_block", "weight_rows", "passes_through"]
@@ -94,11 +95,14 @@ class BlockStructure:
 
 
 def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
-                    probe: bool = True) -> BlockStructure:
+                    probe: bool = True, known: dict | None = None) -> BlockStructure:
     """The block's stages and call counts, and with ``probe`` its pass-through layers.
 
     Only layers called once whose output has the block output's shape can pass through, so
     only those are probed (one nudged run each, against one shared unchanged run).
+    ``known``: a dict this fills with the probes' answers, keyed by the block's class, stages
+    and candidates; a block of the same class that calls the same layers in the same stages
+    takes the answer from it instead of probing again (one probe per model, not per block).
     """
     order: list[tuple[str, int]] = []
     shapes: dict[str, tuple[int, ...]] = {}
@@ -133,23 +137,35 @@ def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
             stages.append([name])
         last_input = source
     counts = {name: sum(1 for n, _ in order if n == name) for name, _ in order}
-    through: set[str] = set()
+    through: frozenset[str] = frozenset()
     if probe:
-        through = {name for name in counts if counts[name] == 1
-                   and shapes.get(name) == tuple(base.shape)
-                   and _moves_output(block, hidden, call, layers[name], base)}
-    return BlockStructure(stages, counts, frozenset(through))
+        candidates = tuple(name for name in counts
+                           if counts[name] == 1 and shapes.get(name) == tuple(base.shape))
+        key = (type(block), tuple(map(tuple, stages)), candidates)
+        if known is not None and key in known:
+            return BlockStructure(stages, counts, known[key])
+        through = frozenset(name for name in candidates
+                            if _moves_output(block, hidden, call, layers[name], base))
+        if known is not None:
+            known[key] = through
+    return BlockStructure(stages, counts, through)
 
 
-def block_outputs(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall]
-                  ) -> list[torch.Tensor]:
+def _run(block: nn.Module, hidden: torch.Tensor, call: BlockCall, precision: str) -> torch.Tensor:
+    """:func:`run_block` without gradients, its products in ``precision`` ("fp32" or "bf16")."""
+    with torch.no_grad(), compute_autocast(precision, hidden.device):
+        return run_block(block, hidden, call)
+
+
+def block_outputs(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
+                  precision: str = "fp32") -> list[torch.Tensor]:
     """The block's outputs on every batch."""
-    with torch.no_grad():
-        return [run_block(block, hidden, call) for hidden, call in zip(states, calls, strict=True)]
+    return [_run(block, hidden, call, precision) for hidden, call in zip(states, calls, strict=True)]
 
 
 def dense_targets(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
-                  names: list[str]) -> tuple[list[torch.Tensor], dict[str, list[list[torch.Tensor]]]]:
+                  names: list[str], precision: str = "fp32"
+                  ) -> tuple[list[torch.Tensor], dict[str, list[list[torch.Tensor]]]]:
     """One pass of the dense block over every batch: its outputs, and the outputs of the
     named layers (``[name][batch]``, one tensor per call) that the refits reproduce."""
     layers = linear_layers(block)
@@ -158,8 +174,7 @@ def dense_targets(block: nn.Module, states: list[torch.Tensor], calls: list[Bloc
     for hidden, call in zip(states, calls, strict=True):
         seen, handles = _record({n: layers[n] for n in names}, "output")
         try:
-            with torch.no_grad():
-                following.append(run_block(block, hidden, call))
+            following.append(_run(block, hidden, call, precision))
         finally:
             for handle in handles:
                 handle.remove()
@@ -169,18 +184,20 @@ def dense_targets(block: nn.Module, states: list[torch.Tensor], calls: list[Bloc
 
 
 def _partial_run(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
-                 modules: dict[str, nn.Module], take: str, last: nn.Module, calls: int) -> dict:
-    """Run ``block`` up to the end of a stage, keeping the stage layers' inputs or outputs."""
-    seen, handles = _record(modules, take)
+                 modules: dict[str, nn.Module], last: nn.Module, calls: int,
+                 precision: str) -> tuple[dict, dict]:
+    """Run ``block`` up to the end of a stage, keeping the stage layers' inputs and outputs."""
+    inputs, in_handles = _record(modules, "input")
+    outputs, out_handles = _record(modules, "output")
     try:
-        with stop_after(last, calls), torch.no_grad():
-            run_block(block, hidden, call)
+        with stop_after(last, calls):
+            _run(block, hidden, call, precision)
     except StopForward:
         pass
     finally:
-        for handle in handles:
+        for handle in in_handles + out_handles:
             handle.remove()
-    return seen
+    return inputs, outputs
 
 
 def _share_key(module: nn.Module, refit: Refit) -> tuple:
@@ -190,13 +207,12 @@ def _share_key(module: nn.Module, refit: Refit) -> tuple:
 
 
 def _full_run(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
-              modules: dict[str, nn.Module]) -> tuple[dict, dict, torch.Tensor]:
+              modules: dict[str, nn.Module], precision: str) -> tuple[dict, dict, torch.Tensor]:
     """Run the whole block, keeping the named layers' inputs and outputs and its output."""
     inputs, in_handles = _record(modules, "input")
     outputs, out_handles = _record(modules, "output")
     try:
-        with torch.no_grad():
-            result = run_block(block, hidden, call)
+        result = _run(block, hidden, call, precision)
     finally:
         for handle in in_handles + out_handles:
             handle.remove()
@@ -242,13 +258,23 @@ def _moves_output(block: nn.Module, hidden: torch.Tensor, call: BlockCall, layer
     return bool((change - expected).norm() <= 1e-3 * expected.norm())
 
 
+@dataclass
+class _Stage:
+    """What one pass over the batches gathered for a stage's refit."""
+
+    equations: dict[str, NormalEquations]  # by layer (shared by the layers of one input)
+    before: dict[str, float]  # ||present output - target||² by layer
+    runs: list[tuple] | None  # per batch (block output, inputs, outputs) when it ran whole
+
+
 def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Module,
                      layers: dict[str, nn.Module], states: list[torch.Tensor],
                      calls: list[BlockCall], targets: dict, end: tuple[str, int],
                      corrected: set[str], outputs: list[torch.Tensor] | None,
-                     correction: float) -> dict[str, NormalEquations]:
+                     correction: float, precision: str) -> _Stage:
     """Normal equations of a stage's layers (shared where they read the same design matrix),
-    accumulated batch by batch: the pruned block's inputs against the dense layers' outputs.
+    accumulated batch by batch: the pruned block's inputs against the dense layers' outputs,
+    and the present outputs' squared error against the same targets.
 
     ``corrected``: the layers whose output passes through to the block's output;
     ``outputs``: the dense block's outputs per batch. Their target also takes up the block's present output
@@ -260,13 +286,19 @@ def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Modul
     members: dict[tuple, list[str]] = {}
     for name in names:
         members.setdefault(_share_key(layers[name], refits[name]), []).append(name)
-    shared = {key: NormalEquations(group[0], bias=key[0]) for key, group in members.items()}
+    shared = {key: NormalEquations(group[0], bias=key[0], precision=precision)
+              for key, group in members.items()}
     modules = {n: layers[n] for n in names}
+    before = dict.fromkeys(names, 0.0)
+    whole = any(n in corrected for n in names)
+    runs: list[tuple] | None = [] if whole else None
     for index, (hidden, call) in enumerate(zip(states, calls, strict=True)):
-        if any(n in corrected for n in names):
-            inputs, present, result = _full_run(block, hidden, call, modules)
+        if whole:
+            inputs, present, result = _full_run(block, hidden, call, modules, precision)
+            runs.append((result, inputs, present))
         else:
-            inputs = _partial_run(block, hidden, call, modules, "input", layers[end[0]], end[1])
+            inputs, present = _partial_run(block, hidden, call, modules, layers[end[0]], end[1],
+                                           precision)
         for key, group in members.items():
             cols = refits[group[0]].cols
             for number, x in enumerate(inputs[group[0]]):  # a group's layers read one x
@@ -281,8 +313,17 @@ def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Modul
                                                                       refits[name])
                         y = y + correction * (residual - pruned)
                     wanted[name] = y
+                    before[name] += _squared_gap(_rows(present[name][number], refits[name]), y)
                 shared[key].add(x, wanted)
-    return {name: shared[key] for key, group in members.items() for name in group}
+    return _Stage({name: shared[key] for key, group in members.items() for name in group},
+                  before, runs)
+
+
+def _squared_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b||²`` in float32 at least (float64 for float64 tensors): one dot product."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    gap = (a.to(dtype) - b.to(dtype)).reshape(-1)
+    return float(torch.dot(gap, gap))
 
 
 def _rows(y: torch.Tensor, refit: Refit) -> torch.Tensor:
@@ -310,19 +351,11 @@ def _write(module: nn.Module, refit: Refit, weight: torch.Tensor, bias: torch.Te
             module.bias[rows.to(device)] = bias.to(device=device, dtype=module.bias.dtype)
 
 
-def _residual(equations: NormalEquations, key: str, weight: torch.Tensor,
-              bias: torch.Tensor | None) -> float:
-    """``||X W - Y||² / ||Y||²`` from the normal equations (no tokens needed)."""
-    stacked = weight.T if bias is None else torch.cat([weight.T, bias[None]], dim=0)
-    gram, cross, yty = equations.xtx, equations.xty[key], equations.yty[key]
-    error = (stacked * (gram @ stacked)).sum() - 2 * (stacked * cross).sum() + yty
-    return float(error / max(yty, 1e-300))
-
-
 def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
                 refits: dict[str, Refit], targets: dict[str, list[list[torch.Tensor]]],
                 damping: float, outputs: list[torch.Tensor] | None = None,
-                correction: float = 0.0, structure: BlockStructure | None = None
+                correction: float = 0.0, structure: BlockStructure | None = None,
+                precision: str = "fp32", outputs_after: list | None = None
                 ) -> dict[str, dict[str, float]]:
     """Refit the layers named in ``refits`` (paths inside the block), stage by stage.
 
@@ -333,8 +366,14 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
     per batch; with ``correction > 0`` the layers whose output passes through to the block's
     output (:func:`passes_through`) also take up that share of the block's output error
     (:func:`_stage_equations`). ``structure``: the block's :func:`block_structure` when the
-    caller already has it (the sequential pass refits each block twice). Returns, per layer,
-    the relative output error before and after the refit.
+    caller already has it (the sequential pass refits each block twice). ``precision``
+    (``"fp32"`` or ``"bf16"``, :mod:`recovery.precision`): the arithmetic of the block runs and
+    of the normal equations' products; the solve is float64 either way, the structure probe
+    float32. ``outputs_after``: a list this fills with the block's outputs per batch after the
+    refit when they come for free: its last refit stage is a pass-through layer's, whose
+    stage ran the whole block, so the outputs are that run's with the layer's change added
+    (left empty otherwise; saves the caller a pass). Returns, per layer, the relative output
+    error before and after the refit.
     """
     if not 0.0 <= correction <= 1.0:
         raise ValueError(f"correction must be in [0, 1], got {correction!r}")
@@ -350,23 +389,43 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
         structure = block_structure(block, states[0], calls[0], probe=correcting)
     stages, counts = structure.stages, structure.counts
     corrected = set(refits) & structure.through if correcting else set()
-    for stage in stages:
-        names = [n for n in stage if n in refits]
+    stage = None
+    for stage_names in stages:
+        names = [n for n in stage_names if n in refits]
         if not names:
             continue
-        owners = _stage_equations(names, refits, block, layers, states, calls, targets,
-                                  (stage[-1], counts[stage[-1]]), corrected, outputs,
-                                  correction)
+        stage = _stage_equations(names, refits, block, layers, states, calls, targets,
+                                 (stage_names[-1], counts[stage_names[-1]]), corrected, outputs,
+                                 correction, precision)
         for name in names:
-            module, refit, equations = layers[name], refits[name], owners[name]
-            before = _current(module, refit)
-            prior = before[0] if before[1] is None else torch.cat([before[0], before[1][:, None]], 1)
-            weight, bias = solve(equations, damping, prior=prior, key=name)
-            report[name] = {"error_before": _residual(equations, name, *before),
-                            "error_after": _residual(equations, name, weight, bias),
-                            "tokens": equations.tokens}
-            _write(module, refit, weight, bias)
+            module, refit, equations = layers[name], refits[name], stage.equations[name]
+            weight, bias = _current(module, refit)
+            prior = weight if bias is None else torch.cat([weight, bias[:, None]], 1)
+            found = fit(equations, damping, prior=prior, key=name)
+            yty = max(equations.yty[name], 1e-300)
+            report[name] = {"error_before": stage.before[name] / yty,
+                            "error_after": found.error, "tokens": equations.tokens}
+            _write(module, refit, found.weight, found.bias)
+        if stage.runs is None or not set(names) <= corrected:
+            stage = None
+    if outputs_after is not None and stage is not None:
+        outputs_after.extend(_moved_outputs(stage, [layers[n] for n in stage.before], precision))
     return report
+
+
+def _moved_outputs(stage: _Stage, moved: list[nn.Module], precision: str) -> list[torch.Tensor]:
+    """The block's outputs after its last stage's pass-through layers were refit: the run's
+    outputs, each layer's old output taken out and its new one (on the same input) put in."""
+    names = list(stage.before)
+    found = []
+    for result, inputs, present in stage.runs:
+        total = result
+        for name, module in zip(names, moved, strict=True):
+            with torch.no_grad(), compute_autocast(precision, result.device):
+                new = module(inputs[name][0])
+            total = total - present[name][0] + new
+        found.append(total)
+    return found
 
 
 def _current(module: nn.Module, refit: Refit) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -18,7 +18,14 @@ pass decides *which*, block after block, on up-to-date weights and inputs:
    in both refits the layer whose output passes into the block's output (down_proj) is fit
    to the dense block's *output* too (``correction``, :func:`recovery.refit.refit_block`), so
    the error the pruned inputs carry is cancelled here instead of flowing on;
-6. run both versions of the block to get the next block's ``X`` and ``X̂``.
+6. run both versions of the block to get the next block's ``X`` and ``X̂`` (``X̂`` comes for
+   free when the post refit ended with the block's pass-through layer: that stage ran the
+   whole block, :func:`recovery.refit.refit_block`'s ``outputs_after``).
+
+Block runs and the least-squares products are in bfloat16 where the device multiplies it
+natively (``SequentialSettings.precision``, :mod:`recovery.precision`): SmolLM2-135M at 20%
+on one core, 47 s against 89 s, perplexity 123.60 against 124.11 (global ranking) and 111.45
+against 110.86 (allocation).
 
 At the end the whole plan is removed physically with :func:`pruning.apply_plan` (the masked
 slices are exactly what it removes), so module attributes and the config are solved once.
@@ -58,6 +65,7 @@ from pruning.prune import (
 )
 
 from .blocks import BlockCall, batches, capture_calls, find_blocks, truncated
+from .precision import check_precision, resolve_precision
 from .reconstruct import TARGETS, check_correction, check_damping, check_tokens, summarize
 from .refit import Refit, block_outputs, block_structure, dense_targets, linear_layers, refit_block
 
@@ -76,8 +84,10 @@ class SequentialSettings:
     damping: float = 4.0  # best of 1, 4 and 12 on SmolLM2 at 20% (0.1: worse than none)
     batch_size: int = 8
     correction: float = 1.0  # share of a block's output error its last projection takes up
+    precision: str = "auto"  # block runs and XᵀX in bf16 where native (recovery.precision)
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
         check_damping(self.damping)
@@ -143,14 +153,15 @@ class Stream:
 
     @classmethod
     def capture(cls, model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor,
-                batch_size: int) -> Stream:
-        return cls(*capture_calls(model, blocks, batches(tokens, batch_size)))
+                batch_size: int, precision: str = "fp32") -> Stream:
+        return cls(*capture_calls(model, blocks, batches(tokens, batch_size),
+                                  precision=precision))
 
     def at(self, index: int) -> list[BlockCall]:
         return [per_batch[index] for per_batch in self.calls]
 
-    def run(self, block: nn.Module, index: int) -> list[torch.Tensor]:
-        return block_outputs(block, self.states, self.at(index))
+    def run(self, block: nn.Module, index: int, precision: str = "fp32") -> list[torch.Tensor]:
+        return block_outputs(block, self.states, self.at(index), precision)
 
 
 def _scores(model, graph, groups, criterion: str, tokens, stream: Stream | None, path: str,
@@ -160,7 +171,8 @@ def _scores(model, graph, groups, criterion: str, tokens, stream: Stream | None,
     (``run_forward``) and, for anything else they run, the model cut after the block."""
     options = dict(context.get("options") or {})
     if stream is not None:
-        options["run_forward"] = lambda: stream.run(model.get_submodule(path)[index], index)
+        options["run_forward"] = lambda: stream.run(model.get_submodule(path)[index], index,
+                                                    context.get("precision", "fp32"))
     ctx = ScoringContext(model, graph, groups, tokens=tokens, options=options,
                          aggregation=context.get("aggregation", "sum"),
                          seed=context.get("seed", 0))
@@ -179,33 +191,37 @@ def prune_block(model: nn.Module, graph, path: str, index: int, groups: list,
     ``recon`` and ``scoring`` streams move on past the block."""
     block = model.get_submodule(path)[index]
     dense_block, names = copy.deepcopy(block), list(linear_layers(block))
-    next_dense, targets = dense_targets(dense_block, dense_states, recon.at(index), names)
-    layers, local, block_scores = {}, {}, {}
+    precision = resolve_precision(settings.precision, recon.states[0].device)
+    next_dense, targets = dense_targets(dense_block, dense_states, recon.at(index), names,
+                                        precision)
+    layers, local, block_scores, after = {}, {}, {}, []
     groups = [g for g in groups if counts[g.id] > 0]
     pre = settings.pre and not _same(recon.states, dense_states)
     structure = None  # one for both refits: zeroing units changes weights, not wiring
     if pre or (groups and settings.post):
         structure = block_structure(block, recon.states[0], recon.at(index)[0],
-                                    probe=settings.correction > 0)
+                                    probe=settings.correction > 0,
+                                    known=context.setdefault("probes", {}))
     if pre:
         fitted = refit_block(block, recon.states, recon.at(index),
                              {n: Refit() for n in names}, targets, settings.damping,
-                             next_dense, settings.correction, structure)
+                             next_dense, settings.correction, structure, precision)
         layers.update({f"pre:{k}": v for k, v in fitted.items()})
     if groups:
         block_scores = _scores(model, graph, groups, criterion, tokens, scoring, path, index,
-                               context)
+                               {**context, "precision": precision})
         local = {g.id: _lowest(block_scores[g.id], counts[g.id]) for g in groups}
         zero_plan(model, local, graph)
         if settings.post:
             refits = masked_refits(f"{path}.{index}", block, plan_slices(graph, local),
                                    settings.targets)
             post = refit_block(block, recon.states, recon.at(index), refits, targets,
-                               settings.damping, next_dense, settings.correction, structure)
+                               settings.damping, next_dense, settings.correction, structure,
+                               precision, outputs_after=after)
             layers.update({f"post:{k}": v for k, v in post.items()})
-    recon.states = recon.run(block, index)
+    recon.states = after or recon.run(block, index, precision)
     if scoring is not None:
-        scoring.states = scoring.run(block, index)
+        scoring.states = scoring.run(block, index, precision)
     return local, block_scores, layers, next_dense
 
 
@@ -219,9 +235,10 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
     start = time.perf_counter()
     by_block = check_sequential_groups(graph, counts)
     path, blocks = find_blocks(model)
-    recon = Stream.capture(model, blocks, recon_tokens, settings.batch_size)
+    precision = resolve_precision(settings.precision, next(model.parameters()).device)
+    recon = Stream.capture(model, blocks, recon_tokens, settings.batch_size, precision)
     scoring = None if tokens is None or needs_loss(criterion) else Stream.capture(
-        model, blocks, check_tokens(tokens), settings.batch_size)
+        model, blocks, check_tokens(tokens), settings.batch_size, precision)
     dense_states = list(recon.states)
     context = {"aggregation": aggregation, "seed": seed, "options": options}
     plan: dict[str, list[int]] = {}
@@ -237,17 +254,21 @@ def prune_sequential(model: nn.Module, graph, counts: dict[str, int], criterion:
         report.append({"block": index, "layers": layers})
         if progress is not None:
             progress.update(1)
+    stats = sequential_stats(settings, recon_tokens, start, report, recon.states[0].device)
+    removal = time.perf_counter()
     apply_plan(model, plan, graph)
-    return plan, {"stats": sequential_stats(settings, recon_tokens, start, report),
-                  "scores": scores}
+    stats["apply_seconds"] = round(time.perf_counter() - removal, 3)
+    return plan, {"stats": stats, "scores": scores}
 
 
 def sequential_stats(settings: SequentialSettings, recon_tokens: torch.Tensor, start: float,
-                     report: list) -> dict:
-    """The numbers a sequential pass reports (``report``: per block, its refits)."""
+                     report: list, device: torch.device) -> dict:
+    """The numbers a sequential pass reports (``report``: per block, its refits).
+    ``seconds``: the block-by-block pass (scoring, masking, refitting), not the physical
+    removal of the plan that follows it (``apply_seconds``, as any prune has)."""
     return {"method": "sequential", "pre": settings.pre, "post": settings.post,
             "targets": settings.targets, "damping": settings.damping,
-            "correction": settings.correction,
+            "correction": settings.correction, "precision": resolve_precision(settings.precision, device),
             "samples": int(recon_tokens.shape[0]), "seq_len": int(recon_tokens.shape[1]),
             "seconds": round(time.perf_counter() - start, 3), "blocks": report,
             **summarize(report)}

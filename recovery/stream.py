@@ -296,7 +296,7 @@ def _sequential_pass(run: _Run, graph, counts: dict, settings: PruneSettings,
             "dense": [s.cpu() for s in done["dense"]],
             "scoring": None if scoring is None else [s.cpu() for s in scoring.states]})
         run.report("block", index)
-    stats = sequential_stats(recon, recon_tokens, start, done["report"])
+    stats = sequential_stats(recon, recon_tokens, start, done["report"], torch.device(run.device))
     return done["plan"], done["scores"], {k: v for k, v in stats.items() if k != "blocks"}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recovery import LoraSettings
-from recovery.precision import fused_adamw_ok, native_bf16, resolve_precision, training_autocast
+from recovery.precision import compute_autocast, fused_adamw_ok, native_bf16, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -27,9 +27,9 @@ def test_auto_uses_bf16_only_on_cpus_that_multiply_it(monkeypatch, capabilities,
 def test_autocast_runs_products_in_bf16_and_fp32_leaves_them():
     layer = torch.nn.Linear(8, 4)
     x = torch.randn(2, 8)
-    with training_autocast("bf16", CPU):
+    with compute_autocast("bf16", CPU):
         assert layer(x).dtype == torch.bfloat16
-    with training_autocast("fp32", CPU):
+    with compute_autocast("fp32", CPU):
         assert layer(x).dtype == torch.float32
     assert layer.weight.dtype == torch.float32
 

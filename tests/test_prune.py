@@ -159,15 +159,17 @@ def test_cli_prune_missing_model_is_status_2(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_cli_prune_with_reconstruction_reports_it(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cli_prune_with_reconstruction_reports_it(tmp_path, capsys, precision):
     out, report = tmp_path / "recon", tmp_path / "recon.json"
     assert main(["prune", str(STORIES), "--ratio", "0.2", "--importance", "second_moment",
                  "--samples", "4", "--seq-len", "64", "--reconstruct", "--recon-samples", "8",
                  "--ppl-tokens", "0", "--out", str(out), "--json", str(report),
-                 "--threads", "1"]) == 0
+                 "--threads", "1", "--precision", precision]) == 0
     assert "reconstruction (pre+post)" in capsys.readouterr().out
     recon = json.loads(report.read_text())["reconstruction"]
     assert recon["pre"] and recon["post"] and recon["samples"] == 8
+    assert recon["precision"] == precision
     assert recon["mean_error_after"] < recon["mean_error_before"]
     assert json.loads((out / "pruning.json").read_text())["reconstruction"]["method"] == "sequential"
     assert load_pruned(out) is not None

@@ -11,10 +11,17 @@ from torch import nn
 
 from depgraph import build_graph
 from pruning import apply_plan
-from recovery import ReconstructionError, kept_channels, reconstruct
+from recovery import ReconstructionError, SequentialSettings, kept_channels, reconstruct
 from recovery.blocks import BlockCall, batches, capture_calls, find_blocks
-from recovery.lstsq import NormalEquations, solve
-from recovery.refit import Refit, block_structure, dense_targets, passes_through, refit_block
+from recovery.lstsq import NormalEquations, fit, solve
+from recovery.refit import (
+    Refit,
+    block_outputs,
+    block_structure,
+    dense_targets,
+    passes_through,
+    refit_block,
+)
 
 torch.set_num_threads(1)
 
@@ -39,6 +46,11 @@ def test_streamed_normal_equations_match_the_closed_form(bias, mode):
         equations.add(x[chunk:chunk + 64], y[chunk:chunk + 64])
     damping = 0.05
     weight, fitted_bias = solve(equations, damping, prior=prior, mode=mode)
+    found = fit(equations, damping, prior=prior, mode=mode)
+    residual = _design(x, bias) @ torch.cat([found.weight.T] + (
+        [found.bias[None]] if bias else [])) - y
+    assert found.error == pytest.approx(float(residual.square().sum() / y.square().sum()),
+                                        rel=1e-9)
     design = _design(x, bias)
     gram = design.T @ design
     penalty = (damping * gram.diagonal() if mode == "diag"
@@ -85,12 +97,38 @@ def test_an_exact_linear_map_is_recovered():
     assert torch.allclose(weight, true, atol=1e-8)
 
 
-def test_non_finite_activations_are_a_clear_error():
-    equations = NormalEquations("model.layers.3.mlp.down_proj", bias=False)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_numbers_are_a_clear_error(precision, bad):
     x = torch.ones(4, 3)
-    x[1, 2] = float("nan")
+    x[1, 2] = bad
+    equations = NormalEquations("model.layers.3.mlp.down_proj", bias=False, precision=precision)
     with pytest.raises(ReconstructionError, match="down_proj: non-finite activations"):
         equations.add(x, torch.ones(4, 2))
+    y = torch.ones(4, 2)
+    y[3, 0] = bad
+    equations = NormalEquations("model.layers.3.mlp.down_proj", bias=True, precision=precision)
+    with pytest.raises(ReconstructionError, match="down_proj: non-finite targets"):
+        equations.add(torch.ones(4, 3), y)
+
+
+def test_bfloat16_products_stay_close_to_float32():
+    """``precision="bf16"``: the products in bfloat16, accumulated in float64; each entry
+    keeps about three significant digits, so the damped solution barely moves."""
+    x = torch.randn(2048, 24, generator=_gen(7)) * torch.linspace(0.5, 4, 24)
+    y = x @ torch.randn(24, 5, generator=_gen(8)) + 0.1 * torch.randn(2048, 5, generator=_gen(9))
+    exact, rounded = NormalEquations("a", bias=True), NormalEquations("a", bias=True,
+                                                                      precision="bf16")
+    for chunk in range(0, 2048, 512):
+        exact.add(x[chunk:chunk + 512], y[chunk:chunk + 512])
+        rounded.add(x[chunk:chunk + 512], y[chunk:chunk + 512])
+    assert rounded.xtx.dtype == torch.float64
+    assert (rounded.xtx - exact.xtx).norm() < 1e-2 * exact.xtx.norm()
+    w_exact, b_exact = solve(exact, 4.0)
+    w_rounded, b_rounded = solve(rounded, 4.0)
+    assert (w_rounded - w_exact).norm() < 2e-2 * w_exact.norm()
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+        NormalEquations("a", bias=False, precision="fp16")
 
 
 def test_solve_without_tokens_is_a_clear_error():
@@ -159,6 +197,20 @@ def test_block_structure_finds_stages_and_the_pass_through_layers_in_one_pass():
     assert block_structure(gated, states, BlockCall((), {}), probe=False).through == set()
 
 
+def test_blocks_called_alike_are_probed_once(monkeypatch):
+    """With ``known``, a second block of the same class calling the same layers in the same
+    stages takes the first one's answer; a block called differently is probed."""
+    states = torch.randn(2, 3, 6, generator=_gen(0))
+    known: dict = {}
+    first = block_structure(_Gated(6), states, BlockCall((), {}), known=known)
+    probes = []
+    monkeypatch.setattr("recovery.refit._moves_output", lambda *a: probes.append(a) or True)
+    again = block_structure(_Gated(6), states, BlockCall((), {}), known=known)
+    assert again.through == first.through == {"down"} and probes == []
+    other = block_structure(_Mlp(6, 10), states, BlockCall((), {}), known=known)
+    assert probes and other.through == {"down"}
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi"])
 def test_block_structure_of_real_blocks(arch):
     """Sequential residual blocks pass only the MLP's last projection through; parallel
@@ -179,17 +231,22 @@ def test_block_structure_of_real_blocks(arch):
     assert found.through == expected
 
 
+def _off_dense(seed: int, batches: int, noise: float):
+    """An MLP block, its copy, dense inputs and the copy's inputs: the dense ones plus noise."""
+    torch.manual_seed(seed)
+    dense = _Mlp(6, 10).double()
+    dense_states = [torch.randn(3, 5, 6, generator=_gen(s), dtype=torch.float64)
+                    for s in range(batches)]
+    states = [x + noise * torch.randn(x.shape, generator=_gen(10 + i), dtype=torch.float64)
+              for i, x in enumerate(dense_states)]
+    return dense, copy.deepcopy(dense), dense_states, states, [BlockCall((), {}) for _ in states]
+
+
 @pytest.mark.parametrize("correction", [0.0, 0.5, 1.0])
 def test_residual_correction_fits_the_block_output_error(correction):
     """With the pruned inputs off the dense ones, the pass-through layer is fit to
     ``Y + c·(R - R̂)``; c = 1 makes the block output match the dense one as well as it can."""
-    torch.manual_seed(2)
-    dense = _Mlp(6, 10).double()
-    pruned = copy.deepcopy(dense)
-    dense_states = [torch.randn(3, 5, 6, generator=_gen(s), dtype=torch.float64) for s in range(4)]
-    states = [x + 0.3 * torch.randn(x.shape, generator=_gen(10 + i), dtype=torch.float64)
-              for i, x in enumerate(dense_states)]
-    calls = [BlockCall((), {}) for _ in states]
+    dense, pruned, dense_states, states, calls = _off_dense(2, 4, 0.3)
     outputs, targets = dense_targets(dense, dense_states, calls, ["down"])
     refit_block(pruned, states, calls, {"down": Refit()}, targets, damping=1e-9,
                 outputs=outputs, correction=correction)
@@ -201,6 +258,48 @@ def test_residual_correction_fits_the_block_output_error(correction):
     with pytest.raises(ValueError, match="correction must be in"):
         refit_block(pruned, states, calls, {"down": Refit()}, targets, damping=1.0,
                     outputs=outputs, correction=2.0)
+
+
+def test_the_reported_errors_are_the_layer_output_errors():
+    """``error_before``: the present layer's outputs against the targets; ``error_after``: the
+    refit layer's, from the normal equations; both relative to the targets' energy."""
+    torch.manual_seed(3)
+    dense = _Mlp(6, 10).double()
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned.up.weight.mul_(0.7)
+    states = [torch.randn(4, 5, 6, generator=_gen(s), dtype=torch.float64) for s in range(3)]
+    calls = [BlockCall((), {}) for _ in states]
+    _, targets = dense_targets(dense, states, calls, ["down"])
+    wanted = torch.cat([t[0] for t in targets["down"]])
+
+    def error() -> float:
+        with torch.no_grad():
+            found = torch.cat([pruned.down(torch.relu(pruned.up(x))) for x in states])
+        return float((found - wanted).square().sum() / wanted.square().sum())
+
+    first = error()
+    report = refit_block(pruned, states, calls, {"down": Refit()}, targets, damping=0.3)
+    assert report["down"]["error_before"] == pytest.approx(first, rel=1e-9)
+    assert report["down"]["error_after"] == pytest.approx(error(), rel=1e-6)
+    assert report["down"]["error_after"] < first
+
+
+@pytest.mark.parametrize("refit", ["down", "up"])
+def test_outputs_after_a_pass_through_refit_equal_a_fresh_run(refit):
+    """When the last refit stage is a pass-through layer's, refit_block hands back the
+    block's new outputs (its whole-block run with the layer's change), as running it gives."""
+    dense, pruned, dense_states, states, calls = _off_dense(4, 3, 0.2)
+    outputs, targets = dense_targets(dense, dense_states, calls, ["up", "down"])
+    after: list = []
+    refit_block(pruned, states, calls, {refit: Refit()}, targets, damping=0.1, outputs=outputs,
+                correction=1.0, outputs_after=after)
+    if refit == "up":  # not a pass-through layer: nothing comes for free
+        assert after == []
+        return
+    fresh = block_outputs(pruned, states, calls)
+    assert len(after) == len(fresh)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(after, fresh, strict=True))
 
 
 def test_masked_refit_keeps_pruned_rows_and_columns_zero():
@@ -233,19 +332,24 @@ def _output_error(model, dense, ids) -> float:
         return float(((model(ids).logits - dense(ids).logits) ** 2).mean())
 
 
-@pytest.mark.parametrize("arch, with_hidden", [("llama", False), ("gpt2", False),
-                                               ("phi3", False), ("llama", True)])
-def test_reconstruction_lowers_held_out_output_error(arch, with_hidden):
-    dense = tiny_model(arch, Dims(layers=2, intermediate=32), seed=0)
+@pytest.mark.parametrize("arch, with_hidden, precision", [
+    ("llama", False, "fp32"), ("gpt2", False, "fp32"), ("phi3", False, "fp32"),
+    ("llama", True, "fp32"), ("llama", False, "bf16"), ("llama", True, "bf16")])
+def test_reconstruction_lowers_held_out_output_error(arch, with_hidden, precision):
+    """In float64 and float32 models; bfloat16 arithmetic (autocast) on a float32 one."""
+    dtype = torch.float32 if precision == "bf16" else None
+    dense = tiny_model(arch, Dims(layers=2, intermediate=32), seed=0, dtype=dtype)
     graph = build_graph(dense)
     pruned = apply_plan(copy.deepcopy(dense), _half_plan(graph, with_hidden), graph)
     vocab = dense.config.vocab_size
     calib = torch.randint(0, vocab, (32, 16), generator=_gen(1))
     held_out = torch.randint(0, vocab, (8, 16), generator=_gen(2))
     before = _output_error(pruned, dense, held_out)
-    stats = reconstruct(pruned, dense, calib, targets="all", batch_size=8)
+    stats = reconstruct(pruned, dense, calib, targets="all", batch_size=8, precision=precision)
     assert _output_error(pruned, dense, held_out) < before
     assert stats["mean_error_after"] < stats["mean_error_before"]
+    assert stats["precision"] == precision
+    assert {p.dtype for p in pruned.parameters()} == {next(dense.parameters()).dtype}
     assert stats["layers_refit"] > 0
 
 
@@ -256,7 +360,7 @@ def test_reconstructing_an_unpruned_model_changes_nothing():
     stats = reconstruct(copy_, dense, calib, plan={}, damping=1e-10)
     ids = torch.randint(0, dense.config.vocab_size, (4, 16), generator=_gen(5))
     assert _output_error(copy_, dense, ids) < 1e-12
-    assert stats["mean_error_before"] < 1e-10  # (cancellation in the normal equations)
+    assert stats["mean_error_before"] < 1e-10
 
 
 def test_kept_channels_compose_two_plans():
@@ -293,3 +397,7 @@ def test_bad_arguments_are_refused():
         reconstruct(dense, dense, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"correction must be a number in \[0, 1\], got 1.5"):
         reconstruct(dense, dense, torch.zeros(2, 4, dtype=torch.long), correction=1.5)
+    with pytest.raises(ValueError, match="precision must be one of .*, got 'fp16'"):
+        reconstruct(dense, dense, torch.zeros(2, 4, dtype=torch.long), precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of .*, got 'half'"):
+        SequentialSettings(precision="half")
