@@ -8,7 +8,8 @@ Training (LoRA, distillation): weights, gradients and the optimizer stay in floa
 forward (and so the backward) matrix products run in bfloat16, as ``torch.autocast`` does.
 Least-squares reconstruction: the block runs that collect activations and the products
 ``XᵀX`` / ``XᵀY`` run in bfloat16 (accumulated and solved in float64): SmolLM2-135M at 20%,
-124.27 against 124.11 WikiText-2 perplexity in float32 (benchmarks/RESULTS.md). It pays where the device
+49 s against 89 s on one core, WikiText-2 perplexity 124.58 against 124.11 in float32
+(benchmarks/RESULTS.md). It pays where the device
 multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU with AMX or AVX512-BF16
 (measured on such a 2-core Xeon for SmolLM2-135M: a distillation step 2.1x faster; a
 576 x 1536 product 6.5x). Elsewhere bfloat16 is emulated and slower, so ``"auto"`` keeps

@@ -24,7 +24,7 @@ pass decides *which*, block after block, on up-to-date weights and inputs:
 
 Block runs and the least-squares products are in bfloat16 where the device multiplies it
 natively (``SequentialSettings.precision``, :mod:`recovery.precision`): SmolLM2-135M at 20%
-on one core, 47 s against 89 s, perplexity 123.60 against 124.11 (global ranking) and 111.45
+on one core, 49 s against 89 s, perplexity 124.58 against 124.11 (global ranking) and 111.45
 against 110.86 (allocation).
 
 At the end the whole plan is removed physically with :func:`pruning.apply_plan` (the masked
