@@ -169,7 +169,7 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, tokens: torch.Tensor, *,
         dense_states, outputs = dense_targets(dense_block, dense_states, block_dense_calls,
                                               list(refits), precision)
         structure = block_structure(block, states[0], block_calls[0], probe=correction > 0,
-                                    known=probes) if refits else None
+                                    known=probes, precision=precision) if refits else None
         after: list = []
         layers = refit_block(block, states, block_calls, refits, outputs, damping,
                              dense_states, correction, structure, precision, outputs_after=after)

@@ -95,7 +95,8 @@ class BlockStructure:
 
 
 def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
-                    probe: bool = True, known: dict | None = None) -> BlockStructure:
+                    probe: bool = True, known: dict | None = None,
+                    precision: str = "fp32") -> BlockStructure:
     """The block's stages and call counts, and with ``probe`` its pass-through layers.
 
     Only layers called once whose output has the block output's shape can pass through, so
@@ -103,6 +104,8 @@ def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
     ``known``: a dict this fills with the probes' answers, keyed by the block's class, stages
     and candidates; a block of the same class that calls the same layers in the same stages
     takes the answer from it instead of probing again (one probe per model, not per block).
+    ``precision``: the arithmetic of the run that finds the stages (the probes, which compare
+    outputs to a thousandth, run in float32).
     """
     order: list[tuple[str, int]] = []
     shapes: dict[str, tuple[int, ...]] = {}
@@ -123,8 +126,7 @@ def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
         before, after = note(name)
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
-        with torch.no_grad():
-            base = run_block(block, hidden, call)
+        base = _run(block, hidden, call, precision)
     finally:
         for handle in handles:
             handle.remove()
@@ -144,6 +146,9 @@ def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
         key = (type(block), tuple(map(tuple, stages)), candidates)
         if known is not None and key in known:
             return BlockStructure(stages, counts, known[key])
+        if precision != "fp32":  # the probes compare against a float32 run
+            with torch.no_grad():
+                base = run_block(block, hidden, call)
         through = frozenset(name for name in candidates
                             if _moves_output(block, hidden, call, layers[name], base))
         if known is not None:
@@ -386,7 +391,8 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
     report: dict[str, dict[str, float]] = {}
     correcting = correction > 0 and outputs is not None
     if structure is None:
-        structure = block_structure(block, states[0], calls[0], probe=correcting)
+        structure = block_structure(block, states[0], calls[0], probe=correcting,
+                                    precision=precision)
     stages, counts = structure.stages, structure.counts
     corrected = set(refits) & structure.through if correcting else set()
     stage = None

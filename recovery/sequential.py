@@ -201,7 +201,8 @@ def prune_block(model: nn.Module, graph, path: str, index: int, groups: list,
     if pre or (groups and settings.post):
         structure = block_structure(block, recon.states[0], recon.at(index)[0],
                                     probe=settings.correction > 0,
-                                    known=context.setdefault("probes", {}))
+                                    known=context.setdefault("probes", {}),
+                                    precision=precision)
     if pre:
         fitted = refit_block(block, recon.states, recon.at(index),
                              {n: Refit() for n in names}, targets, settings.damping,

@@ -65,8 +65,9 @@ def test_streamed_normal_equations_match_the_closed_form(bias, mode):
     assert equations.tokens == 300
 
 
-def test_float32_batches_accumulate_in_float64():
-    x = torch.randn(4096, 6, generator=_gen(3))
+@pytest.mark.parametrize("width", [6, 1100])  # 1100: XᵀX built from three column bands
+def test_float32_batches_accumulate_in_float64(width):
+    x = torch.randn(4096, width, generator=_gen(3))
     y = torch.randn(4096, 2, generator=_gen(4))
     equations = NormalEquations("layer", bias=False)
     for chunk in range(0, 4096, 512):
@@ -129,6 +130,46 @@ def test_bfloat16_products_stay_close_to_float32():
     assert (w_rounded - w_exact).norm() < 2e-2 * w_exact.norm()
     with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
         NormalEquations("a", bias=False, precision="fp16")
+
+
+def test_bfloat16_equations_solve_in_float32_as_well_as_in_float64():
+    """Channels whose energies span twelve orders of magnitude: the float32 solve of
+    bfloat16 equations (scaled to a unit diagonal) gives float64's weights and error."""
+    x = torch.randn(4096, 40, generator=_gen(10)) * torch.logspace(-3, 3, 40)
+    y = x @ torch.randn(40, 6, generator=_gen(11)) + torch.randn(4096, 6, generator=_gen(12))
+    equations = NormalEquations("a", bias=True, precision="bf16")
+    equations.add(x, y)
+    assert equations.solve_dtype == torch.float32
+    single = fit(equations, 4.0)
+    equations.solve_dtype = torch.float64
+    equations._damped.clear()
+    double = fit(equations, 4.0)
+    assert (single.weight - double.weight).norm() < 1e-5 * double.weight.norm()
+    assert single.error == pytest.approx(double.error, rel=1e-5)
+    exact = NormalEquations("a", bias=False, precision="bf16")
+    exact.add(x.double(), y.double())  # float64 data keeps float64 products and solves
+    assert exact.solve_dtype == torch.float64
+
+
+def test_targets_of_one_input_share_one_factorization(monkeypatch):
+    """q, k and v (or gate and up) read one input: one Cholesky per damping, not per layer;
+    a new batch invalidates it."""
+    calls = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a: calls.append(a.shape) or real(a))
+    x = torch.randn(256, 8, generator=_gen(13), dtype=torch.float64)
+    equations = NormalEquations("qkv", bias=False)
+    equations.add(x, {"q": x @ torch.randn(8, 4, dtype=torch.float64, generator=_gen(14)),
+                      "k": x[:, :3], "v": x[:, 5:]})
+    found = {key: fit(equations, 0.5, key=key) for key in ("q", "k", "v")}
+    assert len(calls) == 1
+    alone = NormalEquations("k", bias=False)
+    alone.add(x, x[:, :3])
+    assert torch.allclose(fit(alone, 0.5).weight, found["k"].weight, atol=1e-12)
+    fit(equations, 2.0, key="q")
+    equations.add(x, {"q": x[:, :4], "k": x[:, :3], "v": x[:, 5:]})
+    fit(equations, 0.5, key="v")
+    assert len(calls) == 4  # the alone system, a new damping, new data
 
 
 def test_solve_without_tokens_is_a_clear_error():
