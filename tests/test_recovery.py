@@ -404,6 +404,25 @@ def test_reconstructing_an_unpruned_model_changes_nothing():
     assert stats["mean_error_before"] < 1e-10
 
 
+def test_the_pre_refit_leaves_what_the_post_refit_solves_again():
+    """Blocks 0 and 1 lose MLP channels: block 1's down_proj is fit once, after the pruning,
+    its other layers before it (block 0 sees the dense inputs: nothing to fit before); block 2
+    loses nothing: every layer is fit before (there is no after)."""
+    from recovery.sequential import prune_sequential
+
+    model = tiny_model("llama", Dims(layers=3, intermediate=24), seed=4)
+    graph = build_graph(model)
+    mlp = [g for g in graph.groups() if g.kind == "mlp" and g.layer in (0, 1)]
+    calib = torch.randint(0, model.config.vocab_size, (16, 16), generator=_gen(6))
+    _, info = prune_sequential(model, graph, {g.id: 6 for g in mlp}, "l2", None, calib,
+                               SequentialSettings(precision="fp32", batch_size=8))
+    second, third = (set(block["layers"]) for block in info["stats"]["blocks"][1:])
+    assert "post:mlp.down_proj" in second and "pre:mlp.down_proj" not in second
+    assert {"pre:mlp.gate_proj", "pre:mlp.up_proj", "pre:self_attn.o_proj"} <= second
+    assert "pre:mlp.down_proj" in third and not any(k.startswith("post:") for k in third)
+    assert model.model.layers[1].mlp.down_proj.in_features == 24 - 6
+
+
 def test_kept_channels_compose_two_plans():
     dense = tiny_model("llama", Dims(layers=1))
     graph = build_graph(dense)
