@@ -30,7 +30,7 @@ and a masked one (pruned rows and columns stay zero).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,8 +39,8 @@ from .blocks import BlockCall, StopForward, run_block, stop_after
 from .lstsq import NormalEquations, fit
 from .precision import compute_autocast
 
-__all__ = ["Refit", "BlockStructure", "block_structure", "linear_layers", "block_outputs",
-           "dense_targets", "refit_block", "weight_rows", "passes_through"]
+__all__ = ["Refit", "BlockStructure", "CallTrace", "block_structure", "linear_layers",
+           "block_outputs", "dense_targets", "refit_block", "weight_rows", "passes_through"]
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,52 @@ class BlockStructure:
     through: frozenset[str] = frozenset()
 
 
+@dataclass
+class CallTrace:
+    """What one forward of a block showed of its linear layers: which layer read which tensor,
+    in call order, and the shapes of their outputs and of the block's (filled by
+    :func:`block_structure`'s own run, or by a run of an identical block that the caller
+    makes anyway: :func:`dense_targets`' first batch)."""
+
+    order: list[tuple[str, int]] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_shape: tuple[int, ...] | None = None
+
+    def watch(self, layers: dict[str, nn.Module]) -> list:
+        """Hooks that fill the trace during the next forward (remove them after it)."""
+        alive: list[torch.Tensor] = []  # held so that no id is reused during the pass
+
+        def note(name):
+            def before(_module, args):
+                alive.append(args[0])
+                self.order.append((name, id(args[0])))
+
+            def after(_module, _args, output):
+                self.shapes[name] = tuple(output.shape)
+            return before, after
+
+        handles = []
+        for name, module in layers.items():
+            before, after = note(name)
+            handles += [module.register_forward_pre_hook(before),
+                        module.register_forward_hook(after)]
+        handles.append(_Release(alive))
+        return handles
+
+
+class _Release:
+    """A handle whose ``remove`` lets go of the tensors a trace held during its forward."""
+
+    def __init__(self, alive: list):
+        self.alive = alive
+
+    def remove(self) -> None:
+        self.alive.clear()
+
+
 def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
                     probe: bool = True, known: dict | None = None,
-                    precision: str = "fp32") -> BlockStructure:
+                    precision: str = "fp32", trace: CallTrace | None = None) -> BlockStructure:
     """The block's stages and call counts, and with ``probe`` its pass-through layers.
 
     Only layers called once whose output has the block output's shape can pass through, so
@@ -105,50 +148,36 @@ def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
     and candidates; a block of the same class that calls the same layers in the same stages
     takes the answer from it instead of probing again (one probe per model, not per block).
     ``precision``: the arithmetic of the run that finds the stages (the probes, which compare
-    outputs to a thousandth, run in float32).
+    outputs to a thousandth, run in float32). ``trace``: that run's :class:`CallTrace` when
+    the caller already ran an identical block (same wiring) on the same kind of call.
     """
-    order: list[tuple[str, int]] = []
-    shapes: dict[str, tuple[int, ...]] = {}
-    alive: list[torch.Tensor] = []  # held so that no id is reused during the pass
-
-    def note(name):
-        def before(_module, args):
-            alive.append(args[0])
-            order.append((name, id(args[0])))
-
-        def after(_module, _args, output):
-            shapes[name] = tuple(output.shape)
-        return before, after
-
     layers = linear_layers(block)
-    handles = []
-    for name, module in layers.items():
-        before, after = note(name)
-        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-    try:
-        base = _run(block, hidden, call, precision)
-    finally:
-        for handle in handles:
-            handle.remove()
+    if trace is None or trace.output_shape is None:
+        trace = CallTrace()
+        handles = trace.watch(layers)
+        try:
+            trace.output_shape = tuple(_run(block, hidden, call, precision).shape)
+        finally:
+            for handle in handles:
+                handle.remove()
     stages: list[list[str]] = []
     last_input = None
-    for name, source in order:
+    for name, source in trace.order:
         if stages and source == last_input and name not in stages[-1]:
             stages[-1].append(name)
         elif not any(name in stage for stage in stages):
             stages.append([name])
         last_input = source
-    counts = {name: sum(1 for n, _ in order if n == name) for name, _ in order}
+    counts = {name: sum(1 for n, _ in trace.order if n == name) for name, _ in trace.order}
     through: frozenset[str] = frozenset()
     if probe:
         candidates = tuple(name for name in counts
-                           if counts[name] == 1 and shapes.get(name) == tuple(base.shape))
+                           if counts[name] == 1 and trace.shapes.get(name) == trace.output_shape)
         key = (type(block), tuple(map(tuple, stages)), candidates)
         if known is not None and key in known:
             return BlockStructure(stages, counts, known[key])
-        if precision != "fp32":  # the probes compare against a float32 run
-            with torch.no_grad():
-                base = run_block(block, hidden, call)
+        with torch.no_grad():  # the probes compare against a float32 run
+            base = run_block(block, hidden, call)
         through = frozenset(name for name in candidates
                             if _moves_output(block, hidden, call, layers[name], base))
         if known is not None:
@@ -169,17 +198,23 @@ def block_outputs(block: nn.Module, states: list[torch.Tensor], calls: list[Bloc
 
 
 def dense_targets(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
-                  names: list[str], precision: str = "fp32"
+                  names: list[str], precision: str = "fp32", trace: CallTrace | None = None
                   ) -> tuple[list[torch.Tensor], dict[str, list[list[torch.Tensor]]]]:
     """One pass of the dense block over every batch: its outputs, and the outputs of the
-    named layers (``[name][batch]``, one tensor per call) that the refits reproduce."""
+    named layers (``[name][batch]``, one tensor per call) that the refits reproduce.
+    ``trace``: an empty :class:`CallTrace` the first batch's run fills, for
+    :func:`block_structure` of a block wired as this one."""
     layers = linear_layers(block)
     targets: dict[str, list[list[torch.Tensor]]] = {name: [] for name in names}
     following = []
-    for hidden, call in zip(states, calls, strict=True):
+    for index, (hidden, call) in enumerate(zip(states, calls, strict=True)):
         seen, handles = _record({n: layers[n] for n in names}, "output")
+        if index == 0 and trace is not None:
+            handles += trace.watch(layers)
         try:
             following.append(_run(block, hidden, call, precision))
+            if index == 0 and trace is not None:
+                trace.output_shape = tuple(following[-1].shape)
         finally:
             for handle in handles:
                 handle.remove()

@@ -72,7 +72,15 @@ from pruning.prune import (
 from .blocks import BlockCall, batches, capture_calls, find_blocks, truncated
 from .precision import check_precision, resolve_precision
 from .reconstruct import TARGETS, check_correction, check_damping, check_tokens, summarize
-from .refit import Refit, block_outputs, block_structure, dense_targets, linear_layers, refit_block
+from .refit import (
+    CallTrace,
+    Refit,
+    block_outputs,
+    block_structure,
+    dense_targets,
+    linear_layers,
+    refit_block,
+)
 
 __all__ = ["SequentialSettings", "prune_sequential", "masked_refits", "prune_and_reconstruct",
            "RECONSTRUCT_MODES", "sequential_settings", "prune_block", "Stream",
@@ -207,8 +215,9 @@ def prune_block(model: nn.Module, graph, path: str, index: int, groups: list,
     block = model.get_submodule(path)[index]
     dense_block, names = copy.deepcopy(block), list(linear_layers(block))
     precision = resolve_precision(settings.precision, recon.states[0].device)
+    trace = CallTrace()  # the dense run shows the block's stages (the copy is wired as it)
     next_dense, targets = dense_targets(dense_block, dense_states, recon.at(index), names,
-                                        precision)
+                                        precision, trace)
     layers, local, block_scores, after = {}, {}, {}, []
     groups = [g for g in groups if counts[g.id] > 0]
     pre = settings.pre and not _same(recon.states, dense_states)
@@ -217,7 +226,7 @@ def prune_block(model: nn.Module, graph, path: str, index: int, groups: list,
         structure = block_structure(block, recon.states[0], recon.at(index)[0],
                                     probe=settings.correction > 0,
                                     known=context.setdefault("probes", {}),
-                                    precision=precision)
+                                    precision=precision, trace=trace)
     if pre:
         again = _post_layers(graph, groups, f"{path}.{index}", block, settings)
         fitted = refit_block(block, recon.states, recon.at(index),

@@ -15,6 +15,7 @@ from recovery import ReconstructionError, SequentialSettings, kept_channels, rec
 from recovery.blocks import BlockCall, batches, capture_calls, find_blocks
 from recovery.lstsq import NormalEquations, fit, solve
 from recovery.refit import (
+    CallTrace,
     Refit,
     block_outputs,
     block_structure,
@@ -270,6 +271,17 @@ def test_block_structure_of_real_blocks(arch):
         expected.add(next(n for n in flat if n.endswith(".dense")
                           and n.startswith(("attention", "self_attn"))))
     assert found.through == expected
+    # the dense targets' first run of an identical block shows the same structure: with its
+    # trace, and the probe's answer known, the structure costs no run at all
+    trace, known = CallTrace(), {}
+    block_structure(blocks[0], states[0], calls[0][0], known=known)
+    dense_targets(copy.deepcopy(blocks[0]), states, [c[0] for c in calls], flat, trace=trace)
+    runs = []
+    handle = blocks[0].register_forward_pre_hook(lambda *a: runs.append(1))
+    again = block_structure(blocks[0], states[0], calls[0][0], known=known, trace=trace)
+    handle.remove()
+    assert (again.stages, again.counts, again.through) == (found.stages, found.counts,
+                                                           found.through) and runs == []
 
 
 def _off_dense(seed: int, batches: int, noise: float):
