@@ -120,7 +120,7 @@ def _cache_key(spec: dict) -> str:
     import hashlib
 
     fields = ("model", "criterion", "ratio", "layers", "kinds", "ranking", "round_to", "calib",
-              "calib_samples", "recon_samples", "seed")
+              "calib_samples", "recon_samples", "recon_damping", "seed")
     text = json.dumps([spec.get(f) for f in fields] + [_prune_mode(spec.get("recovery", ""))])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -150,6 +150,15 @@ def _depgraph_pruned(model, tokenizer, calib, spec: dict, record: dict):
     return model
 
 
+def _sequential(spec: dict):
+    """The sequential pass's settings: the library's ("both"), the damping as ``spec`` says."""
+    from recovery import SequentialSettings
+
+    if spec.get("recon_damping") is None:
+        return "both"
+    return SequentialSettings(damping=spec["recon_damping"])
+
+
 def _prune_cell(model, tokenizer, calib, spec: dict, record: dict):
     from pruning import prune
     from pruning.calibration import calibration_tokens
@@ -170,7 +179,7 @@ def _prune_cell(model, tokenizer, calib, spec: dict, record: dict):
                        round_to=spec.get("round_to", 1), compensate=mode == "compensate")
         if mode == "sequential":
             result = prune_and_reconstruct(model, spec["ratio"], spec["criterion"],
-                                           reconstruct="both", recon_tokens=recon_tokens,
+                                           reconstruct=_sequential(spec), recon_tokens=recon_tokens,
                                            **options)
         else:
             result = prune(model, spec["ratio"], spec["criterion"], **options)
@@ -226,7 +235,8 @@ def worker(spec: dict) -> dict:
 # ------------------------------------------------------------------------------ driver
 def _cells(args) -> list[dict]:
     base = {"model": args.model, "calib": args.calib, "calib_samples": args.calib_samples,
-            "recon_samples": args.recon_samples, "lora_steps": args.lora_steps,
+            "recon_samples": args.recon_samples, "recon_damping": args.recon_damping,
+            "lora_steps": args.lora_steps,
             "ppl_tokens": args.ppl_tokens, "threads": args.threads, "seed": args.seed,
             "distill_tokens": args.distill_tokens, "distill_lr": args.distill_lr,
             "temperature": args.temperature, "lm_weight": args.lm_weight,
@@ -312,6 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", default="bundled")
     parser.add_argument("--calib-samples", type=int, default=10)
     parser.add_argument("--recon-samples", type=int, default=32)
+    parser.add_argument("--recon-damping", type=float, default=None,
+                        help="damping of the sequential reconstruction (default: the library's)")
     parser.add_argument("--lora-steps", type=int, default=60)
     parser.add_argument("--distill-tokens", type=int, default=30_720,
                         help="training tokens of distillation (default 30720, as 60 LoRA steps)")
