@@ -7,7 +7,8 @@
 Training (LoRA, distillation): weights, gradients and the optimizer stay in float32; only the
 forward (and so the backward) matrix products run in bfloat16, as ``torch.autocast`` does.
 Least-squares reconstruction: the block runs that collect activations and the products
-``XᵀX`` / ``XᵀY`` run in bfloat16 (accumulated and solved in float64): SmolLM2-135M at 20%,
+``XᵀX`` / ``XᵀY`` run in bfloat16 (accumulated in float64, solved in float32 on the
+unit-diagonal scaling, :mod:`recovery.lstsq`): SmolLM2-135M at 20%,
 49 s against 89 s on one core, WikiText-2 perplexity 124.58 against 124.11 in float32
 (benchmarks/RESULTS.md). It pays where the device
 multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU with AMX or AVX512-BF16

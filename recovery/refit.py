@@ -152,14 +152,17 @@ def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
     the caller already ran an identical block (same wiring) on the same kind of call.
     """
     layers = linear_layers(block)
+    base = None
     if trace is None or trace.output_shape is None:
         trace = CallTrace()
         handles = trace.watch(layers)
         try:
-            trace.output_shape = tuple(_run(block, hidden, call, precision).shape)
+            output = _run(block, hidden, call, precision)
         finally:
             for handle in handles:
                 handle.remove()
+        trace.output_shape = tuple(output.shape)
+        base = output if precision == "fp32" else None
     stages: list[list[str]] = []
     last_input = None
     for name, source in trace.order:
@@ -176,8 +179,8 @@ def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
         key = (type(block), tuple(map(tuple, stages)), candidates)
         if known is not None and key in known:
             return BlockStructure(stages, counts, known[key])
-        with torch.no_grad():  # the probes compare against a float32 run
-            base = run_block(block, hidden, call)
+        if base is None:  # the probes compare against a float32 run
+            base = _run(block, hidden, call, "fp32")
         through = frozenset(name for name in candidates
                             if _moves_output(block, hidden, call, layers[name], base))
         if known is not None:
