@@ -10,7 +10,8 @@ same 10 x 128 calibration windows as ``quality.py``) through the sequential pass
 :mod:`recovery.sequential` with one :class:`recovery.SequentialSettings`, in a fresh
 interpreter, and reports WikiText-2 perplexity (first ``--ppl-tokens`` tokens, windows of
 128), the pruning wall time and peak RSS. A cell per combination of the listed values; the
-pruned-only row comes first. This is how the defaults (damping 4, correction 1) were chosen.
+pruned-only row comes first. This is how the defaults (correction 1; damping 4, then 2 once
+the pre refit left the post refit's layers alone) were chosen.
 
 ``--precision``: the arithmetic of the reconstruction (:mod:`recovery.precision`; ``auto`` is
 bfloat16 where the CPU multiplies it natively). ``--lora-steps N`` adds a cell that trains
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--criterion", default="second_moment")
     parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--damping", type=_list(float), default=[4.0])
+    parser.add_argument("--damping", type=_list(float), default=[2.0])
     parser.add_argument("--correction", type=_list(float), default=[1.0])
     parser.add_argument("--samples", type=_list(int), default=[32],
                         help="reconstruction windows of 128 tokens")

@@ -71,7 +71,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         ["quality.py", "--criteria", "second_moment", "--ratios", "0.2,0.3", "--recovery",
          "none,reconstruct,lora,reconstruct+lora", "--lora-steps", "60", "--threads", "1",
          "--jobs", "2"],
-        "Reconstruction: the sequential least-squares pass (pre and post, damping 4, output "
+        "Reconstruction: the sequential least-squares pass (pre and post, damping 2, output "
         "correction on, 32 x 128 tokens of the calibration prose); LoRA: 60 steps of batch "
         "4 x 128 tokens of the same prose, rank 8. Two cells run at a time on one thread each "
         "(both kinds of cell under the same contention), so seconds are longer than alone."),
@@ -116,7 +116,7 @@ SECTIONS: dict[str, tuple[str, list[str], str]] = {
         "Ratio sweep on SmolLM2-135M: reconstruction after retraining_free",
         ["quality.py", "--criteria", "retraining_free",
          "--ratios", "0.1,0.3,0.5", "--recovery", "reconstruct", *_SWEEP_EVAL],
-        "The recovery section's reconstruction (sequential, pre and post, damping 4, output "
+        "The recovery section's reconstruction (sequential, pre and post, damping 2, output "
         "correction, 32 x 128 tokens of the calibration prose) after the criterion that "
         "leads the one-shot sweep at 30% (second_moment: sweep_recovery; 20%: "
         "criteria_reconstruct; the other criteria: sweep_taylor_reconstruct and "
