@@ -269,7 +269,12 @@ def test_an_added_bias_on_a_layer_renamed_on_disk_reloads(save, tmp_path):
         save_pruned(model, tmp_path / "m")
     reloaded = load_pruned(tmp_path / "m")
     assert torch.equal(reloaded.lm_head.bias, model.lm_head.bias)
-    assert torch.equal(_logits(reloaded), _logits(model))
+    saved, kept = dict(reloaded.named_parameters()), dict(model.named_parameters())
+    assert saved.keys() == kept.keys()
+    assert all(torch.equal(saved[name], kept[name]) for name in kept)
+    # equal weights, equal logits up to float64 rounding: which kernel path a product takes
+    # (and so its last bit) may depend on where the tensors lie in memory (seen on an AMD CPU)
+    torch.testing.assert_close(_logits(reloaded), _logits(model), atol=1e-12, rtol=0)
 
 
 def test_layers_that_share_a_weight_share_one_added_bias():
