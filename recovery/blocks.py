@@ -8,8 +8,9 @@ attention masks, cache positions ...). Nothing here knows an architecture:
   children share one class and hold the most parameters: ``model.layers``, ``transformer.h``);
 * :func:`capture_calls` runs the model once per batch with a pre-hook on every block that
   records the block's ``(args, kwargs)``; the hidden states are kept for block 0 only (the
-  others are recomputed block by block), and the forward stops after the last block, so
-  the head never runs. Per-block keyword arguments are kept by reference: blocks that
+  others are recomputed block by block), the blocks themselves return their input instead
+  of running (checked on one row against the real blocks), and the forward stops at the
+  last block, so the head never runs. Per-block keyword arguments are kept by reference: blocks that
   share a tensor (the same rotary table) share its memory.
 * :func:`run_block` calls a block on such a recorded call with other hidden states.
 
@@ -29,7 +30,7 @@ from torch import nn
 from .precision import compute_autocast
 
 __all__ = ["BlockCall", "find_blocks", "capture_calls", "run_block", "batches", "stop_after",
-           "StopForward", "truncated"]
+           "StopForward", "truncated", "pass_through", "record_calls", "same_value"]
 
 
 class StopForward(Exception):
@@ -77,14 +78,12 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     return rest.pop("hidden_states"), BlockCall((), rest, hidden_in_kwargs=True)
 
 
-def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[torch.Tensor],
-                  device: torch.device | str | None = None, precision: str = "fp32"
+def record_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[torch.Tensor],
+                  device: torch.device, outputs: list | None = None
                   ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
-    """Block-0 hidden states per batch, and each block's call per batch (``[batch][block]``).
-
-    The token ids go to ``device`` (default: the model's first parameter's). ``precision``
-    (``"bf16"``: autocast) is the arithmetic of the blocks run to reach the next one's call;
-    block 0's hidden states are taken before any block runs."""
+    """One forward per batch, stopped at the last block, recording block 0's hidden states and
+    every block's call as the blocks are (real or :func:`pass_through`), and block 0's
+    output into ``outputs`` when given. Runs under the caller's grad and autocast modes."""
     hidden: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = []
     last = len(blocks) - 1
@@ -102,23 +101,100 @@ def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[to
 
     handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True)
                for i, block in enumerate(blocks)]
-    device = torch.device(device if device is not None else next(model.parameters()).device)
+    if outputs is not None:
+        handles.append(blocks[0].register_forward_hook(lambda _m, _a, out: outputs.append(out)))
     try:
-        with torch.no_grad(), compute_autocast(precision, device):
-            for ids in batch_tokens:
-                current = []
-                try:
-                    model(input_ids=ids.to(device), use_cache=False)
-                except StopForward:
-                    pass
-                if len(current) != len(blocks):
-                    raise RuntimeError(f"the forward pass called {len(current)} of "
-                                       f"{len(blocks)} blocks; cannot reconstruct block by block")
-                calls.append(current)
+        for ids in batch_tokens:
+            current = []
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except StopForward:
+                pass
+            if len(current) != len(blocks):
+                raise RuntimeError(f"the forward pass called {len(current)} of "
+                                   f"{len(blocks)} blocks; cannot reconstruct block by block")
+            calls.append(current)
     finally:
         for handle in handles:
             handle.remove()
     return hidden, calls
+
+
+def capture_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[torch.Tensor],
+                  device: torch.device | str | None = None, precision: str = "fp32"
+                  ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
+    """Block-0 hidden states per batch, and each block's call per batch (``[batch][block]``).
+
+    The token ids go to ``device`` (default: the model's first parameter's). ``precision``
+    (``"bf16"``: autocast) is the arithmetic of the blocks run to reach the next one's call;
+    block 0's hidden states are taken before any block runs.
+
+    The calls come from passes whose blocks return their input (:func:`pass_through`): what
+    the model hands a block (rotary tables, masks, positions) does not depend on the hidden
+    states' values, so the blocks need not run. That is checked, not assumed: one row runs
+    through the real blocks and again through the pass-throughs, and unless both give
+    identical calls every batch runs the real blocks (a model that feeds a block something
+    computed from an earlier block's output).
+    """
+    device = torch.device(device if device is not None else next(model.parameters()).device)
+    with torch.no_grad(), compute_autocast(precision, device):
+        if len(blocks) < 2 or not batch_tokens:
+            return record_calls(model, blocks, batch_tokens, device)
+        probe = batch_tokens[0][:1]
+        template: list = []
+        _, real = record_calls(model, blocks, [probe], device, outputs=template)
+        try:
+            with pass_through(list(blocks), template[0]):
+                hidden, calls = record_calls(model, blocks, [probe, *batch_tokens], device)
+        except Exception:  # noqa: BLE001 - any failure means: run the real blocks
+            calls = None
+        if calls is not None and same_value(real[0], calls[0]):
+            return hidden[1:], calls[1:]
+        return record_calls(model, blocks, batch_tokens, device)
+
+
+@contextmanager
+def pass_through(blocks: list[nn.Module], template) -> Iterator[None]:
+    """Blocks that return their input hidden states, shaped like ``template`` (an output)."""
+    if not isinstance(template, (torch.Tensor, tuple, list)):
+        raise TypeError(f"a block returns {type(template).__name__}; expected a tensor or a "
+                        "tuple starting with the hidden states")
+
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if isinstance(template, torch.Tensor):
+            return hidden
+        return type(template)((hidden, *template[1:]))
+
+    for block in blocks:
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block in blocks:
+            vars(block).pop("forward", None)
+
+
+def same_value(a, b) -> bool:
+    """Whether two recorded values (tensors, containers, BlockCalls, plain objects) are equal:
+    tensors of the same shape, dtype and elements."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, BlockCall) and isinstance(b, BlockCall):
+        return (a.hidden_in_kwargs == b.hidden_in_kwargs and same_value(a.args, b.args)
+                and same_value(a.kwargs, b.kwargs))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(same_value(x, y) for x, y in zip(a, b, strict=True)))
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared are not known equal
+        return False
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:

@@ -9,7 +9,8 @@ model's parameters live on ``meta`` (:func:`pruning.checkpoint.skeleton_model`):
 * every block is replaced by a pass-through that returns its input in the shape of a real
   block's output (learnt by running block 0 once on one row), so that one pass records the
   call — rotary tables, masks of its attention type, positions — each block receives, as
-  :func:`recovery.blocks.capture_calls` does for a model in memory.
+  :func:`recovery.blocks.capture_calls` does for a model in memory (where one row checks
+  that the calls do not depend on the blocks' outputs).
 
 Rows are captured in the batches the in-memory pass uses (one at a time for scoring, as
 :meth:`pruning.importance.ScoringContext.run_forward` runs them; the reconstruction's batches
@@ -26,7 +27,7 @@ from torch import nn
 
 from pruning.checkpoint import LazyCheckpoint, materialized
 
-from .blocks import BlockCall, batches, capture_calls
+from .blocks import BlockCall, batches, pass_through, record_calls
 
 __all__ = ["capture_streamed", "block_parameter_names", "to_device"]
 
@@ -69,28 +70,6 @@ def _outside_loaded_on_call(model: nn.Module, path: str, checkpoint: LazyCheckpo
             handle.remove()
 
 
-@contextmanager
-def _pass_through(blocks: list[nn.Module], template) -> Iterator[None]:
-    """Blocks that return their input hidden states, shaped like ``template`` (an output)."""
-    if not isinstance(template, (torch.Tensor, tuple, list)):
-        raise TypeError(f"a block returns {type(template).__name__}; streaming handles blocks "
-                        "that return a tensor or a tuple starting with the hidden states")
-
-    def forward(*args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if isinstance(template, torch.Tensor):
-            return hidden
-        return type(template)((hidden, *template[1:]))
-
-    for block in blocks:
-        block.forward = forward
-    try:
-        yield
-    finally:
-        for block in blocks:
-            vars(block).pop("forward", None)
-
-
 def to_device(value, device):
     """``value`` with every tensor inside (tuples, lists, dicts, BlockCalls) on ``device``."""
     if isinstance(value, torch.Tensor):
@@ -117,11 +96,11 @@ def capture_streamed(model: nn.Module, path: str, checkpoint: LazyCheckpoint,
     """Block-0 hidden states per batch of ``batch_size`` calibration rows, and each block's
     call per batch (``[batch][block]``), all on ``device`` (see the module doc)."""
     blocks = list(model.get_submodule(path))
-    rows = batches(tokens, batch_size)
+    rows, cpu = batches(tokens, batch_size), torch.device("cpu")
     with torch.no_grad(), _outside_loaded_on_call(model, path, checkpoint, "cpu"):
-        first_states, first_calls = capture_calls(model, blocks[:1], rows[:1], "cpu")
+        first_states, first_calls = record_calls(model, blocks[:1], rows[:1], cpu)
         with materialized(model, block_parameter_names(model, path, 0), checkpoint, "cpu"):
             template = _call(blocks[0], first_states[0], first_calls[0][0])
-        with _pass_through(blocks, template):
-            states, calls = capture_calls(model, blocks, rows, "cpu")
+        with pass_through(blocks, template):
+            states, calls = record_calls(model, blocks, rows, cpu)
     return to_device(states, device), to_device(calls, device)

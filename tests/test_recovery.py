@@ -12,7 +12,7 @@ from torch import nn
 from depgraph import build_graph
 from pruning import apply_plan
 from recovery import ReconstructionError, SequentialSettings, kept_channels, reconstruct
-from recovery.blocks import BlockCall, batches, capture_calls, find_blocks
+from recovery.blocks import BlockCall, batches, capture_calls, find_blocks, record_calls, same_value
 from recovery.lstsq import NormalEquations, fit, solve
 from recovery.refit import (
     CallTrace,
@@ -457,6 +457,61 @@ def test_block_inputs_are_captured_once_per_batch():
     hidden, calls = capture_calls(model, blocks, batches(ids, 2))
     assert [h.shape[0] for h in hidden] == [2, 2, 1]
     assert all(len(per_batch) == 3 for per_batch in calls)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "bloom", "falcon"])
+def test_captured_calls_equal_those_of_the_real_blocks(arch):
+    """The calls come from blocks that return their input; they equal those the real blocks
+    receive (per-layer masks, rotary tables, ALiBi), with the same block-0 states."""
+    model = tiny_model(arch, Dims(layers=3))
+    _, blocks = find_blocks(model)
+    ids = torch.randint(0, 61, (5, 8), generator=_gen(7))
+    hidden, calls = capture_calls(model, blocks, batches(ids, 2))
+    with torch.no_grad():
+        real_hidden, real_calls = record_calls(model, blocks, batches(ids, 2),
+                                               torch.device("cpu"))
+    assert same_value(hidden, real_hidden) and same_value(calls, real_calls)
+    assert not any("forward" in vars(block) for block in blocks)  # the blocks are back
+
+
+class _Chained(nn.Module):
+    """A model that hands each block a value computed from the previous block's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, input_ids, use_cache=False):
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, scale=hidden.abs().mean())
+        return hidden
+
+
+class _Scaled(nn.Linear):
+    def forward(self, hidden, scale):
+        return super().forward(hidden) * scale
+
+
+def test_calls_that_depend_on_earlier_blocks_come_from_the_real_blocks():
+    model = _Chained()
+    model.layers = nn.ModuleList(_Scaled(4, 4) for _ in range(3))
+    ids = torch.randint(0, 11, (4, 5), generator=_gen(8))
+    _, calls = capture_calls(model, model.layers, batches(ids, 2))
+    with torch.no_grad():
+        _, real = record_calls(model, model.layers, batches(ids, 2), torch.device("cpu"))
+    assert same_value(calls, real)
+    assert not same_value(calls[0][1].kwargs["scale"], calls[0][0].kwargs["scale"])
+
+
+def test_same_value_compares_what_calls_hold():
+    a = torch.arange(3.0)
+    assert same_value({"x": (a, None, 2)}, {"x": (a.clone(), None, 2)})
+    assert not same_value({"x": (a, None)}, {"x": (a + 1, None)})
+    assert not same_value(a, a.double())
+    assert not same_value((a,), [a])
+    assert not same_value(object(), object())
 
 
 def test_bad_arguments_are_refused():
