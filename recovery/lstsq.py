@@ -23,6 +23,8 @@ import torch
 
 from depgraph.errors import DepGraphError
 
+from .precision import check_resolved
+
 __all__ = ["NormalEquations", "ReconstructionError", "Fit", "fit", "solve"]
 
 
@@ -41,8 +43,7 @@ class NormalEquations:
     """
 
     def __init__(self, name: str, bias: bool, precision: str = "fp32"):
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        check_resolved(precision)
         self.name, self.bias = name, bias
         self.dtype = torch.bfloat16 if precision == "bf16" else None
         self.xtx: torch.Tensor | None = None

@@ -23,8 +23,8 @@ import contextlib
 
 import torch
 
-__all__ = ["PRECISIONS", "check_precision", "native_bf16", "resolve_precision",
-           "compute_autocast", "fused_adamw_ok"]
+__all__ = ["PRECISIONS", "RESOLVED", "check_precision", "check_resolved", "native_bf16",
+           "resolve_precision", "compute_autocast", "fused_adamw_ok"]
 
 #: ``auto``: bfloat16 autocast where the device multiplies it natively, else float32.
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -44,6 +44,16 @@ def check_precision(precision: str) -> None:
     """A one-line ``ValueError`` naming ``precision`` unless it is one of :data:`PRECISIONS`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+#: What :func:`resolve_precision` returns: the arithmetic a pass actually runs in.
+RESOLVED = ("fp32", "bf16")
+
+
+def check_resolved(precision: str) -> None:
+    """A one-line ``ValueError`` naming ``precision`` unless it is one of :data:`RESOLVED`."""
+    if precision not in RESOLVED:
+        raise ValueError(f"precision must be one of {RESOLVED}, got {precision!r}")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

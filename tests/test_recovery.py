@@ -129,7 +129,7 @@ def test_bfloat16_products_stay_close_to_float32():
     w_exact, b_exact = solve(exact, 4.0)
     w_rounded, b_rounded = solve(rounded, 4.0)
     assert (w_rounded - w_exact).norm() < 2e-2 * w_exact.norm()
-    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"):
         NormalEquations("a", bias=False, precision="fp16")
 
 
