@@ -39,7 +39,7 @@ from .blocks import BlockCall, StopForward, run_block, stop_after
 from .lstsq import NormalEquations, fit
 from .precision import compute_autocast
 
-__all__ = ["Refit", "BlockStructure", "CallTrace", "block_structure", "linear_layers",
+__all__ = ["Refit", "BlockStructure", "CallTrace", "InputRecord", "block_structure", "linear_layers",
            "block_outputs", "dense_targets", "refit_block", "weight_rows", "passes_through"]
 
 
@@ -228,9 +228,10 @@ def dense_targets(block: nn.Module, states: list[torch.Tensor], calls: list[Bloc
 
 def _partial_run(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
                  modules: dict[str, nn.Module], last: nn.Module, calls: int,
-                 precision: str) -> tuple[dict, dict]:
-    """Run ``block`` up to the end of a stage, keeping the stage layers' inputs and outputs."""
-    inputs, in_handles = _record(modules, "input")
+                 precision: str, also: dict[str, nn.Module] | None = None) -> tuple[dict, dict]:
+    """Run ``block`` up to the end of a stage, keeping the stage layers' inputs and outputs
+    (and the inputs of the layers ``also`` names that run before the stage ends)."""
+    inputs, in_handles = _record({**(also or {}), **modules}, "input")
     outputs, out_handles = _record(modules, "output")
     try:
         with stop_after(last, calls):
@@ -310,11 +311,53 @@ class _Stage:
     runs: list[tuple] | None  # per batch (block output, inputs, outputs) when it ran whole
 
 
+class InputRecord:
+    """Layer inputs per batch kept from one refit's stage runs for another refit of the same
+    block on the same batches (the sequential pass's post refit of o_proj reads what its pre
+    refit's MLP stage computed on the way; only the units zeroed in between differ)."""
+
+    def __init__(self, names: set[str]):
+        self.names = set(names)
+        self.batches: dict[str, dict[int, list[torch.Tensor]]] = {n: {} for n in self.names}
+
+    def keep(self, seen: dict[str, list], index: int) -> None:
+        for name in self.names & set(seen):
+            if seen[name]:  # called before the run stopped
+                self.batches[name][index] = seen[name]
+
+    def holds(self, names: list[str], seen: dict[str, list], refits: dict[str, Refit],
+              count: int) -> bool:
+        """Whether every batch of ``names`` is kept and batch 0's kept inputs equal ``seen``
+        (a fresh run's) on the columns each refit reads."""
+        if not all(n in self.names and len(self.batches[n]) == count for n in names):
+            return False
+        for name in names:
+            kept, fresh, cols = self.batches[name][0], seen[name], refits[name].cols
+            if len(kept) != len(fresh):
+                return False
+            for a, b in zip(kept, fresh, strict=True):
+                if cols is not None:
+                    a, b = a.index_select(-1, cols.to(a.device)), b.index_select(-1, cols.to(b.device))
+                if a.shape != b.shape or not torch.equal(a, b):
+                    return False
+        return True
+
+
+def _outputs(modules: dict[str, nn.Module], seen: dict[str, list], precision: str) -> dict:
+    """The layers' present outputs on recorded inputs."""
+    with torch.no_grad():
+        found = {}
+        for name, xs in seen.items():
+            with compute_autocast(precision, xs[0].device):
+                found[name] = [modules[name](x) for x in xs]
+        return found
+
+
 def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Module,
                      layers: dict[str, nn.Module], states: list[torch.Tensor],
                      calls: list[BlockCall], targets: dict, end: tuple[str, int],
                      corrected: set[str], outputs: list[torch.Tensor] | None,
-                     correction: float, precision: str) -> _Stage:
+                     correction: float, precision: str, inputs: dict | None = None) -> _Stage:
     """Normal equations of a stage's layers (shared where they read the same design matrix),
     accumulated batch by batch: the pruned block's inputs against the dense layers' outputs,
     and the present outputs' squared error against the same targets.
@@ -325,6 +368,11 @@ def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Modul
     the pruned block with the layer's present weights, the target is
     ``Y + correction · (R - R̂)``: the refit layer cancels (a share of) the error that the
     pruned inputs bring along instead of passing it on down the residual stream.
+
+    ``inputs``: per layer, its inputs per batch as an earlier run recorded them
+    (:class:`InputRecord`); a stage that does not run the whole block records its layers'
+    inputs there, and takes the recorded ones instead of running the block when batch 0's run
+    shows them unchanged on the columns the refit reads.
     """
     members: dict[tuple, list[str]] = {}
     for name in names:
@@ -335,16 +383,26 @@ def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Modul
     before = dict.fromkeys(names, 0.0)
     whole = any(n in corrected for n in names)
     runs: list[tuple] | None = [] if whole else None
+    record = None if whole or inputs is None else inputs
+    also = None if record is None else {n: layers[n] for n in record.names if n in layers}
+    reuse = False
     for index, (hidden, call) in enumerate(zip(states, calls, strict=True)):
         if whole:
-            inputs, present, result = _full_run(block, hidden, call, modules, precision)
-            runs.append((result, inputs, present))
+            seen, present, result = _full_run(block, hidden, call, modules, precision)
+            runs.append((result, seen, present))
+        elif reuse:
+            seen = {n: record.batches[n][index] for n in names}
+            present = _outputs(modules, seen, precision)
         else:
-            inputs, present = _partial_run(block, hidden, call, modules, layers[end[0]], end[1],
-                                           precision)
+            seen, present = _partial_run(block, hidden, call, modules, layers[end[0]], end[1],
+                                         precision, also)
+            if index == 0 and record is not None:
+                reuse = record.holds(names, seen, refits, len(states))
+        if record is not None and not reuse:
+            record.keep(seen, index)
         for key, group in members.items():
             cols = refits[group[0]].cols
-            for number, x in enumerate(inputs[group[0]]):  # a group's layers read one x
+            for number, x in enumerate(seen[group[0]]):  # a group's layers read one x
                 if cols is not None:
                     x = x.index_select(-1, cols.to(x.device))
                 wanted = {}
@@ -398,8 +456,8 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
                 refits: dict[str, Refit], targets: dict[str, list[list[torch.Tensor]]],
                 damping: float, outputs: list[torch.Tensor] | None = None,
                 correction: float = 0.0, structure: BlockStructure | None = None,
-                precision: str = "fp32", outputs_after: list | None = None
-                ) -> dict[str, dict[str, float]]:
+                precision: str = "fp32", outputs_after: list | None = None,
+                inputs: InputRecord | None = None) -> dict[str, dict[str, float]]:
     """Refit the layers named in ``refits`` (paths inside the block), stage by stage.
 
     ``states``/``calls``: the pruned model's inputs to this block, per batch;
@@ -415,7 +473,8 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
     float32. ``outputs_after``: a list this fills with the block's outputs per batch after the
     refit when they come for free: its last refit stage is a pass-through layer's, whose
     stage ran the whole block, so the outputs are that run's with the layer's change added
-    (left empty otherwise; saves the caller a pass). Returns, per layer, the relative output
+    (left empty otherwise; saves the caller a pass). ``inputs``: an :class:`InputRecord`
+    the stage runs fill (its layers) and take from (:func:`_stage_equations`). Returns, per layer, the relative output
     error before and after the refit.
     """
     if not 0.0 <= correction <= 1.0:
@@ -440,7 +499,7 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
             continue
         stage = _stage_equations(names, refits, block, layers, states, calls, targets,
                                  (stage_names[-1], counts[stage_names[-1]]), corrected, outputs,
-                                 correction, precision)
+                                 correction, precision, inputs)
         for name in names:
             module, refit, equations = layers[name], refits[name], stage.equations[name]
             weight, bias = _current(module, refit)

@@ -24,6 +24,9 @@ pass decides *which*, block after block, on up-to-date weights and inputs:
    in both refits the layer whose output passes into the block's output (down_proj) is fit
    to the dense block's *output* too (``correction``, :func:`recovery.refit.refit_block`), so
    the error the pruned inputs carry is cancelled here instead of flowing on;
+   the post refit's stages that stop inside the block (o_proj's) take the inputs the pre
+   refit's runs recorded on their way (:class:`recovery.refit.InputRecord`) once batch 0
+   shows them unchanged on the kept columns, instead of running the block again;
 6. run both versions of the block to get the next block's ``X`` and ``X̂`` (``X̂`` comes for
    free when the post refit ended with the block's pass-through layer: that stage ran the
    whole block, :func:`recovery.refit.refit_block`'s ``outputs_after``).
@@ -75,6 +78,7 @@ from .precision import check_precision, resolve_precision
 from .reconstruct import TARGETS, check_correction, check_damping, check_tokens, summarize
 from .refit import (
     CallTrace,
+    InputRecord,
     Refit,
     block_outputs,
     block_structure,
@@ -232,12 +236,13 @@ def prune_block(model: nn.Module, graph, path: str, index: int, groups: list,
                                     probe=settings.correction > 0,
                                     known=context.setdefault("probes", {}),
                                     precision=precision, trace=trace)
+    again = _post_layers(graph, groups, f"{path}.{index}", block, settings)
+    record = InputRecord(again) if pre and again else None  # o_proj's, for the post refit
     if pre:
-        again = _post_layers(graph, groups, f"{path}.{index}", block, settings)
         fitted = refit_block(block, recon.states, recon.at(index),
                              {n: Refit() for n in names if n not in again}, targets,
-                             settings.damping,
-                             next_dense, settings.correction, structure, precision)
+                             settings.damping, next_dense, settings.correction, structure,
+                             precision, inputs=record)
         layers.update({f"pre:{k}": v for k, v in fitted.items()})
     if groups:
         block_scores = _scores(model, graph, groups, criterion, tokens, scoring, path, index,
@@ -249,7 +254,7 @@ def prune_block(model: nn.Module, graph, path: str, index: int, groups: list,
                                    settings.targets)
             post = refit_block(block, recon.states, recon.at(index), refits, targets,
                                settings.damping, next_dense, settings.correction, structure,
-                               precision, outputs_after=after)
+                               precision, outputs_after=after, inputs=record)
             layers.update({f"post:{k}": v for k, v in post.items()})
     recon.states = after or recon.run(block, index, precision)
     if scoring is not None:

@@ -435,6 +435,43 @@ def test_the_pre_refit_leaves_what_the_post_refit_solves_again():
     assert model.model.layers[1].mlp.down_proj.in_features == 24 - 6
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["kv_group", "query_head"])
+def test_the_post_refit_of_o_proj_takes_the_inputs_the_pre_refit_recorded(monkeypatch, precision,
+                                                                          kind):
+    """Blocks losing KV groups or query heads (whose zeroed heads still attend): o_proj's
+    post refit reads the inputs the pre refit's MLP stage recorded (checked equal on batch 0's
+    kept columns) and ends exactly where running the block again for them ends."""
+    from recovery.refit import InputRecord
+    from recovery.sequential import prune_sequential
+
+    holds = InputRecord.holds
+
+    def run(reuse: bool) -> tuple[nn.Module, list]:
+        model = tiny_model("llama", Dims(layers=3, hidden_heads=4, kv_heads=2), seed=5)
+        graph = build_graph(model)
+        heads = [g for g in graph.groups() if g.kind == kind]
+        answers = []
+
+        def spy(self, names, *args):
+            found = holds(self, names, *args)
+            if names == ["self_attn.o_proj"]:
+                answers.append(found)
+            return found and reuse
+
+        monkeypatch.setattr(InputRecord, "holds", spy)
+        calib = torch.randint(0, model.config.vocab_size, (24, 16), generator=_gen(7))
+        prune_sequential(model, graph, {g.id: 1 for g in heads}, "l2", None, calib,
+                         SequentialSettings(precision=precision, batch_size=8))
+        return model, answers
+
+    reused, answers = run(True)
+    again, _ = run(False)
+    assert answers == [True, True]  # blocks 1 and 2 (block 0 sees dense inputs: no pre refit)
+    for (name, a), b in zip(reused.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_kept_channels_compose_two_plans():
     dense = tiny_model("llama", Dims(layers=1))
     graph = build_graph(dense)
