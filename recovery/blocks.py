@@ -10,8 +10,8 @@ attention masks, cache positions ...). Nothing here knows an architecture:
   records the block's ``(args, kwargs)``; the hidden states are kept for block 0 only (the
   others are recomputed block by block), the blocks themselves return their input instead
   of running (checked on one row against the real blocks), and the forward stops at the
-  last block, so the head never runs. Per-block keyword arguments are kept by reference: blocks that
-  share a tensor (the same rotary table) share its memory.
+  last block, so the head never runs. Per-block keyword arguments are kept by reference:
+  blocks that share a tensor (the same rotary table) share its memory.
 * :func:`run_block` calls a block on such a recorded call with other hidden states.
 
 Memory: the hidden states of the calibration set for one block (dense and pruned), plus
@@ -79,8 +79,8 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
 
 
 def record_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[torch.Tensor],
-                  device: torch.device, outputs: list | None = None
-                  ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
+                 device: torch.device, outputs: list | None = None
+                 ) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
     """One forward per batch, stopped at the last block, recording block 0's hidden states and
     every block's call as the blocks are (real or :func:`pass_through`), and block 0's
     output into ``outputs`` when given. Runs under the caller's grad and autocast modes."""

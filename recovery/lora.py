@@ -37,7 +37,7 @@ from pruning.checks import check_int
 
 from .blocks import find_blocks
 from .precision import check_precision, fused_adamw_ok, resolve_precision
-from .refit import linear_layers
+from .structure import linear_layers
 
 __all__ = ["LoraSettings", "LoraDivergedError", "LoraResult", "lora_targets", "train_lora",
            "merge"]

@@ -32,14 +32,8 @@ from pruning.apply import apply_plan, plan_slices
 
 from .blocks import batches, capture_calls, find_blocks
 from .precision import resolve_precision
-from .refit import (
-    Refit,
-    block_outputs,
-    block_structure,
-    dense_targets,
-    linear_layers,
-    refit_block,
-)
+from .refit import Refit, block_outputs, dense_targets, refit_block
+from .structure import block_structure, linear_layers
 
 __all__ = ["TARGETS", "kept_channels", "reconstruct", "check_tokens", "check_damping",
            "check_correction"]

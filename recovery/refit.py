@@ -10,10 +10,10 @@ refit layers' outputs: level-1 layers (q/k/v, gate/up) first, then, on the recom
 activations, the level-2 layers (o, down).
 
 A layer whose output passes unchanged into the block's output (a residual branch's last
-projection: down_proj; found by probing, :func:`passes_through`) can also take up the
-block's output error: its target becomes the dense block's output minus the rest of the
-pruned block's output, so each block cancels the error its pruned inputs bring along instead
-of handing it on (``correction``; on SmolLM2 at 20% it took reconstruction from 132.6 to
+projection: down_proj; found by probing, :func:`recovery.structure.passes_through`) can also
+take up the block's output error: its target becomes the dense block's output minus the rest
+of the pruned block's output, so each block cancels the error its pruned inputs bring along
+instead of handing it on (``correction``; on SmolLM2 at 20% it took reconstruction from 132.6 to
 124.1 WikiText-2 perplexity, pruned only 143.8).
 
 The refit is damped towards the layer's present weights (:func:`recovery.lstsq.solve` with
@@ -30,17 +30,25 @@ and a masked one (pruned rows and columns stay zero).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .blocks import BlockCall, StopForward, run_block, stop_after
+from .blocks import BlockCall, StopForward, stop_after
 from .lstsq import NormalEquations, fit
 from .precision import compute_autocast
+from .structure import (
+    BlockStructure,
+    CallTrace,
+    block_structure,
+    linear_layers,
+    record_io,
+    run_quietly,
+    weight_rows,
+)
 
-__all__ = ["Refit", "BlockStructure", "CallTrace", "InputRecord", "block_structure", "linear_layers",
-           "block_outputs", "dense_targets", "refit_block", "weight_rows", "passes_through"]
+__all__ = ["Refit", "InputRecord", "block_outputs", "dense_targets", "refit_block"]
 
 
 @dataclass(frozen=True)
@@ -52,152 +60,10 @@ class Refit:
     cols: torch.Tensor | None = None  # input columns they may use; the others become zero
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """The block's linear layers by path inside the block."""
-    return {name: module for name, module in block.named_modules()
-            if isinstance(module, nn.Linear) or _is_conv1d(module)}
-
-
-def weight_rows(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in), whatever the storage (a view for GPT-2's Conv1D)."""
-    return module.weight.T if _is_conv1d(module) else module.weight
-
-
-def _record(modules: dict[str, nn.Module], take: str) -> tuple[dict[str, list], list]:
-    """Forward hooks keeping each module's input (``take="input"``) or output per call."""
-    seen: dict[str, list] = {name: [] for name in modules}
-
-    def hook(name):
-        def keep(_module, args, output):
-            seen[name].append((args[0] if take == "input" else output).detach())
-        return keep
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    return seen, handles
-
-
-@dataclass(frozen=True)
-class BlockStructure:
-    """How a block calls its linear layers, found once per block by running it.
-
-    ``stages``: layer names in call order, grouped by the input tensor they read;
-    ``counts``: calls per layer in one forward; ``through``: the layers whose output passes
-    unchanged into the block's output (:func:`passes_through`; probed only when asked).
-    """
-
-    stages: list[list[str]]
-    counts: dict[str, int]
-    through: frozenset[str] = frozenset()
-
-
-@dataclass
-class CallTrace:
-    """What one forward of a block showed of its linear layers: which layer read which tensor,
-    in call order, and the shapes of their outputs and of the block's (filled by
-    :func:`block_structure`'s own run, or by a run of an identical block that the caller
-    makes anyway: :func:`dense_targets`' first batch)."""
-
-    order: list[tuple[str, int]] = field(default_factory=list)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    output_shape: tuple[int, ...] | None = None
-
-    def watch(self, layers: dict[str, nn.Module]) -> list:
-        """Hooks that fill the trace during the next forward (remove them after it)."""
-        alive: list[torch.Tensor] = []  # held so that no id is reused during the pass
-
-        def note(name):
-            def before(_module, args):
-                alive.append(args[0])
-                self.order.append((name, id(args[0])))
-
-            def after(_module, _args, output):
-                self.shapes[name] = tuple(output.shape)
-            return before, after
-
-        handles = []
-        for name, module in layers.items():
-            before, after = note(name)
-            handles += [module.register_forward_pre_hook(before),
-                        module.register_forward_hook(after)]
-        handles.append(_Release(alive))
-        return handles
-
-
-class _Release:
-    """A handle whose ``remove`` lets go of the tensors a trace held during its forward."""
-
-    def __init__(self, alive: list):
-        self.alive = alive
-
-    def remove(self) -> None:
-        self.alive.clear()
-
-
-def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
-                    probe: bool = True, known: dict | None = None,
-                    precision: str = "fp32", trace: CallTrace | None = None) -> BlockStructure:
-    """The block's stages and call counts, and with ``probe`` its pass-through layers.
-
-    Only layers called once whose output has the block output's shape can pass through, so
-    only those are probed (one nudged run each, against one shared unchanged run).
-    ``known``: a dict this fills with the probes' answers, keyed by the block's class, stages
-    and candidates; a block of the same class that calls the same layers in the same stages
-    takes the answer from it instead of probing again (one probe per model, not per block).
-    ``precision``: the arithmetic of the run that finds the stages (the probes, which compare
-    outputs to a thousandth, run in float32). ``trace``: that run's :class:`CallTrace` when
-    the caller already ran an identical block (same wiring) on the same kind of call.
-    """
-    layers = linear_layers(block)
-    base = None
-    if trace is None or trace.output_shape is None:
-        trace = CallTrace()
-        handles = trace.watch(layers)
-        try:
-            output = _run(block, hidden, call, precision)
-        finally:
-            for handle in handles:
-                handle.remove()
-        trace.output_shape = tuple(output.shape)
-        base = output if precision == "fp32" else None
-    stages: list[list[str]] = []
-    last_input = None
-    for name, source in trace.order:
-        if stages and source == last_input and name not in stages[-1]:
-            stages[-1].append(name)
-        elif not any(name in stage for stage in stages):
-            stages.append([name])
-        last_input = source
-    counts = {name: sum(1 for n, _ in trace.order if n == name) for name, _ in trace.order}
-    through: frozenset[str] = frozenset()
-    if probe:
-        candidates = tuple(name for name in counts
-                           if counts[name] == 1 and trace.shapes.get(name) == trace.output_shape)
-        key = (type(block), tuple(map(tuple, stages)), candidates)
-        if known is not None and key in known:
-            return BlockStructure(stages, counts, known[key])
-        if base is None:  # the probes compare against a float32 run
-            base = _run(block, hidden, call, "fp32")
-        through = frozenset(name for name in candidates
-                            if _moves_output(block, hidden, call, layers[name], base))
-        if known is not None:
-            known[key] = through
-    return BlockStructure(stages, counts, through)
-
-
-def _run(block: nn.Module, hidden: torch.Tensor, call: BlockCall, precision: str) -> torch.Tensor:
-    """:func:`run_block` without gradients, its products in ``precision`` ("fp32" or "bf16")."""
-    with torch.no_grad(), compute_autocast(precision, hidden.device):
-        return run_block(block, hidden, call)
-
-
 def block_outputs(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
                   precision: str = "fp32") -> list[torch.Tensor]:
     """The block's outputs on every batch."""
-    return [_run(block, hidden, call, precision) for hidden, call in zip(states, calls, strict=True)]
+    return [run_quietly(block, hidden, call, precision) for hidden, call in zip(states, calls, strict=True)]
 
 
 def dense_targets(block: nn.Module, states: list[torch.Tensor], calls: list[BlockCall],
@@ -211,11 +77,11 @@ def dense_targets(block: nn.Module, states: list[torch.Tensor], calls: list[Bloc
     targets: dict[str, list[list[torch.Tensor]]] = {name: [] for name in names}
     following = []
     for index, (hidden, call) in enumerate(zip(states, calls, strict=True)):
-        seen, handles = _record({n: layers[n] for n in names}, "output")
+        seen, handles = record_io({n: layers[n] for n in names}, "output")
         if index == 0 and trace is not None:
             handles += trace.watch(layers)
         try:
-            following.append(_run(block, hidden, call, precision))
+            following.append(run_quietly(block, hidden, call, precision))
             if index == 0 and trace is not None:
                 trace.output_shape = tuple(following[-1].shape)
         finally:
@@ -231,11 +97,11 @@ def _partial_run(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
                  precision: str, also: dict[str, nn.Module] | None = None) -> tuple[dict, dict]:
     """Run ``block`` up to the end of a stage, keeping the stage layers' inputs and outputs
     (and the inputs of the layers ``also`` names that run before the stage ends)."""
-    inputs, in_handles = _record({**(also or {}), **modules}, "input")
-    outputs, out_handles = _record(modules, "output")
+    inputs, in_handles = record_io({**(also or {}), **modules}, "input")
+    outputs, out_handles = record_io(modules, "output")
     try:
         with stop_after(last, calls):
-            _run(block, hidden, call, precision)
+            run_quietly(block, hidden, call, precision)
     except StopForward:
         pass
     finally:
@@ -253,53 +119,14 @@ def _share_key(module: nn.Module, refit: Refit) -> tuple:
 def _full_run(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
               modules: dict[str, nn.Module], precision: str) -> tuple[dict, dict, torch.Tensor]:
     """Run the whole block, keeping the named layers' inputs and outputs and its output."""
-    inputs, in_handles = _record(modules, "input")
-    outputs, out_handles = _record(modules, "output")
+    inputs, in_handles = record_io(modules, "input")
+    outputs, out_handles = record_io(modules, "output")
     try:
-        result = _run(block, hidden, call, precision)
+        result = run_quietly(block, hidden, call, precision)
     finally:
         for handle in in_handles + out_handles:
             handle.remove()
     return inputs, outputs, result
-
-
-def passes_through(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
-                   layer: nn.Module) -> bool:
-    """Whether ``layer``'s output reaches the block's output unchanged (added to it), as a
-    residual branch's last projection does (Llama's down_proj; GPT-J's out_proj and fc_out).
-
-    Probed, not assumed: a small random change of the layer's output must change the
-    block's output by exactly that much.
-    """
-    with torch.no_grad():
-        base = run_block(block, hidden, call)
-    return _moves_output(block, hidden, call, layer, base)
-
-
-def _moves_output(block: nn.Module, hidden: torch.Tensor, call: BlockCall, layer: nn.Module,
-                  base: torch.Tensor) -> bool:
-    """:func:`passes_through` given the block's unchanged output ``base``."""
-    generator = torch.Generator().manual_seed(0)
-    delta: list[torch.Tensor] = []
-
-    def nudge(_module, _args, output):
-        if delta:  # called more than once per forward: not a single pass-through
-            delta.append(delta[0])
-            return output
-        noise = torch.randn(output.shape, generator=generator, dtype=torch.float32)
-        delta.append((noise * output.float().std().clamp_min(1e-6) * 1e-2).to(output))
-        return output + delta[0]
-
-    handle = layer.register_forward_hook(nudge)
-    try:
-        with torch.no_grad():
-            moved = run_block(block, hidden, call)
-    finally:
-        handle.remove()
-    if len(delta) != 1 or moved.shape != delta[0].shape:
-        return False
-    change, expected = (moved - base).float(), delta[0].float()
-    return bool((change - expected).norm() <= 1e-3 * expected.norm())
 
 
 @dataclass
@@ -357,7 +184,8 @@ def _stage_equations(names: list[str], refits: dict[str, Refit], block: nn.Modul
                      layers: dict[str, nn.Module], states: list[torch.Tensor],
                      calls: list[BlockCall], targets: dict, end: tuple[str, int],
                      corrected: set[str], outputs: list[torch.Tensor] | None,
-                     correction: float, precision: str, inputs: dict | None = None) -> _Stage:
+                     correction: float, precision: str,
+                     inputs: InputRecord | None = None) -> _Stage:
     """Normal equations of a stage's layers (shared where they read the same design matrix),
     accumulated batch by batch: the pruned block's inputs against the dense layers' outputs,
     and the present outputs' squared error against the same targets.
@@ -465,7 +293,7 @@ def refit_block(block: nn.Module, states: list[torch.Tensor], calls: list[BlockC
     stage the block runs batch by batch up to the stage's end; the stage's layers are
     solved before the next stage reads their outputs. ``outputs``: the dense block's outputs
     per batch; with ``correction > 0`` the layers whose output passes through to the block's
-    output (:func:`passes_through`) also take up that share of the block's output error
+    output (:func:`recovery.structure.passes_through`) also take up that share of the block's output error
     (:func:`_stage_equations`). ``structure``: the block's :func:`block_structure` when the
     caller already has it (the sequential pass refits each block twice). ``precision``
     (``"fp32"`` or ``"bf16"``, :mod:`recovery.precision`): the arithmetic of the block runs and

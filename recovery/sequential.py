@@ -76,16 +76,8 @@ from pruning.prune import (
 from .blocks import BlockCall, batches, capture_calls, find_blocks, truncated
 from .precision import check_precision, resolve_precision
 from .reconstruct import TARGETS, check_correction, check_damping, check_tokens, summarize
-from .refit import (
-    CallTrace,
-    InputRecord,
-    Refit,
-    block_outputs,
-    block_structure,
-    dense_targets,
-    linear_layers,
-    refit_block,
-)
+from .refit import InputRecord, Refit, block_outputs, dense_targets, refit_block
+from .structure import CallTrace, block_structure, linear_layers
 
 __all__ = ["SequentialSettings", "prune_sequential", "masked_refits", "prune_and_reconstruct",
            "RECONSTRUCT_MODES", "sequential_settings", "prune_block", "Stream",

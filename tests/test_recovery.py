@@ -14,15 +14,8 @@ from pruning import apply_plan
 from recovery import ReconstructionError, SequentialSettings, kept_channels, reconstruct
 from recovery.blocks import BlockCall, batches, capture_calls, find_blocks, record_calls, same_value
 from recovery.lstsq import NormalEquations, fit, solve
-from recovery.refit import (
-    CallTrace,
-    Refit,
-    block_outputs,
-    block_structure,
-    dense_targets,
-    passes_through,
-    refit_block,
-)
+from recovery.refit import InputRecord, Refit, block_outputs, dense_targets, refit_block
+from recovery.structure import CallTrace, block_structure, passes_through
 
 torch.set_num_threads(1)
 
@@ -246,7 +239,7 @@ def test_blocks_called_alike_are_probed_once(monkeypatch):
     known: dict = {}
     first = block_structure(_Gated(6), states, BlockCall((), {}), known=known)
     probes = []
-    monkeypatch.setattr("recovery.refit._moves_output", lambda *a: probes.append(a) or True)
+    monkeypatch.setattr("recovery.structure._moves_output", lambda *a: probes.append(a) or True)
     again = block_structure(_Gated(6), states, BlockCall((), {}), known=known)
     assert again.through == first.through == {"down"} and probes == []
     other = block_structure(_Mlp(6, 10), states, BlockCall((), {}), known=known)
@@ -442,7 +435,6 @@ def test_the_post_refit_of_o_proj_takes_the_inputs_the_pre_refit_recorded(monkey
     """Blocks losing KV groups or query heads (whose zeroed heads still attend): o_proj's
     post refit reads the inputs the pre refit's MLP stage recorded (checked equal on batch 0's
     kept columns) and ends exactly where running the block again for them ends."""
-    from recovery.refit import InputRecord
     from recovery.sequential import prune_sequential
 
     holds = InputRecord.holds
