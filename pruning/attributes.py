@@ -28,7 +28,9 @@ The chosen attributes are recorded with the plan (:func:`restore_attributes` set
 reload), so a meta-device replay need not tell coinciding sizes apart again.
 
 Attributes of layers that own their weights (``Linear``, ``Embedding``, ``Conv1D``, a
-``LayerNorm`` with a weight) are set from those weights and are not candidates.
+``LayerNorm`` with a weight, a convolution of one group or depthwise) are set from those
+weights and are not candidates (a convolution's kernel size, equal to Mamba-2's heads per
+group, is what transformers 5.25 gives its cache).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from depgraph.trace import meta_copy, trace_copy
 
 from .config_solver import with_changes
 from .extents import expected_signatures, group_extents, kept_sizes
+from .plan_configs import convolution_owns_its_sizes
 
 __all__ = ["sync_by_extent", "restore_attributes", "STANDARD_LAYERS"]
 
@@ -68,7 +71,8 @@ def _owns_its_sizes(module: nn.Module) -> bool:
     """Standard layers whose sizes follow their own weights (set by ``apply_plan``)."""
     standard = isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)) or any(
         cls.__name__ in STANDARD_LAYERS for cls in type(module).__mro__)
-    return standard and getattr(module, "weight", None) is not None
+    return (standard and getattr(module, "weight", None) is not None) or \
+        convolution_owns_its_sizes(module)
 
 
 def _new_value(value, extents: dict[int, int]):

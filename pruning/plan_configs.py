@@ -43,7 +43,7 @@ from .config_solver import (
 from .extents import expected_signatures, plan_extents
 
 __all__ = ["configs_for", "scope_configs", "sync_attributes", "sync_scopes",
-           "fix_standard_modules", "RECORD_KEY"]
+           "fix_standard_modules", "convolution_owns_its_sizes", "RECORD_KEY"]
 
 
 def configs_for(model: nn.Module, target: dict[str, tuple[int, ...]], graph: DependencyGraph,
@@ -294,3 +294,25 @@ def fix_standard_modules(model: nn.Module) -> None:
             module.normalized_shape = tuple(weight.shape)
         elif type(module).__name__ == "Conv1D" and weight is not None:
             module.nf = weight.shape[1]
+        elif convolution_owns_its_sizes(module):
+            _fix_convolution(module)
+
+
+def convolution_owns_its_sizes(module: nn.Module) -> bool:
+    """A (non-transposed) convolution whose sizes follow its weight ``(C_out, C_in / groups,
+    *kernel)``: one group, or depthwise (``groups == C_in == C_out``), whose channels stay
+    depthwise when pruned. Its kernel taps are never pruned (they are pinned). A convolution
+    of other groups cannot tell from its weight how many groups it keeps (the search does)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed or weight is None:
+        return False
+    return module.groups == 1 or module.groups == module.in_channels == module.out_channels
+
+
+def _fix_convolution(module: nn.Module) -> None:
+    weight = module.weight
+    if module.groups == 1:
+        module.out_channels, module.in_channels = weight.shape[:2]
+    else:  # depthwise: a channel is its own group
+        module.out_channels = module.in_channels = module.groups = weight.shape[0]
+    module.kernel_size = tuple(weight.shape[2:])

@@ -9,6 +9,8 @@ and older families) and the types whose failures were fixed after a sweep found 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -105,25 +107,33 @@ def test_a_scale_computed_from_a_size_makes_removal_differ_from_zeroing():
 
 
 def test_a_size_only_the_cache_uses_keeps_its_value(tmp_path):
-    """Mamba-2's mixer keeps ``conv_kernel_size`` (4), equal to its heads per group (4): the
-    trace (no cache) cannot tell which of the two a plan removing heads changes, so the
-    attribute search also runs the model for real, decoding a token through its cache. The
-    verified setting is recorded and comes back from ``load_pruned`` (whose replay runs on
-    meta tensors and cannot run anything), and the reloaded model decodes."""
+    """Mamba-2's kernel size (4) equals its heads per group (4), and only the cache uses it:
+    the trace (no cache) cannot tell which of the two a plan removing heads changes.
+    transformers up to 5.24 reads the mixer's ``conv_kernel_size``: the attribute search also
+    runs the model for real, decoding a token through its cache, and records the verified
+    setting, which comes back from ``load_pruned`` (whose replay runs on meta tensors and
+    cannot run anything). 5.25 reads ``conv1d.kernel_size``: a convolution's sizes follow
+    its weight (its taps are never pruned) and are no candidates (once the search set
+    ``(2,)``). Either way the reloaded model decodes."""
     model = tiny_dense_model("mamba2")
     graph = build_graph(model)
     per_group = [g for g in graph.groups() if g.num_units == 4 and "mixer" in g.id]
     assert len(per_group) == 2, [(g.id, g.num_units) for g in graph.groups()]
     apply_plan(model, {g.id: [0, 1] for g in per_group}, graph)
     mixers = [layer.mixer for layer in model.backbone.layers]
-    assert [(m.num_heads, m.conv_kernel_size) for m in mixers] == [(4, 4), (4, 4)]
+    assert [(m.num_heads, m.conv1d.kernel_size) for m in mixers] == [(4, (4,)), (4, (4,))]
     record = model.config.depgraph
     assert record["attributes"][-1]["backbone.layers.0.mixer"]["num_heads"] == 4
-    assert record["attributes"][-1]["backbone.layers.0.mixer"]["conv_kernel_size"] == 4  # kept: a choice
+    reads_it = "self.conv_kernel_size" in inspect.getsource(type(mixers[0]).forward)
+    if reads_it:  # a choice the real run verified: kept
+        assert [m.conv_kernel_size for m in mixers] == [4, 4]
+        assert record["attributes"][-1]["backbone.layers.0.mixer"]["conv_kernel_size"] == 4
     model.save_pretrained(tmp_path)
     again = load_pruned(tmp_path)
-    assert [(layer.mixer.num_heads, layer.mixer.conv_kernel_size)
-            for layer in again.backbone.layers] == [(4, 4), (4, 4)]
+    assert [(layer.mixer.num_heads, layer.mixer.conv1d.kernel_size)
+            for layer in again.backbone.layers] == [(4, (4,)), (4, (4,))]
+    if reads_it:
+        assert [layer.mixer.conv_kernel_size for layer in again.backbone.layers] == [4, 4]
     check_runs(again)  # a forward, finite logits and one token decoded through the cache
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     torch.testing.assert_close(again(ids).logits, model(ids).logits)
@@ -174,3 +184,24 @@ def test_a_bias_added_to_a_layer_merged_on_disk_reloads(tmp_path):
     assert torch.equal(again.model.layers[0].linear_attn.in_proj_a.bias, layer.in_proj_a.bias)
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_a_pruned_convolution_s_sizes_follow_its_weight():
+    """A convolution of one group or depthwise owns its sizes, as a Linear does: after a plan
+    that cuts its channels, ``in_channels``, ``out_channels``, ``groups`` and ``kernel_size``
+    follow its weight (once the attribute search could take Mamba-2's kernel size, equal to
+    its heads per group, for a size to shrink: transformers 5.25's cache reads it)."""
+    model = tiny_dense_model("mamba2")
+    graph = build_graph(model)
+    plan = {g.id: list(range(g.num_units // 2)) for g in graph.groups()
+            if g.layer is not None and any("conv1d" in m.param for m in g.members)}
+    assert plan, [g.id for g in graph.groups()]
+    apply_plan(model, plan, graph)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert convs
+    for conv in convs:
+        out, per_group, *taps = conv.weight.shape
+        assert (conv.out_channels, conv.in_channels // conv.groups, conv.kernel_size) == (
+            out, per_group, tuple(taps))
+        assert conv.groups in (1, conv.in_channels)
+    check_runs(model)
