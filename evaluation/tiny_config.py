@@ -249,7 +249,8 @@ class _Shrinker:
             hidden, now = self.ints[hidden_key], self.out.get(hidden_key, self.ints[hidden_key])
             for key, value in self.values.items():
                 if isinstance(value, list | tuple) and len(value) > 1 and all(_is_int(v) for v in value) \
-                        and sum(value) == hidden and key != hidden_key:
+                        and sum(value) == hidden and key != hidden_key and key not in self.out:
+                    # (a list of block indices the block step rewrote can sum to it too)
                     parts = [max(1, v * now // hidden) for v in value[:-1]]
                     self.out[key] = type(value)([*parts, now - sum(parts)])
         return scale
