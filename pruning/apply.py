@@ -168,8 +168,8 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]],
         if configs is not None:
             sync_attributes(model, configs, library_class(model))
         elif attributes is not None:
-            fix_standard_modules(model)
             restore_attributes(model, attributes)
+            fix_standard_modules(model)  # after: a record from before a layer owned its sizes
         else:
             settled = _sync_unsolved(model, graph, plan, scopes,
                                      lambda pruned: check_runs(pruned, steps=steps))

@@ -205,3 +205,19 @@ def test_a_pruned_convolution_s_sizes_follow_its_weight():
             out, per_group, tuple(taps))
         assert conv.groups in (1, conv.in_channels)
     check_runs(model)
+
+
+def test_a_recorded_convolution_size_that_contradicts_its_weight_is_not_restored(tmp_path):
+    """A model pruned before convolutions owned their sizes may carry a recorded kernel size
+    of 2 for a 4-tap weight: ``load_pruned`` restores the record, then sets the layers that
+    own their sizes from their weights, so the reloaded model decodes."""
+    model = tiny_dense_model("mamba2")
+    graph = build_graph(model)
+    per_group = [g for g in graph.groups() if g.num_units == 4 and "mixer" in g.id]
+    apply_plan(model, {g.id: [0, 1] for g in per_group}, graph)
+    record = model.config.depgraph["attributes"][-1]
+    record.setdefault("backbone.layers.0.mixer.conv1d", {})["kernel_size"] = [2]
+    model.save_pretrained(tmp_path)
+    again = load_pruned(tmp_path)
+    assert [layer.mixer.conv1d.kernel_size for layer in again.backbone.layers] == [(4,), (4,)]
+    check_runs(again)
