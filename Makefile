@@ -35,5 +35,7 @@ test-slow: setup
 lint: setup
 	$(VENV)/bin/ruff check depgraph pruning recovery evaluation depgraph_cli tests benchmarks
 
+# the report folder is this target's own output: made on a fresh clone, replaced on a re-run
 demo: setup
-	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/depgraph demo --out reports/default
+	mkdir -p reports
+	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/depgraph demo --out reports/default --overwrite
