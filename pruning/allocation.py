@@ -13,7 +13,10 @@ structure and OWL's layer-wise ratios do, here measured directly):
    model runs on a few calibration windows, and the KL divergence of its next-token
    distributions from the unpruned model's is recorded (the units are put back after);
    zeroing equals removing for the block-local groups this handles, so the number is the
-   damage that removal does, alone. Cost: one forward pass per group and count.
+   damage that removal does, alone. Cost: one forward pass per group and count, of the
+   blocks from the group's own on: the blocks before it return what they gave in the
+   unpruned pass (:mod:`pruning.prefix`; checked block by block on one window against a
+   full pass, and a block where the two differ is measured with full passes).
 2. **allocate**: each curve (KL against parameters removed) is made convex (its lower hull,
    linear in between, extended with its last slope), and the parameter budget is spent
    greedily on the chunks of units with the least KL per parameter
@@ -28,6 +31,7 @@ structure and OWL's layer-wise ratios do, here measured directly):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -37,6 +41,7 @@ from torch import nn
 from depgraph import Group
 from depgraph.progress import progress_bar
 
+from .prefix import PrefixReuse, block_list, first_block
 from .selection import allowed_counts, greedy_counts
 
 __all__ = ["FRACTIONS", "SAMPLES", "sensitivity_curves", "allocate_plan", "curve_keys"]
@@ -56,19 +61,28 @@ def _candidate_counts(group: Group, fractions: Sequence[float], round_to: int) -
     return np.array(sorted(picks), dtype=np.int64)
 
 
-def _log_probs(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _logits(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's float32 next-token logits on ``tokens``, (windows × seq_len, vocab)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, tokens.shape[0], batch_size):
         result = model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
         logits = result.logits if hasattr(result, "logits") else result
-        out.append(F.log_softmax(logits.float(), dim=-1))
+        out.append(logits.float().flatten(0, -2))
     return torch.cat(out)
 
 
-def _kl(dense: torch.Tensor, pruned: torch.Tensor) -> float:
-    """Mean per-token KL(dense || pruned) of two log-probability tensors."""
-    return float((dense.exp() * (dense - pruned)).sum(-1).mean())
+class _Reference:
+    """The unpruned next-token distributions, ready for :meth:`kl`."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.log_p = F.log_softmax(logits, dim=-1)
+        self.p = self.log_p.exp()
+
+    def kl(self, logits: torch.Tensor) -> float:
+        """Mean per-token KL(unpruned || the model with ``logits``), summed term by term (a
+        difference of cross-entropies would lose the small KL to float32 rounding)."""
+        return float((self.p * (self.log_p - F.log_softmax(logits, dim=-1))).sum(-1).mean())
 
 
 class _Zeroed:
@@ -90,15 +104,53 @@ class _Zeroed:
         return False
 
 
+class _Reuse:
+    """Passes that start at a group's first block, where one window shows that they may."""
+
+    def __init__(self, model: nn.Module, groups: Sequence[Group], tokens: torch.Tensor,
+                 batch_size: int, enabled: bool):
+        self.model, self.batch_size, self.tokens = model, batch_size, tokens
+        path = block_list(model, (m.param for g in groups for m in g.members)) if enabled else None
+        self.starts = {g.id: first_block(model, path, {m.param for m in g.members}) if path
+                       else 0 for g in groups}
+        self.full = PrefixReuse(model, path) if path else None
+        self.probe = PrefixReuse(model, path) if path else None
+        self.trusted: dict[int, bool] = {}
+
+    def dense(self) -> _Reference:
+        """The unpruned distributions (recording every block's outputs for reuse)."""
+        if self.full is None:
+            return _Reference(_logits(self.model, self.tokens, self.batch_size))
+        with self.probe.record():
+            self.probe_dense = _logits(self.model, self.tokens[:1], 1)
+        with self.full.record():
+            return _Reference(_logits(self.model, self.tokens, self.batch_size))
+
+    def from_group(self, group: Group) -> AbstractContextManager:
+        """Where the passes measuring ``group`` start (call before changing any weight)."""
+        start = self.starts[group.id]
+        if self.full is None or start == 0:
+            return nullcontext()
+        if start not in self.trusted:
+            try:
+                with self.probe.starting_at(start):
+                    again = _logits(self.model, self.tokens[:1], 1)
+                self.trusted[start] = torch.allclose(again, self.probe_dense, rtol=1e-4, atol=1e-5)
+            except Exception:  # noqa: BLE001 - a pass that cannot start there: run them all
+                self.trusted[start] = False
+        return self.full.starting_at(start) if self.trusted[start] else nullcontext()
+
+
 @torch.no_grad()
 def sensitivity_curves(model: nn.Module, groups: Sequence[Group],
                        scores: Mapping[str, np.ndarray], tokens: torch.Tensor, *,
                        fractions: Sequence[float] = FRACTIONS, round_to: int = 1,
-                       batch_size: int = 4, progress: bool | None = None
-                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                       batch_size: int = 4, progress: bool | None = None,
+                       reuse_prefix: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{group_id: (removed counts, KL)}``: the damage of removing each group's
     lowest-scored units alone, measured on ``tokens`` (windows × seq_len). The model is
-    left exactly as it was."""
+    left exactly as it was. ``reuse_prefix``: passes skip the blocks before the group's
+    (the same numbers, in less time; False runs every block every time)."""
     bad = [g.id for g in groups if g.layer is None or not g.zero_equivalent]
     if bad:
         raise ValueError(f"allocation measures block-local groups whose zeroing equals removal; "
@@ -108,7 +160,8 @@ def sensitivity_curves(model: nn.Module, groups: Sequence[Group],
     was_training = model.training
     model.eval()
     params = dict(model.named_parameters())
-    dense = _log_probs(model, tokens, batch_size)
+    reuse = _Reuse(model, groups, tokens, batch_size, reuse_prefix)
+    dense = reuse.dense()
     plans = {g.id: _candidate_counts(g, fractions, round_to) for g in groups}
     bar = progress_bar(total=sum(c.size for c in plans.values()), desc="allocation (groups x "
                        "widths)", enabled=progress)
@@ -118,8 +171,9 @@ def sensitivity_curves(model: nn.Module, groups: Sequence[Group],
             order = np.argsort(np.asarray(scores[group.id]), kind="stable")
             losses = []
             for count in plans[group.id]:
-                with _Zeroed(params, group.slices(order[:count].tolist())):
-                    losses.append(_kl(dense, _log_probs(model, tokens, batch_size)))
+                start = reuse.from_group(group)
+                with _Zeroed(params, group.slices(order[:count].tolist())), start:
+                    losses.append(dense.kl(_logits(model, tokens, batch_size)))
                 bar.update(1)
             curves[group.id] = (plans[group.id], np.array(losses, dtype=np.float64))
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ from archs import Dims, tiny_model
 from depgraph import build_graph
 from pruning import PruneSettings, eligible_groups, prune, score, select
 from pruning.allocation import allocate_plan, curve_keys, sensitivity_curves
+from pruning.prefix import block_list, first_block
 from pruning.selection import select_plan
 
 torch.set_num_threads(1)
@@ -50,6 +52,60 @@ def test_curves_measure_damage_and_leave_the_model_as_it_was(model):
         counts, kl = curves[group.id]
         assert counts.tolist() == [8, 16, 24] and (kl > 0).all()
         assert kl[-1] > kl[0]  # removing more hurts more
+
+
+def _calls(module: torch.nn.Module) -> list[int]:
+    count = [0]
+    module.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_curves_start_at_the_group_s_block_with_the_same_numbers(arch):
+    """The passes measuring a block's groups skip the blocks before it (they return what they
+    gave in the unpruned pass): the curves are those of full passes, and block 0's MLP runs
+    only in the unpruned passes (the full one and the one-window probe)."""
+    model = tiny_model(arch, Dims(layers=3, intermediate=32), dtype=torch.float32)
+    graph = build_graph(model)
+    groups = [g for g in graph.groups() if g.layer == 2 and g.zero_equivalent]
+    scores = {g.id: np.random.default_rng(1).random(g.num_units) for g in groups}
+    first_mlp = next(m for n, m in model.named_modules() if re.fullmatch(r".*\.0\.mlp", n))
+    calls = _calls(first_mlp)
+    reused = sensitivity_curves(model, groups, scores, _tokens(), fractions=(0.25, 0.5))
+    assert calls[0] == 2
+    full = sensitivity_curves(model, groups, scores, _tokens(), fractions=(0.25, 0.5),
+                              reuse_prefix=False)
+    assert calls[0] > 2 + len(groups)
+    for group in groups:
+        assert np.array_equal(reused[group.id][0], full[group.id][0])
+        np.testing.assert_array_equal(reused[group.id][1], full[group.id][1])
+
+
+def test_a_block_that_reads_an_earlier_block_s_state_is_measured_with_full_passes(model):
+    """Block 2 also reads what block 0 returned, outside its arguments (a hook keeps it): a
+    pass that skips block 0 would hand block 2 the wrong value. The one-window check sees
+    the difference, and the curves stay those of full passes."""
+    model = copy.deepcopy(model)
+    kept = {}
+    model.model.layers[0].register_forward_hook(lambda _m, _a, out: kept.update(out=out))
+    model.model.layers[2].register_forward_hook(lambda _m, _a, out: out + 0.5 * kept["out"])
+    groups = [g for g in build_graph(model).groups() if g.layer == 2 and g.kind == "mlp"]
+    scores = {g.id: np.arange(g.num_units, dtype=float) for g in groups}
+    reused = sensitivity_curves(model, groups, scores, _tokens(), fractions=(0.25, 0.5))
+    full = sensitivity_curves(model, groups, scores, _tokens(), fractions=(0.25, 0.5),
+                              reuse_prefix=False)
+    for group in groups:
+        np.testing.assert_array_equal(reused[group.id][1], full[group.id][1])
+
+
+def test_the_first_block_counts_every_name_a_shared_weight_has(model):
+    model = copy.deepcopy(model)
+    names = [m.param for g in build_graph(model).groups() for m in g.members]
+    assert block_list(model, names) == "model.layers"
+    up = "model.layers.2.mlp.up_proj.weight"
+    assert first_block(model, "model.layers", {up}) == 2
+    model.outside = model.model.layers[2].mlp.up_proj  # also run outside the blocks
+    assert first_block(model, "model.layers", {up}) == 0
 
 
 def test_the_budget_goes_where_the_curves_say_it_hurts_least():
