@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive_int", "nonnegative_int", "positive_float", "ratio"]
+__all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "ratio"]
 
 
 def _number(kind, text: str, expected: str, accept) -> int | float:
@@ -31,6 +31,10 @@ def nonnegative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     return _number(float, text, "a positive number", lambda v: v > 0)
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(float, text, "a non-negative number", lambda v: 0 <= v < float("inf"))
 
 
 def ratio(text: str) -> float:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from . import defaults
 from . import demo_steps as steps
-from .argtypes import nonnegative_int, positive_int
+from .argtypes import nonnegative_float, nonnegative_int, positive_int
 from .argtypes import ratio as ratio_arg
 
 __all__ = ["FAST", "FULL", "DemoSettings", "add_demo", "run_demo", "run_job"]
@@ -79,9 +79,13 @@ class DemoSettings:
     reconstruct: bool = True
     recon_samples: int = 32
     # distillation from the dense model after reconstruction (0: none): the best measured
-    # recovery (benchmarks/RESULTS.md, issue 16), sized to keep the job under 20 minutes
-    # (SmolLM2-135M, 2 cores: 18.5 min in all, 298 s of it distillation; ppl 112.6 -> 90.6)
+    # recovery (benchmarks/RESULTS.md, issue 16). At most distill_tokens, and no longer than
+    # distill_seconds (0: no time budget), so that the job ends within 20 minutes on a slower
+    # machine too: SmolLM2-135M on 2 cores with AMX reaches the token cap in about 290 s
+    # (ppl 112.6 -> 90.6); on 2 AVX512-BF16 cores (143 tokens/s) the job took 25 min with the
+    # token cap alone
     distill_tokens: int = 81_920
+    distill_seconds: float = 300.0
     distill_batch: int = 4
     distill_val: int = 16
     seed: int = 0
@@ -95,6 +99,9 @@ class DemoSettings:
         if self.distill_tokens < 0:
             raise ValueError(f"--distill-tokens must be 0 (no distillation) or positive, got "
                              f"{self.distill_tokens!r}")
+        if not 0 <= self.distill_seconds < float("inf"):
+            raise ValueError(f"--distill-seconds must be 0 (no time budget) or positive, got "
+                             f"{self.distill_seconds!r}")
         if self.seq_len < 2 or self.sweep_tokens < self.seq_len:
             raise ValueError(f"--sweep-tokens ({self.sweep_tokens}) must be at least --seq-len "
                              f"({self.seq_len}) and --seq-len at least 2")
@@ -106,7 +113,8 @@ FULL = DemoSettings()
 FAST = DemoSettings(sweep=(0.2, 0.4), round_to=1, samples=2, calib_len=32, seq_len=32, ppl_tokens=512,
                     sweep_tokens=256, tasks=("piqa", "winogrande"), zeroshot_limit=4,
                     batch_size=4, new_tokens=4, rounds=1, agreement_windows=4,
-                    recon_samples=4, distill_tokens=128, distill_batch=2, distill_val=2)
+                    recon_samples=4, distill_tokens=128, distill_seconds=0.0, distill_batch=2,
+                    distill_val=2)
 
 # ------------------------------------------------------------------------------ CLI
 def _ratios(text: str) -> tuple[float, ...]:
@@ -173,6 +181,9 @@ def add_demo(subparsers) -> None:
     parser.add_argument("--distill-tokens", type=nonnegative_int, **option,
                         help="tokens of distillation from the dense model after "
                              f"reconstruction, 0 for none ({FULL.distill_tokens})")
+    parser.add_argument("--distill-seconds", type=nonnegative_float, **option,
+                        help="time budget of the distillation: fewer tokens where the machine "
+                             f"is slower, 0 for none ({FULL.distill_seconds:g})")
     parser.add_argument("--seed", type=int, **option)
     parser.add_argument("--threads", type=positive_int, default=2, metavar="N",
                         help="CPU threads for torch (default: 2)")

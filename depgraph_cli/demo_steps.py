@@ -143,8 +143,9 @@ def reconstruct(dense, pruned, tokenizer, settings: DemoSettings, result: Pruned
 def distill(dense, pruned, tokenizer, settings: DemoSettings) -> tuple[Any, dict]:
     """Distillation of the pruned model from the dense one (:func:`recovery.distill`: forward
     KL of the next-token distributions, every block parameter, bfloat16 autocast where the
-    CPU has it) on ``distill_tokens`` tokens of the calibration source, held-out KL on windows
-    of other text; ``--distill-tokens 0`` skips it."""
+    CPU has it) on at most ``distill_tokens`` tokens of the calibration source and for at most
+    about ``distill_seconds`` (fewer tokens on a slower machine), held-out KL on windows of
+    other text; ``--distill-tokens 0`` skips it."""
     if not settings.distill_tokens:
         return pruned, {"status": "off", "detail": "--distill-tokens 0 was given"}
     from pruning.calibration import calibration_tokens
@@ -153,7 +154,8 @@ def distill(dense, pruned, tokenizer, settings: DemoSettings) -> tuple[Any, dict
 
     options = DistillSettings(tokens=settings.distill_tokens, seq_len=settings.calib_len,
                               batch_size=settings.distill_batch, val_windows=settings.distill_val,
-                              checkpoint_steps=10**9, seed=settings.seed, patience=2)
+                              checkpoint_steps=10**9, seed=settings.seed, patience=2,
+                              seconds=settings.distill_seconds or None)
     options = replace(options, eval_steps=max(1, math.ceil(options.steps / 4)))
     train = calibration_tokens(tokenizer, settings.calib, n_samples=options.train_windows,
                                seq_len=settings.calib_len, seed=settings.seed + 2,
@@ -163,11 +165,14 @@ def distill(dense, pruned, tokenizer, settings: DemoSettings) -> tuple[Any, dict
                              region=(0.9, 1.0), model=dense)
     result = run(pruned, dense, train, val, options,
                  progress=lambda line: print(f"      {line}", flush=True))
-    stats = {k: result.stats[k] for k in ("steps", "train_tokens", "stopped", "val_kl_before",
+    stats = {k: result.stats[k] for k in ("steps", "steps_planned", "train_tokens", "stopped",
+                                          "seconds_budget", "val_kl_before",
                                           "val_kl_best", "tokens_per_second", "seconds",
                                           "precision_used", "learning_rate", "params")}
+    budget = (f", within {settings.distill_seconds:g} s of {settings.distill_tokens:,} tokens"
+              if settings.distill_seconds else "")
     detail = (f"{stats['train_tokens']:,} tokens of {settings.calib} "
-              f"({stats['steps']} steps, {stats['precision_used']}, "
+              f"({stats['steps']} steps{budget}, {stats['precision_used']}, "
               f"{stats['tokens_per_second']:.0f} tokens/s); held-out KL to the dense model "
               f"{stats['val_kl_before']:.4f} -> {stats['val_kl_best']:.4f}")
     return result.model, {"status": "applied", "detail": detail, **stats}

@@ -37,6 +37,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                        help="share (0-1) of the language-model loss in the mix (default 0)")
     group.add_argument("--tokens", type=positive_int, default=30_000,
                        help="training tokens (the budget; default 30000)")
+    group.add_argument("--seconds", type=positive_float, default=None,
+                       help="time budget of the run: after the warm-up the steps are set from "
+                            "the measured rate, at most what --tokens buys (default: none)")
     group.add_argument("--val-windows", type=positive_int, default=16,
                        help="held-out windows for the KL that stops early (default 16)")
     group.add_argument("--top-k", type=int, default=0,
@@ -60,7 +63,7 @@ def distill_settings(args: argparse.Namespace):
                            val_windows=args.val_windows, eval_steps=args.eval_steps,
                            patience=args.patience, checkpoint_steps=args.checkpoint_steps,
                            r=args.r, alpha=args.alpha, dropout=args.dropout, seed=args.seed,
-                           precision=args.precision)
+                           precision=args.precision, seconds=args.seconds)
 
 
 def check_distill_data(args: argparse.Namespace) -> None:

@@ -15,6 +15,11 @@ embeddings and the head stay as they are) or LoRA adapters on the blocks' linear
 Guards, as the LoRA recovery has them and more:
 
 * a token budget (``tokens``): windows are drawn without repetition, in a seeded order;
+* optionally a time budget (``seconds``, the whole call): after the warm-up steps the step
+  count is set, once, from their measured rate and the measured cost of a held-out
+  evaluation, to the most that ends within it (never more than ``tokens`` buys); the
+  learning-rate schedule decays over that count. Where the machine is slow the model sees
+  fewer tokens instead of the job running late; ``stats["steps_planned"]`` says how many;
 * a held-out KL (teacher vs student on validation windows of other text, temperature 1)
   every ``eval_steps``; the best weights are kept and training stops after ``patience``
   evaluations without improvement;
@@ -79,6 +84,7 @@ class DistillSettings:
     dropout: float = 0.0
     seed: int = 0
     precision: str = "auto"  # training forward: bf16 autocast where native (recovery.precision)
+    seconds: float | None = None  # time budget of the whole call; None: the token budget only
 
     def __post_init__(self) -> None:
         if self.params not in PARAMS:
@@ -91,6 +97,8 @@ class DistillSettings:
         check_int("seq_len", self.seq_len, 2)
         for name in ("temperature", "learning_rate", "max_grad_norm"):
             check_positive(name, getattr(self, name))
+        if self.seconds is not None:
+            check_positive("seconds", self.seconds)
         if not 0 <= self.lm_weight <= 1:
             raise ValueError(f"lm_weight must be in [0, 1], got {self.lm_weight!r}")
         if not 0 <= self.dropout < 1 or not 0 <= self.weight_decay:
@@ -134,14 +142,15 @@ def _student(model: nn.Module, settings: DistillSettings) -> nn.Module:
     return model
 
 
-def _schedule(settings: DistillSettings) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to a tenth of the learning rate."""
-    total, warm = settings.steps, min(settings.warmup_steps, settings.steps - 1)
+def _schedule(settings: DistillSettings, total: Callable[[], int]) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to a tenth of the learning rate at step ``total()``
+    (read at every step: a time budget sets it after the warm-up)."""
+    warm = min(settings.warmup_steps, settings.steps - 1)
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / (warm + 1)
-        progress = (step - warm) / max(1, total - warm)
+        progress = (step - warm) / max(1, total() - warm)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
@@ -176,12 +185,15 @@ class _Loop:
                                       fused=fused_adamw_ok(params) or None)
         self.precision = resolve_precision(settings.precision, accelerator.device)
         # the scheduler steps once per optimizer step, whatever the number of processes
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
+        self.total = settings.steps  # steps to train; a time budget may lower it once
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _schedule(settings, lambda: self.total))
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
         generator = torch.Generator().manual_seed(settings.seed)
         self.order = torch.randperm(n_train, generator=generator)
         self.step, self.best_kl, self.best, self.bad_evals = 0, math.inf, None, 0
-        self.before, self.stopped = None, None
+        self.before, self.stopped, self.eval_seconds = None, None, 0.0
+        self.planned = False  # whether the time budget has set self.total
         self.history: list[dict] = []
 
     @property
@@ -247,6 +259,7 @@ class _Loop:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "best_kl": self.best_kl, "best": self.best, "bad_evals": self.bad_evals,
                 "history": self.history, "before": self.before, "stopped": self.stopped,
+                "total": self.total, "planned": self.planned, "eval_seconds": self.eval_seconds,
                 "settings": asdict(self.settings)}
 
     def restore(self, state: dict) -> None:
@@ -256,6 +269,17 @@ class _Loop:
         self.step, self.best_kl, self.best = state["step"], state["best_kl"], state["best"]
         self.bad_evals, self.history = state["bad_evals"], state["history"]
         self.before, self.stopped = state["before"], state["stopped"]
+        self.total, self.planned = state["total"], state["planned"]
+        self.eval_seconds = state["eval_seconds"]
+
+    def plan(self, elapsed: float, per_step: float) -> None:
+        """Set :attr:`total` to the most steps that end within the time budget, ``elapsed``
+        seconds of it spent and a step taking ``per_step`` (evaluations counted)."""
+        settings = self.settings
+        evals = self.eval_seconds / settings.eval_steps
+        left = settings.seconds - elapsed - self.eval_seconds  # the last evaluation
+        more = max(0, math.floor(left / (per_step + evals)))
+        self.total, self.planned = max(self.step, min(settings.steps, self.step + more)), True
 
 
 def _check_tokens(train: torch.Tensor, val: torch.Tensor, settings: DistillSettings) -> None:
@@ -304,9 +328,11 @@ def distill(model: nn.Module, teacher, train_tokens: torch.Tensor, val_tokens: t
         loop.restore(load_checkpoint(checkpoint, asdict(settings)))
         resumed = loop.step
     if loop.before is None:
+        clock = time.perf_counter()
         loop.before = loop.held_out_kl()
+        loop.eval_seconds = time.perf_counter() - clock
     if loop.stopped is None:
-        loop.stopped = _run(loop, settings, checkpoint, progress, bar, resumed)
+        loop.stopped = _run(loop, settings, checkpoint, progress, bar, resumed, start)
     if loop.best is not None:
         _load_trainable(loop.model, loop.best)
     student = loop.model
@@ -315,7 +341,8 @@ def distill(model: nn.Module, teacher, train_tokens: torch.Tensor, val_tokens: t
         param.requires_grad_(True)
     seconds = time.perf_counter() - start
     trained = (loop.step - resumed) * settings.batch_size * settings.seq_len
-    stats = {"method": "distill", **asdict(settings), "steps": loop.step, "resumed_at": resumed,
+    stats = {"method": "distill", **asdict(settings), "seconds_budget": settings.seconds,
+             "steps": loop.step, "steps_planned": loop.total, "resumed_at": resumed,
              "stopped": loop.stopped, "val_kl_before": loop.before, "val_kl_best": loop.best_kl,
              "train_tokens": loop.step * settings.batch_size * settings.seq_len,
              "tokens_per_second": trained / seconds if seconds > 0 else None,
@@ -327,19 +354,27 @@ def distill(model: nn.Module, teacher, train_tokens: torch.Tensor, val_tokens: t
 
 
 def _run(loop: _Loop, settings: DistillSettings, checkpoint, progress, bar_enabled,
-         resumed: int) -> str:
-    """Train to the budget or an early stop; returns why it ended."""
-    bar = progress_bar(total=settings.steps, desc="distill", enabled=bar_enabled)
+         resumed: int, began: float) -> str:
+    """Train to the budget or an early stop; returns why it ended. ``began``: when the call
+    started (``time.perf_counter``), for the time budget."""
+    bar = progress_bar(total=loop.total, desc="distill", enabled=bar_enabled)
     bar.update(loop.step)
     tokens_per_step = settings.batch_size * settings.seq_len
-    clock, stopped = time.perf_counter(), None
+    plan_at = max(settings.warmup_steps, 3)  # the rate is measured from the first step's end
+    clock, stopped, first_done = time.perf_counter(), None, None
     try:
-        while loop.step < settings.steps:
+        while loop.step < loop.total:
             parts = loop.train_step()
-            rate = (loop.step - resumed) * tokens_per_step / (time.perf_counter() - clock)
+            now = time.perf_counter()
+            first_done = first_done or (now, loop.step)
+            rate = (loop.step - resumed) * tokens_per_step / (now - clock)
+            if (settings.seconds is not None and not loop.planned and loop.step >= plan_at
+                    and loop.step - first_done[1] >= 2):
+                loop.plan(now - began, (now - first_done[0]) / max(1, loop.step - first_done[1]))
+                bar.total = loop.total
             bar.set_postfix(tok_s=f"{rate:.0f}", kl=f"{parts['kl']:.3f}", refresh=False)
             bar.update(1)
-            last = loop.step == settings.steps
+            last = loop.step == loop.total
             if loop.step % settings.eval_steps == 0 or last:
                 stop = loop.evaluate()
                 _report(progress, loop, rate, settings)
@@ -359,6 +394,6 @@ def _report(progress, loop: _Loop, rate: float, settings: DistillSettings) -> No
     if progress is None or not loop.accelerator.is_main_process:
         return
     row = loop.history[-1]
-    left = (settings.steps - loop.step) * settings.batch_size * settings.seq_len / max(rate, 1e-9)
-    progress(f"step {loop.step}/{settings.steps}: held-out KL {row['val_kl']:.4f}"
+    left = (loop.total - loop.step) * settings.batch_size * settings.seq_len / max(rate, 1e-9)
+    progress(f"step {loop.step}/{loop.total}: held-out KL {row['val_kl']:.4f}"
              f"{' (best)' if row['best'] else ''}, {rate:.0f} tokens/s, ETA {left / 60:.1f} min")

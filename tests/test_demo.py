@@ -101,7 +101,8 @@ def test_bad_ratio_is_a_usage_error(tmp_path, capsys):
     assert "ratio" in capsys.readouterr().err
 
 
-def test_negative_distill_tokens_is_a_usage_error(tmp_path, capsys):
-    assert main(["demo", str(TINY), "--out", str(tmp_path / "x"), "--distill-tokens", "-1"]) == 2
+@pytest.mark.parametrize("option", ["--distill-tokens", "--distill-seconds"])
+def test_negative_distill_budget_is_a_usage_error(tmp_path, capsys, option):
+    assert main(["demo", str(TINY), "--out", str(tmp_path / "x"), option, "-1"]) == 2
     err = capsys.readouterr().err
-    assert "--distill-tokens" in err and "non-negative" in err
+    assert option in err and "non-negative" in err and "'-1'" in err

@@ -4,6 +4,7 @@ non-finite loss stops it, and the top-k teacher cache stands in for the live tea
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -101,6 +102,70 @@ def test_a_killed_run_resumes_where_it_stopped(dense, tmp_path, monkeypatch):
                 progress=None)
 
 
+class _Clock:
+    """A clock that moves only when told: a training step takes 1 s, an evaluation 2 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_a_time_budget_sets_the_steps_after_the_warm_up(dense, tmp_path, monkeypatch):
+    """60 steps of tokens, 41 s of time: after step 3 (2 warm-up steps, the rate measured
+    from the first step's end) 1 s a step, 2 s an evaluation every 20 steps and one at the
+    end give 33 steps (5 s spent, 34 s left at 1.1 s a step after 2 s kept for the last
+    evaluation: 30 more), the schedule decays over them, and the run ends within 41 s. A budget that
+    does not bind leaves the token budget; a killed run resumes to the same steps."""
+    module = sys.modules[_Loop.__module__]  # recovery.distill (the package's name is the function)
+    clock, lrs = _Clock(), []
+    monkeypatch.setattr(module, "time", clock)
+    real_step, real_eval = _Loop.train_step, _Loop.held_out_kl
+
+    def step(loop):
+        clock.now += 1.0
+        out = real_step(loop)
+        lrs.append(loop.scheduler.get_last_lr()[0])
+        return out
+
+    def evaluate(loop):
+        clock.now += 2.0
+        return real_eval(loop)
+
+    monkeypatch.setattr(_Loop, "train_step", step)
+    monkeypatch.setattr(_Loop, "held_out_kl", evaluate)
+    train, val = _tokens(240, 0), _tokens(8, 1)
+    settings = DistillSettings(params="full", seconds=41, **{**LONG, "checkpoint_steps": 10})
+    result = distill(_pruned(dense), dense, train, val, settings, progress=None)
+    assert result.stats["steps"] == result.stats["steps_planned"] == 33
+    assert [row["step"] for row in result.history] == [20, 33] and clock.now <= 41
+    assert lrs[-1] == pytest.approx(0.1 * LONG["learning_rate"])
+    assert result.stats["val_kl_best"] < result.stats["val_kl_before"]
+
+    clock.now = 0.0
+    loose = DistillSettings(params="full", seconds=1000, **LONG)
+    assert distill(_pruned(dense), dense, train, val, loose, progress=None).stats["steps"] == 60
+
+    clock.now = 0.0
+
+    def dies_at_step_13(loop):
+        if loop.step == 12:
+            raise KeyboardInterrupt
+        return step(loop)
+
+    monkeypatch.setattr(_Loop, "train_step", dies_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        distill(_pruned(dense), dense, train, val, settings, checkpoint=tmp_path, progress=None)
+    monkeypatch.setattr(_Loop, "train_step", step)
+    clock.now = 0.0
+    resumed = distill(_pruned(dense), dense, train, val, settings, checkpoint=tmp_path,
+                      resume=True, progress=None)
+    assert resumed.stats["resumed_at"] == 10 and resumed.stats["steps"] == 33
+    assert [r["val_kl"] for r in resumed.history] == pytest.approx(
+        [r["val_kl"] for r in result.history], rel=1e-5)
+
+
 def test_a_non_finite_loss_stops_training(dense, tmp_path):
     student = _pruned(dense)
     calls = [0]
@@ -166,6 +231,7 @@ def test_full_vocabulary_kl_is_exact():
     ({"tokens": 0}, "tokens must be an integer >= 1, got 0"),
     ({"seq_len": 1}, "seq_len must be an integer >= 2"),
     ({"precision": "half"}, "precision must be one of \\('auto', 'fp32', 'bf16'\\), got 'half'"),
+    ({"seconds": 0}, "seconds must be a positive number, got 0"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
