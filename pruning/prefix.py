@@ -19,6 +19,10 @@ index is the first number in the parameter names (``model.layers.3.mlp.up_proj.w
 block receives from the earlier ones nothing but its input is *not* assumed: a caller checks
 a reused pass against a recorded one before it trusts it (as :mod:`pruning.allocation` does,
 block by block, on one window).
+
+Memory: every block's output for every recorded call, where the model put it (allocation's
+4 windows of 128 tokens: 35 MB for SmolLM2-135M in float32, about 0.7 GB for a
+Llama-3-70B-shaped model in bfloat16).
 """
 
 from __future__ import annotations
