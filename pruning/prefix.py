@@ -66,7 +66,8 @@ def first_block(model: nn.Module, path: str, params: Iterable[str]) -> int:
     """The first block of the list at ``path`` whose forward may read one of ``params``
     (parameter names; every name a shared tensor has counts). 0 when one lies outside the
     list: then no block can be skipped."""
-    tensors = {id(p) for name, p in model.named_parameters() if name in set(params)}
+    names = set(params)
+    tensors = {id(p) for name, p in model.named_parameters() if name in names}
     first = None
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) not in tensors:

@@ -360,16 +360,19 @@ def _run(loop: _Loop, settings: DistillSettings, checkpoint, progress, bar_enabl
     bar = progress_bar(total=loop.total, desc="distill", enabled=bar_enabled)
     bar.update(loop.step)
     tokens_per_step = settings.batch_size * settings.seq_len
-    plan_at = max(settings.warmup_steps, 3)  # the rate is measured from the first step's end
+    # the rate is measured over the second half of the warm-up: the first steps run slower
+    # (kernels and allocator warming up), and a plan on them leaves time unused
+    plan_at = max(settings.warmup_steps, 3)
     clock, stopped, first_done = time.perf_counter(), None, None
     try:
         while loop.step < loop.total:
             parts = loop.train_step()
             now = time.perf_counter()
-            first_done = first_done or (now, loop.step)
+            if first_done is None and loop.step >= plan_at // 2:
+                first_done = (now, loop.step)
             rate = (loop.step - resumed) * tokens_per_step / (now - clock)
             if (settings.seconds is not None and not loop.planned and loop.step >= plan_at
-                    and loop.step - first_done[1] >= 2):
+                    and first_done is not None and loop.step - first_done[1] >= 2):
                 loop.plan(now - began, (now - first_done[0]) / max(1, loop.step - first_done[1]))
                 bar.total = loop.total
             bar.set_postfix(tok_s=f"{rate:.0f}", kl=f"{parts['kl']:.3f}", refresh=False)
