@@ -12,9 +12,13 @@ structure and OWL's layer-wise ratios do, here measured directly):
    rounded to counts the group allows), the group's lowest-scored units are zeroed, the
    model runs on a few calibration windows, and the KL divergence of its next-token
    distributions from the unpruned model's is recorded (the units are put back after);
-   zeroing equals removing for the block-local groups this handles, so the number is the
-   damage that removal does, alone. Cost: one forward pass per group and count, of the
-   blocks from the group's own on: the blocks before it return what they gave in the
+   for a group whose zeroing equals its removal (``group.zero_equivalent``) the number is
+   the damage that removal does, alone; for the others (a norm or a top-k over the group's
+   channels, a router that would send tokens elsewhere) it is an
+   estimate of it, and ``prune`` lists them in ``stats["allocation_estimated"]``. A group
+   that spans blocks (the hidden stream, a KV group that later blocks share) is measured
+   the same way. Cost: one forward pass per group and count, of the blocks from the
+   group's first on: the blocks before it return what they gave in the
    unpruned pass (:mod:`pruning.prefix`; checked block by block on one window against a
    full pass, and a block where the two differ is measured with full passes).
 2. **allocate**: each curve (KL against parameters removed) is made convex (its lower hull,
@@ -50,6 +54,10 @@ __all__ = ["FRACTIONS", "SAMPLES", "sensitivity_curves", "allocate_plan", "curve
 FRACTIONS: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 #: Calibration windows the damage is measured on (of the scoring windows, the first ones).
 SAMPLES = 4
+
+
+#: The damage recorded for a zeroing whose outputs are not finite (never chosen before others).
+_BROKEN = 1e6
 
 
 def _candidate_counts(group: Group, fractions: Sequence[float], round_to: int) -> np.ndarray:
@@ -151,10 +159,6 @@ def sensitivity_curves(model: nn.Module, groups: Sequence[Group],
     lowest-scored units alone, measured on ``tokens`` (windows × seq_len). The model is
     left exactly as it was. ``reuse_prefix``: passes skip the blocks before the group's
     (the same numbers, in less time; False runs every block every time)."""
-    bad = [g.id for g in groups if g.layer is None or not g.zero_equivalent]
-    if bad:
-        raise ValueError(f"allocation measures block-local groups whose zeroing equals removal; "
-                         f"'{bad[0]}' is not one (prune it with ranking 'global' or 'local')")
     if not fractions or not all(0 < f < 1 for f in fractions):
         raise ValueError(f"allocation fractions must lie in (0, 1), got {tuple(fractions)!r}")
     was_training = model.training
@@ -173,7 +177,9 @@ def sensitivity_curves(model: nn.Module, groups: Sequence[Group],
             for count in plans[group.id]:
                 start = reuse.from_group(group)
                 with _Zeroed(params, group.slices(order[:count].tolist())), start:
-                    losses.append(dense.kl(_logits(model, tokens, batch_size)))
+                    kl = dense.kl(_logits(model, tokens, batch_size))
+                # a zeroing that breaks the model (an estimate's norm of nothing) costs most
+                losses.append(kl if np.isfinite(kl) else _BROKEN)
                 bar.update(1)
             curves[group.id] = (plans[group.id], np.array(losses, dtype=np.float64))
     finally:

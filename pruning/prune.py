@@ -277,6 +277,7 @@ def prune(model: nn.Module, ratio: float | None = None, importance: str | None =
         measured = time.perf_counter()
         curves = allocation_curves(model, groups, scores, settings, tokens)
         score_stats["allocation"] = curves_record(curves)
+        score_stats["allocation_estimated"] = [g.id for g in groups if not g.zero_equivalent]
         score_stats["allocation_seconds"] = round(time.perf_counter() - measured, 3)
     plan = select(model, groups, scores, settings, tokens=tokens, curves=curves)
     biases = None

@@ -12,7 +12,8 @@ import torch
 from archs import Dims, tiny_model
 
 from depgraph import build_graph
-from pruning import PruneSettings, eligible_groups, prune, score, select
+from evaluation.cycle import tiny_dense_model
+from pruning import PruneSettings, eligible_groups, load_pruned, prune, score, select
 from pruning.allocation import allocate_plan, curve_keys, sensitivity_curves
 from pruning.prefix import block_list, first_block
 from pruning.selection import select_plan
@@ -157,11 +158,32 @@ def test_select_and_prune_and_reconstruct_take_allocation(model):
     assert result.stats["ratio_removed"] >= 0.15 and "allocation" in result.stats
 
 
+def test_groups_whose_zeroing_is_not_removal_are_measured_as_estimates(tmp_path):
+    """OLMo-2 normalises q and k over all heads at once (zeroing a head is not removing it),
+    and the hidden stream spans every block: allocation measures both by zeroing (it refused
+    them before, so ``ranking="allocate"``, the default of ``prune --reconstruct`` and of the
+    demo, failed on OLMo-2), says which numbers are estimates, and the plan saves and
+    reloads as every plan does."""
+    model = tiny_dense_model("olmo2").float()
+    tokens = torch.randint(0, model.config.vocab_size, (8, 16),
+                           generator=torch.Generator().manual_seed(0))
+    result = prune(copy.deepcopy(model), ratio=0.1, importance="second_moment",
+                   ranking="allocate", kinds="mlp,attention,hidden", tokens=tokens)
+    estimated = set(result.stats["allocation_estimated"])
+    assert {"hidden", "model.layers.0.self_attn"} <= estimated
+    assert estimated <= set(result.stats["allocation"])
+    assert not any(g.endswith(".mlp") for g in estimated)  # these are exact
+    assert 0.1 <= result.stats["ratio_removed"] < 0.13
+    result.model.save_pretrained(tmp_path)
+    again = load_pruned(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=tokens[:2]).logits,
+                                   result.model(input_ids=tokens[:2]).logits)
+
+
 def test_allocation_refuses_what_it_cannot_measure(model):
     graph = build_graph(model)
     hidden = [g for g in graph.groups() if g.kind == "hidden"]
-    with pytest.raises(ValueError, match="'hidden' is not one"):
-        sensitivity_curves(model, hidden, {"hidden": np.ones(hidden[0].num_units)}, _tokens())
     with pytest.raises(ValueError, match="use pruning.select"):
         select_plan(hidden, {}, ratio=0.1, total_params=100, ranking="allocate")
     with pytest.raises(ValueError, match="ranking 'allocate' needs calibration data"):
