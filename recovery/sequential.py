@@ -142,12 +142,18 @@ def _kept(drop: torch.Tensor | None, size: int) -> torch.Tensor | None:
     return torch.arange(size)[mask]
 
 
+def refittable(group) -> bool:
+    """Whether the sequential pass can prune ``group``: it lies in one block and zeroing its
+    units equals removing them."""
+    return group.layer is not None and group.zero_equivalent
+
+
 def check_sequential_groups(graph, counts: dict[str, int]) -> dict[int, list]:
     """The groups of ``counts`` by block; ValueError for one the sequential pass cannot prune."""
     by_block: dict[int, list] = {}
     for group_id, count in counts.items():
         group = graph.group(group_id)
-        if group.layer is None or not group.zero_equivalent:
+        if not refittable(group):
             raise ValueError(f"sequential reconstruction prunes block-local groups whose zeroing "
                              f"equals removal; {group_id!r} ({group.kind}) is not one: prune it "
                              "in one shot and use recovery.reconstruct afterwards")
@@ -330,8 +336,11 @@ def prune_and_reconstruct(model: nn.Module, ratio: float | None = None,
     (:func:`pruning.prune.eligible_groups`, :func:`~pruning.prune.score`,
     :func:`~pruning.prune.select`), then :func:`prune_sequential` re-scores each block on
     refit weights and picks which. ``recon_tokens`` (or ``recon_samples`` windows of the
-    settings' calibration text) feed the refits. Returns a :class:`pruning.PruneResult` whose
-    ``stats["reconstruction"]`` summarises the refits.
+    settings' calibration text) feed the refits. Only groups the pass can refit shrink
+    (:func:`refittable`); the others keep every unit and are listed in
+    ``stats["kept_whole"]`` (OLMo-2's attention, whose q and k are normalised over all heads
+    at once). Returns a :class:`pruning.PruneResult` whose ``stats["reconstruction"]``
+    summarises the refits.
     """
     if ratio is not None:
         options["ratio"] = ratio
@@ -345,11 +354,18 @@ def prune_and_reconstruct(model: nn.Module, ratio: float | None = None,
                          "replaces the compensation; use one or the other")
     start = time.perf_counter()
     graph = graph or build_graph(model)
-    groups = eligible_groups(graph, settings, model)
+    eligible = eligible_groups(graph, settings, model)
+    groups = [g for g in eligible if refittable(g)]
+    if not groups:
+        raise ValueError(f"none of the {len(eligible)} groups that may shrink can be pruned with "
+                         f"sequential reconstruction (e.g. {eligible[0].id!r}: it spans blocks or "
+                         "zeroing it is not removing it): prune in one shot and use "
+                         "recovery.reconstruct afterwards")
     total = sum(p.numel() for p in model.parameters())
     if needs_tokens(settings) and tokens is None:
         tokens = calibration_for(model, settings, tokenizer)
     scores, stats = score(model, graph, groups, settings, tokens=tokens, progress=progress)
+    stats["kept_whole"] = [g.id for g in eligible if not refittable(g)]
     stats["score_seconds"] = round(time.perf_counter() - start, 3)
     curves = None
     if settings.ranking == "allocate":

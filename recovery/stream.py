@@ -69,6 +69,7 @@ from .sequential import (
     Stream,
     check_sequential_groups,
     prune_block,
+    refittable,
     sequential_settings,
     sequential_stats,
 )
@@ -346,6 +347,8 @@ def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings 
     check_names(model, checkpoint)
     graph = build_graph(model)
     groups = eligible_groups(graph, settings, model)  # the probe runs on meta as it is
+    kept_whole = [g.id for g in groups if not refittable(g)] if recon is not None else []
+    groups = [g for g in groups if recon is None or refittable(g)]  # as prune_and_reconstruct
     by_block = _check_groups(groups)
     if get_importance(settings.importance)[1] and tokens is None:
         tokens = calibration_for(model, settings, tokenizer)
@@ -364,6 +367,7 @@ def prune_streamed(source: str | Path, out: str | Path, settings: PruneSettings 
     plan = select(model, groups, scores, settings)
     if recon is not None:  # which units: re-chosen block by block on refit weights
         counts = {group_id: len(units) for group_id, units in plan.items()}
+        score_stats["kept_whole"] = kept_whole
         plan, block_scores, score_stats["reconstruction"] = _sequential_pass(
             run, graph, counts, settings, recon, tokens, recon_tokens)
         scores = {**scores, **block_scores}

@@ -181,6 +181,27 @@ def test_groups_whose_zeroing_is_not_removal_are_measured_as_estimates(tmp_path)
                                    result.model(input_ids=tokens[:2]).logits)
 
 
+def test_reconstruction_while_pruning_keeps_whole_what_it_cannot_refit():
+    """The sequential pass refits groups whose zeroing is their removal; on OLMo-2 the
+    attention groups are not, so ``prune_and_reconstruct`` (``prune --reconstruct``) keeps
+    them whole and says so, instead of failing whenever the allocation picks one (here it
+    would: the attention is muted, the cheapest thing to remove)."""
+    from recovery import prune_and_reconstruct
+
+    model = tiny_dense_model("olmo2").float()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(1e-3)
+    tokens = torch.randint(0, model.config.vocab_size, (8, 16),
+                           generator=torch.Generator().manual_seed(0))
+    result = prune_and_reconstruct(copy.deepcopy(model), ratio=0.1, importance="second_moment",
+                                   ranking="allocate", tokens=tokens, recon_tokens=tokens)
+    kept = result.stats["kept_whole"]
+    assert kept and all(g.endswith("self_attn") for g in kept)
+    assert result.plan and not set(result.plan) & set(kept)
+    assert result.stats["ratio_removed"] >= 0.1
+
+
 def test_allocation_refuses_what_it_cannot_measure(model):
     graph = build_graph(model)
     hidden = [g for g in graph.groups() if g.kind == "hidden"]
