@@ -152,10 +152,16 @@ def block_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall,
         key = (type(block), tuple(map(tuple, stages)), candidates)
         if known is not None and key in known:
             return BlockStructure(stages, counts, known[key])
-        if base is None:  # the probes compare against a float32 run
-            base = run_quietly(block, hidden, call, "fp32")
-        through = frozenset(name for name in candidates
-                            if _moves_output(block, hidden, call, layers[name], base))
+        try:
+            if base is None:  # the probes compare against a float32 run
+                base = run_quietly(block, hidden, call, "fp32")
+            through = frozenset(name for name in candidates
+                                if _moves_output(block, hidden, call, layers[name], base))
+        except RuntimeError:
+            # the call carries tensors of the pass's precision that the block cannot mix with
+            # float32 (Gemma-3n's KV, computed by an earlier block in bfloat16 and shared):
+            # no layer is taken to pass through (no output correction; the refits stay right)
+            through = frozenset()
         if known is not None:
             known[key] = through
     return BlockStructure(stages, counts, through)

@@ -202,6 +202,25 @@ def test_reconstruction_while_pruning_keeps_whole_what_it_cannot_refit():
     assert result.stats["ratio_removed"] >= 0.1
 
 
+@pytest.mark.slow  # about 80 s on one thread: Gemma-3n's graph, probes and blocks
+def test_reconstruction_while_pruning_runs_where_blocks_share_bfloat16_state():
+    """Gemma-3n's later blocks read KV an earlier block computed, carried in the block call:
+    in a bfloat16 pass the float32 pass-through probe cannot mix them and stopped the pass
+    with a torch dtype error; now the block has no pass-through layer and the pass ends."""
+    from recovery import prune_and_reconstruct
+    from recovery.sequential import SequentialSettings
+
+    model = tiny_dense_model("gemma3n_text").float()
+    tokens = torch.randint(0, model.config.vocab_size, (4, 16),
+                           generator=torch.Generator().manual_seed(0))
+    result = prune_and_reconstruct(copy.deepcopy(model), ratio=0.05, importance="l2",
+                                   tokens=tokens, recon_tokens=tokens,
+                                   reconstruct=SequentialSettings(precision="bf16"))
+    assert result.stats["ratio_removed"] >= 0.05
+    with torch.no_grad():
+        assert torch.isfinite(result.model(input_ids=tokens[:1]).logits).all()
+
+
 def test_allocation_refuses_what_it_cannot_measure(model):
     graph = build_graph(model)
     hidden = [g for g in graph.groups() if g.kind == "hidden"]
