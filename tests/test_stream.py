@@ -17,6 +17,7 @@ import torch
 from archs import Dims, tiny_model
 from safetensors import safe_open
 
+from evaluation.cycle import tiny_dense_model
 from pruning import PruneSettings, load_pruned, prune
 from pruning.shards import write_shard
 from recovery import prune_streamed
@@ -249,3 +250,33 @@ def test_the_resume_key_is_the_same_in_every_process():
                             check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
              for seed in ("1", "2", "3")}  # repr() of the kinds differs between these seeds
     assert len(texts) == 1 and "kv_group" in texts.pop()
+
+
+def test_streamed_reconstruction_keeps_whole_what_it_cannot_refit(tmp_path):
+    """OLMo-2 normalises q and k over all heads at once: zeroing a KV group is not removing it,
+    so the sequential pass cannot refit its removal. Streamed, as in memory, such groups keep
+    every unit and are listed in ``stats["kept_whole"]``; the rest is pruned identically. The
+    attention is muted, the cheapest thing to remove, so the old code pruned it."""
+    from recovery import prune_and_reconstruct
+
+    model = tiny_dense_model("olmo2").float()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(1e-3)
+    source = tmp_path / "olmo2-dense"
+    model.save_pretrained(source)
+    tokens = torch.randint(0, model.config.vocab_size, (4, 12),
+                           generator=torch.Generator().manual_seed(1))
+    settings = PruneSettings(ratio=0.3, importance="second_moment", ranking="global_raw")
+    memory = prune_and_reconstruct(load_pruned(source), settings=settings, tokens=tokens,
+                                   recon_tokens=tokens)
+    streamed = prune_streamed(source, tmp_path / "out", settings, tokens=tokens,
+                              reconstruct="both", recon_tokens=tokens)
+    kept = streamed.stats["kept_whole"]
+    assert kept and all(g.endswith("self_attn") for g in kept)
+    assert kept == memory.stats["kept_whole"]
+    assert streamed.plan == memory.plan and streamed.plan and not set(streamed.plan) & set(kept)
+    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["kept_whole"] == kept
+    expected = memory.model.state_dict()
+    for name, tensor in load_pruned(tmp_path / "out").state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
