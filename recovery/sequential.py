@@ -124,13 +124,16 @@ def masked_refits(block_path: str, block: nn.Module, drops: dict, targets: str) 
     return refits
 
 
-def _post_layers(graph, groups: list, block_path: str, block: nn.Module,
+def _post_layers(groups: list, block_path: str, block: nn.Module,
                  settings: SequentialSettings) -> set[str]:
     """The layers the post-pruning refit of a block losing units of ``groups`` solves: which
     layers read (or write) a group's slices does not depend on which of its units go."""
     if not (groups and settings.post):
         return set()
-    slices = plan_slices(graph, {g.id: [0] for g in groups})
+    # one unit's slices, unvalidated: a plan of one unit may break a group's own constraints
+    # (experts' stacked weights keep multiples of 8), and only which layers they touch counts
+    slices = {(param, dim): torch.as_tensor(indices, dtype=torch.long)
+              for group in groups for param, dim, indices in group.slices([0])}
     return set(masked_refits(block_path, block, slices, settings.targets))
 
 
@@ -234,7 +237,7 @@ def prune_block(model: nn.Module, graph, path: str, index: int, groups: list,
                                     probe=settings.correction > 0,
                                     known=context.setdefault("probes", {}),
                                     precision=precision, trace=trace)
-    again = _post_layers(graph, groups, f"{path}.{index}", block, settings)
+    again = _post_layers(groups, f"{path}.{index}", block, settings)
     record = InputRecord(again) if pre and again else None  # o_proj's, for the post refit
     if pre:
         fitted = refit_block(block, recon.states, recon.at(index),

@@ -10,8 +10,14 @@ from archs import Dims, tiny_model
 from torch import nn
 
 from depgraph import build_graph
-from pruning import apply_plan
-from recovery import ReconstructionError, SequentialSettings, kept_channels, reconstruct
+from pruning import apply_plan, load_pruned
+from recovery import (
+    ReconstructionError,
+    SequentialSettings,
+    kept_channels,
+    prune_and_reconstruct,
+    reconstruct,
+)
 from recovery.blocks import BlockCall, batches, capture_calls, find_blocks, record_calls, same_value
 from recovery.lstsq import NormalEquations, fit, solve
 from recovery.refit import InputRecord, Refit, block_outputs, dense_targets, refit_block
@@ -557,3 +563,20 @@ def test_bad_arguments_are_refused():
         reconstruct(dense, dense, torch.zeros(2, 4, dtype=torch.long), precision="fp16")
     with pytest.raises(ValueError, match="precision must be one of .*, got 'half'"):
         SequentialSettings(precision="half")
+
+
+def test_sequential_pass_prunes_channels_of_stacked_experts(tmp_path):
+    """Mixtral's stacked expert weights keep multiples of 8 channels; the pass found the layers
+    it refits from a plan of one unit, which that constraint refuses, so ``prune --reconstruct``
+    stopped on every family with stacked experts whenever their channels were picked."""
+    model = tiny_model("mixtral", Dims()).eval()
+    tokens = torch.randint(0, 61, (6, 12), generator=torch.Generator().manual_seed(0))
+    result = prune_and_reconstruct(copy.deepcopy(model), ratio=0.2, importance="second_moment",
+                                   kinds="mlp", tokens=tokens, recon_tokens=tokens)
+    experts = {g: len(u) for g, u in result.plan.items() if g.endswith("mlp.experts")}
+    assert experts and all((24 - n) % 8 == 0 for n in experts.values())
+    assert result.stats["reconstruction"]["post"]
+    result.model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path)(tokens[:2]).logits,
+                                   result.model(tokens[:2]).logits)
