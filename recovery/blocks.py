@@ -4,8 +4,9 @@ Reconstruction refits one block at a time, so it needs, for every calibration ba
 hidden states entering a block and the other arguments the model passes it (rotary tables,
 attention masks, cache positions ...). Nothing here knows an architecture:
 
-* :func:`find_blocks` takes the ``nn.ModuleList`` of repeated blocks (the list whose
-  children share one class and hold the most parameters: ``model.layers``, ``transformer.h``);
+* :func:`find_blocks` takes the ``nn.ModuleList`` of blocks (the list holding the most
+  parameters: ``model.layers``, ``transformer.h``; its children may differ in class, as
+  Jamba's attention and Mamba layers do);
 * :func:`capture_calls` runs the model once per batch with a pre-hook on every block that
   records the block's ``(args, kwargs)``; the hidden states are kept for block 0 only (the
   others are recomputed block by block), the blocks themselves return their input instead
@@ -47,15 +48,14 @@ class BlockCall:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(path, module_list)`` of the model's repeated blocks.
+    """``(path, module_list)`` of the model's blocks: the ``nn.ModuleList`` with the most
+    parameters (its children may be of several classes).
 
-    Raises ``ValueError`` when the model has no ``ModuleList`` of same-class modules.
+    Raises ``ValueError`` when the model has no non-empty ``ModuleList``.
     """
     best: tuple[int, str, nn.ModuleList] | None = None
     for path, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
             continue
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[0]:

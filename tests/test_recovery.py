@@ -10,6 +10,7 @@ from archs import Dims, tiny_model
 from torch import nn
 
 from depgraph import build_graph
+from evaluation.cycle import tiny_dense_model
 from pruning import apply_plan, load_pruned
 from recovery import (
     ReconstructionError,
@@ -576,6 +577,23 @@ def test_sequential_pass_prunes_channels_of_stacked_experts(tmp_path):
     experts = {g: len(u) for g, u in result.plan.items() if g.endswith("mlp.experts")}
     assert experts and all((24 - n) % 8 == 0 for n in experts.values())
     assert result.stats["reconstruction"]["post"]
+    result.model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path)(tokens[:2]).logits,
+                                   result.model(tokens[:2]).logits)
+
+
+def test_sequential_pass_runs_on_blocks_of_several_classes(tmp_path):
+    """Jamba's layer list holds attention and Mamba layers, two classes: the blocks were looked
+    for among lists of one class only, so ``prune --reconstruct`` found none on Jamba."""
+    model = tiny_dense_model("jamba").float().eval()
+    path, blocks = find_blocks(model)
+    assert path == "model.layers" and len({type(b) for b in blocks}) == 2
+    tokens = torch.randint(0, model.config.vocab_size, (6, 12),
+                           generator=torch.Generator().manual_seed(0))
+    result = prune_and_reconstruct(copy.deepcopy(model), ratio=0.1, importance="second_moment",
+                                   tokens=tokens, recon_tokens=tokens)
+    assert result.plan and result.stats["reconstruction"]["post"]
     result.model.save_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(load_pruned(tmp_path)(tokens[:2]).logits,
