@@ -29,10 +29,42 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+#: Whether a subclass of ``nn.Linear`` that overrides ``forward`` computes its weight's linear
+#: map, by class (checked once, :func:`_computes_linear`).
+_LINEAR_CLASSES: dict[type, bool] = {}
+
+
+def _computes_linear(module: nn.Linear) -> bool:
+    """Whether the module's output is ``x Wᵀ + b``: ``nn.Linear``'s own forward, or an
+    override checked once per class on a random input (Falcon's linear adds its bias apart
+    and is one; Llama 4's and PhiMoE's routers are ``nn.Linear`` subclasses that return
+    routing scores and are not: a refit or an adapter of them would be wrong)."""
+    cls = type(module)
+    if cls.forward is nn.Linear.forward:
+        return True
+    if cls not in _LINEAR_CLASSES:
+        weight = module.weight
+        if weight.is_meta:
+            return False
+        x = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0))
+        x = x.to(weight.device, weight.dtype)
+        with torch.no_grad():
+            try:
+                out = module(x)
+            except Exception:  # noqa: BLE001 - any failure means: not a plain linear map
+                out = None
+            want = nn.functional.linear(x, weight, module.bias).float()
+            _LINEAR_CLASSES[cls] = (isinstance(out, torch.Tensor) and out.shape == want.shape
+                                    and torch.allclose(out.float(), want, rtol=1e-2,
+                                                       atol=1e-2 * float(want.abs().max()) + 1e-6))
+    return _LINEAR_CLASSES[cls]
+
+
 def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """The block's linear layers by path inside the block."""
+    """The block's linear layers by path inside the block: ``nn.Linear`` modules whose
+    output is their linear map (:func:`_computes_linear`), and GPT-2's ``Conv1D``."""
     return {name: module for name, module in block.named_modules()
-            if isinstance(module, nn.Linear) or _is_conv1d(module)}
+            if (isinstance(module, nn.Linear) and _computes_linear(module)) or _is_conv1d(module)}
 
 
 def weight_rows(module: nn.Module) -> torch.Tensor:

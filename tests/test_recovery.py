@@ -22,7 +22,7 @@ from recovery import (
 from recovery.blocks import BlockCall, batches, capture_calls, find_blocks, record_calls, same_value
 from recovery.lstsq import NormalEquations, fit, solve
 from recovery.refit import InputRecord, Refit, block_outputs, dense_targets, refit_block
-from recovery.structure import CallTrace, block_structure, passes_through
+from recovery.structure import CallTrace, block_structure, linear_layers, passes_through
 
 torch.set_num_threads(1)
 
@@ -589,6 +589,28 @@ def test_sequential_pass_runs_on_blocks_of_several_classes(tmp_path):
     model = tiny_dense_model("jamba").float().eval()
     path, blocks = find_blocks(model)
     assert path == "model.layers" and len({type(b) for b in blocks}) == 2
+    tokens = torch.randint(0, model.config.vocab_size, (6, 12),
+                           generator=torch.Generator().manual_seed(0))
+    result = prune_and_reconstruct(copy.deepcopy(model), ratio=0.1, importance="second_moment",
+                                   tokens=tokens, recon_tokens=tokens)
+    assert result.plan and result.stats["reconstruction"]["post"]
+    result.model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path)(tokens[:2]).logits,
+                                   result.model(tokens[:2]).logits)
+
+
+def test_linear_subclasses_that_compute_something_else_are_not_refit(tmp_path):
+    """Llama 4's router subclasses nn.Linear and returns routing scores (a tuple): the refit
+    hooked it as a linear layer and stopped with "'tuple' object has no attribute 'detach'".
+    Whether an overriding subclass computes its linear map is checked on its outputs: Falcon's
+    linear (bias added apart) is one and is refit, the router is not."""
+    falcon = tiny_model("falcon", Dims())
+    assert {"self_attention.query_key_value", "mlp.dense_4h_to_h"} <= set(
+        linear_layers(falcon.transformer.h[0]))
+    model = tiny_dense_model("llama4_text").float().eval()
+    names = set(linear_layers(model.model.layers[0]))
+    assert "feed_forward.router" not in names and "self_attn.q_proj" in names
     tokens = torch.randint(0, model.config.vocab_size, (6, 12),
                            generator=torch.Generator().manual_seed(0))
     result = prune_and_reconstruct(copy.deepcopy(model), ratio=0.1, importance="second_moment",
