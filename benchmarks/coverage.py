@@ -11,6 +11,10 @@ Each type runs in its own interpreter (a crash or a hang costs one row, not the 
     python benchmarks/coverage.py --jobs 2 --json out/coverage.json > coverage.md
     python benchmarks/coverage.py --types llama,gpt2,mixtral      # a few types
     python benchmarks/coverage.py --json out/coverage.json --resume  # go on after a stop
+
+``--path reconstruct`` checks the default path of ``depgraph prune --reconstruct`` instead
+(:func:`evaluation.reconstruct_cycle.reconstruct_row`: allocation, sequential reconstruction,
+``save_pretrained``, ``load_pruned``, ``generate``).
 """
 
 from __future__ import annotations
@@ -79,11 +83,18 @@ def _reproduced(row: dict) -> bool:
     return bool(default) and default[:60] in row.get("reason", "")
 
 
-def _run_one(model_type: str, seed: int, timeout: float, threads: int) -> dict:
+#: ``--path``: the function that checks one model type, by module.
+PATHS = {"cycle": ("evaluation.cycle", "cycle_row"),
+         "reconstruct": ("evaluation.reconstruct_cycle", "reconstruct_row")}
+
+
+def _run_one(model_type: str, seed: int, timeout: float, threads: int,
+             path: str = "cycle") -> dict:
+    module, function = PATHS[path]
     code = ("import json,sys,logging,warnings;warnings.filterwarnings('ignore');"
             f"logging.disable(logging.WARNING);import torch;torch.set_num_threads({threads});"
-            "from evaluation.cycle import cycle_row;"
-            f"r=cycle_row({model_type!r}, seed={seed});print('ROW'+json.dumps(r.__dict__))")
+            f"from {module} import {function};"
+            f"r={function}({model_type!r}, seed={seed});print('ROW'+json.dumps(r.__dict__))")
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
@@ -138,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--path", choices=sorted(PATHS), default="cycle",
+                        help="what each type goes through: random plans over every group kind "
+                             "(cycle) or the default of prune --reconstruct (reconstruct)")
     parser.add_argument("--json", type=Path, help="the rows, rewritten after each one")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --json and run only the other types")
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {row["model_type"]: row for row in kept if row["model_type"] in types}
     todo = [t for t in types if t not in done]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {t: pool.submit(_run_one, t, args.seed, args.timeout, args.threads) for t in todo}
+        futures = {t: pool.submit(_run_one, t, args.seed, args.timeout, args.threads, args.path) for t in todo}
         for model_type in todo:
             row = futures[model_type].result()
             row["attention"] = attention_family(model_type)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .lstsq import ReconstructionError
 from .precision import compute_autocast
 
 __all__ = ["BlockCall", "find_blocks", "capture_calls", "run_block", "batches", "stop_after",
@@ -111,8 +112,10 @@ def record_calls(model: nn.Module, blocks: nn.ModuleList, batch_tokens: list[tor
             except StopForward:
                 pass
             if len(current) != len(blocks):
-                raise RuntimeError(f"the forward pass called {len(current)} of "
-                                   f"{len(blocks)} blocks; cannot reconstruct block by block")
+                raise ReconstructionError(
+                    f"the forward pass called {len(current)} of the {len(blocks)} blocks of "
+                    "its largest layer list (blocks skipped, looped or not the text model's); "
+                    "cannot reconstruct block by block")
             calls.append(current)
     finally:
         for handle in handles:

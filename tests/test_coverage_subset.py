@@ -16,6 +16,7 @@ import torch
 
 from depgraph import Kind, PlanError, build_graph
 from evaluation.cycle import cycle_row, tiny_dense_model
+from evaluation.reconstruct_cycle import _refusal, reconstruct_row
 from pruning import apply_plan, load_pruned
 from pruning.probe import exclude_unprunable
 from pruning.rollback import check_runs
@@ -221,3 +222,31 @@ def test_a_recorded_convolution_size_that_contradicts_its_weight_is_not_restored
     again = load_pruned(tmp_path)
     assert [layer.mixer.conv1d.kernel_size for layer in again.backbone.layers] == [(4,), (4,)]
     check_runs(again)
+
+
+# the default path of prune --reconstruct (allocation, sequential reconstruction, save, reload,
+# generate); each failed a sweep of it (`coverage.py --path reconstruct`): axk2 (stacked
+# experts keep multiples of 8 rows; the pass asked which layers a one-unit plan touches, a plan
+# that constraint refuses), jamba (attention and Mamba layers, two classes in one list: no
+# blocks were found), llama4_text and phimoe (routers that subclass nn.Linear and return
+# routing scores were refit as linear layers)
+@pytest.mark.parametrize("model_type", ["axk2", "jamba", "llama4_text", "phimoe"])
+def test_reconstruction_while_pruning_passes(model_type):
+    row = reconstruct_row(model_type)
+    assert row.status == "pass", f"{model_type}: {row.status}: {row.reason}"
+
+
+def test_only_the_tools_own_reasons_count_as_refusals():
+    from pruning import PruneSettings
+
+    def foreign():
+        raise ValueError("raised outside the project")
+
+    for call, refused in [(lambda: PruneSettings(ratio=2.0), True), (foreign, False)]:
+        try:
+            call()
+        except ValueError as error:
+            assert _refusal(error) is refused
+        else:
+            raise AssertionError("no error")
+    assert _refusal(PlanError("a depgraph error"))
