@@ -78,7 +78,7 @@ def reconstruct_row(model_type: str, seed: int = 0, *, ratio: float = 0.1,
     except Exception as error:  # noqa: BLE001 - after a prune, every error is a failure
         return CycleRow(model_type, "FAIL", f"{type(error).__name__}: {_one_line(error)}")
     stats = result.stats
-    detail = (f"removed {100 * stats['ratio_removed']:.1f}%, {len(result.plan)} groups pruned, "
-              f"{len(stats.get('kept_whole', []))} kept whole, "
-              f"{len(stats.get('allocation_estimated', []))} estimated")
+    detail = (f"removed {100 * stats['ratio_removed']:.1f}%; groups pruned {len(result.plan)}, "
+              f"kept whole {len(stats.get('kept_whole', []))}, "
+              f"estimated {len(stats.get('allocation_estimated', []))}")
     return CycleRow(model_type, "pass", "", detail)
