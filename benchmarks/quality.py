@@ -53,6 +53,7 @@ from measure import markdown_table, run_worker, step  # noqa: E402
 
 ALL_CRITERIA = ("random", "l1", "l2", "second_moment_datafree", "taylor", "taylor_element",
                 "taylor_second", "second_moment", "retraining_free", "flap", "wanda_sp")
+RANKINGS = ("global", "global_raw", "local", "allocate")
 RECOVERY = ("none", "compensate", "reconstruct", "refit", "lora", "reconstruct+lora", "distill",
             "reconstruct+distill", "distill_lora", "reconstruct+distill_lora")
 
@@ -241,15 +242,17 @@ def _cells(args) -> list[dict]:
             "distill_tokens": args.distill_tokens, "distill_lr": args.distill_lr,
             "temperature": args.temperature, "lm_weight": args.lm_weight,
             "ppl_seq_lens": args.ppl_seq_lens,
-            "kinds": args.kinds, "ranking": args.ranking, "round_to": args.round_to,
+            "kinds": args.kinds, "round_to": args.round_to,
             "pruned_cache": str(args.pruned_cache) if args.pruned_cache else None}
     cells = [{**base, "tool": "dense", "criterion": "-", "ratio": 0.0, "layers": "-"}]
     for ratio in args.ratios:
         for layers in args.layers:
             for criterion in args.criteria:
-                for recovery in args.recovery:
-                    cells.append({**base, "tool": "depgraph", "criterion": criterion,
-                                  "ratio": ratio, "layers": layers, "recovery": recovery})
+                for ranking in args.ranking:
+                    for recovery in args.recovery:
+                        cells.append({**base, "tool": "depgraph", "criterion": criterion,
+                                      "ranking": ranking, "ratio": ratio, "layers": layers,
+                                      "recovery": recovery})
             for wanted, kinds in ((args.tp, "default"), (args.tp_mlp, "mlp")):
                 if wanted:
                     cells.append({**base, "tool": "torch-pruning", "kinds": kinds,
@@ -275,20 +278,28 @@ def _kinds(cell: dict) -> str:
         "+hidden" if cell["tool"] == "torch-pruning" else "")
 
 
+def _ranking(cell: dict) -> str:
+    """The ranking asked for; ``default`` (the criterion's own) when none was."""
+    if cell["tool"] != "depgraph":
+        return "-"
+    return cell.get("ranking") or "default"
+
+
 def table(cells: list[dict]) -> str:
-    header = ["tool", "criterion", "ratio", "blocks", "kinds", "recovery", "removed", "ppl",
-              "prune s", "prune GiB", "train s", "train GiB"]
+    header = ["tool", "criterion", "ratio", "blocks", "kinds", "ranking", "recovery", "removed",
+              "ppl", "prune s", "prune GiB", "train s", "train GiB"]
     longer = sorted({k for c in cells for k in c if k.startswith("ppl@")}, key=lambda k: int(k[4:]))
     header[8:8] = longer
     rows = []
     for cell in cells:
         if "error" in cell:
             rows.append([cell["tool"], cell["criterion"], cell["ratio"], cell["layers"],
-                         _kinds(cell), cell.get("recovery", ""), "",
+                         _kinds(cell), _ranking(cell), cell.get("recovery", ""), "",
                          f"error: {cell['error'][:120]}", *[""] * len(longer), "", "", "", ""])
             continue
         rows.append([cell["tool"], cell["criterion"], cell["ratio"], cell["layers"],
-                     _kinds(cell), cell.get("recovery", "-"), f"{cell['ratio_removed']:.1%}",
+                     _kinds(cell), _ranking(cell), cell.get("recovery", "-"),
+                     f"{cell['ratio_removed']:.1%}",
                      f"{cell['ppl']:.2f}", *[f"{cell[k]:.2f}" if k in cell else "" for k in longer],
                      _seconds(cell, "prune"), _peak(cell, "prune"),
                      _seconds(cell, "train"), _peak(cell, "train")])
@@ -311,9 +322,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default="default",
                         help="group kinds depgraph may shrink, comma-separated (default: "
                              "MLP channels and (KV) heads)")
-    parser.add_argument("--ranking", default=None,
-                        choices=["global", "global_raw", "local", "allocate"],
-                        help="how depgraph compares units across groups (default: the "
+    parser.add_argument("--ranking", type=_list(str), default=[None],
+                        help="how depgraph compares units across groups, comma-separated "
+                             f"for a cell each: {', '.join(RANKINGS)} (default: the "
                              "criterion's own ranking, else global)")
     parser.add_argument("--tp", action="store_true",
                         help="add torch-pruning configured as its prune_llm.py")
@@ -356,6 +367,9 @@ def main(argv=None) -> int:
     bad = [r for r in args.recovery if r not in RECOVERY]
     if bad:
         parser.error(f"--recovery {bad[0]!r}: expected some of {', '.join(RECOVERY)}")
+    bad = [r for r in args.ranking if r not in (None, *RANKINGS)]
+    if bad or not args.ranking:
+        parser.error(f"--ranking {(bad or [''])[0]!r}: expected some of {', '.join(RANKINGS)}")
     if args.jobs < 1:
         parser.error(f"--jobs must be a positive integer, got {args.jobs}")
     start = time.perf_counter()

@@ -50,8 +50,9 @@ def cells(text: str, tokens: int) -> tuple[dict, dict, dict[str, float]]:
                 continue
             if row["tool"] == "dense":
                 dense[name] = value
-            elif (row["tool"] == "depgraph" and row.get("blocks") == "all"
-                  and row.get("kinds", "heads+mlp") == "heads+mlp"):  # older tables: default
+            elif (row["tool"] == "depgraph" and row.get("blocks") == "all"  # older tables:
+                  and row.get("kinds", "heads+mlp") == "heads+mlp"         # the defaults
+                  and row.get("ranking", "default") == "default"):
                 key = (row["criterion"], float(row["ratio"]), row["recovery"])
                 found[key], source[key] = value, name
     return found, source, dense
@@ -72,7 +73,7 @@ def pivot(found: dict) -> str:
                if any(k[1] == ratio and k[2] == rec for k in found)]
     best = {col: min((v for (c, r, rec), v in found.items() if (r, rec) == col), default=None)
             for col in columns}
-    header = ["criterion"] + [f"{ratio:.0%} {_LABELS[rec]}" for ratio, rec in columns]
+    header = ["criterion"] + [f"{ratio:.0%} {_LABELS.get(rec, '+ ' + rec)}" for ratio, rec in columns]
     rows = []
     for criterion in criteria:
         row = [criterion]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quality  # noqa: E402
 import summary  # noqa: E402
 
 HEADER = ("| tool | criterion | ratio | blocks | kinds | recovery | removed | ppl | prune s |\n"
@@ -58,3 +60,46 @@ def test_no_cells_on_that_evaluation_is_an_error(tmp_path, capsys):
     assert "no quality table evaluated on the first 7 tokens" in capsys.readouterr().err
     assert summary.main(["--results", str(results), "--tokens", "16384"]) == 0
     assert "| taylor | **1.0** |" in capsys.readouterr().out
+
+
+def test_rows_of_another_ranking_are_not_the_default_setting():
+    header = ("| tool | criterion | ratio | blocks | kinds | ranking | recovery | removed | ppl |\n"
+              "|---|---|---|---|---|---|---|---|---|\n")
+    body = header + "\n".join([
+        "| depgraph | l2 | 0.2 | all | heads+mlp | default | none | 20.0% | 150.00 |",
+        "| depgraph | l2 | 0.2 | all | heads+mlp | allocate | none | 20.0% | 140.00 |",
+        "| depgraph | l2 | 0.2 | all | heads+mlp | local | none | 20.0% | 160.00 |"])
+    text = (f"# Benchmark results\n\n## r title\n\n<!-- section: r -->\n\n{body}\n\n"
+            "3 cells in 9 s; WikiText-2 raw test, first 4096 tokens, windows of 128.\n")
+    found, _, _ = summary.cells(text, 4096)
+    assert found == {("l2", 0.2, "none"): 150.0}
+
+
+def test_quality_makes_a_cell_per_ranking_and_names_it_in_the_table():
+    cells = quality._cells(argparse.Namespace(
+        model="default", calib="bundled", calib_samples=10, recon_samples=32,
+        recon_damping=None, lora_steps=60, ppl_tokens=4096, threads=1, seed=0,
+        distill_tokens=1, distill_lr=None, temperature=1.0, lm_weight=0.0, ppl_seq_lens=[128],
+        kinds="default", round_to=1, pruned_cache=None, ratios=[0.2], layers=["all"],
+        criteria=["l2"], ranking=["global", "allocate"], recovery=["none", "reconstruct"],
+        tp=False, tp_mlp=False))
+    pruned = [(c["ranking"], c["recovery"]) for c in cells if c["tool"] == "depgraph"]
+    assert pruned == [("global", "none"), ("global", "reconstruct"),
+                      ("allocate", "none"), ("allocate", "reconstruct")]
+    assert len({quality._cache_key(c) for c in cells[1:]}) == 4
+    done = [{**c, "ratio_removed": 0.2, "ppl": 1.0} for c in cells]
+    lines = quality.table(done).splitlines()
+    assert lines[0].split("|")[6].strip() == "ranking"
+    assert [line.split("|")[6].strip() for line in lines[2:]] == [
+        "-", "global", "global", "allocate", "allocate"]
+
+
+def test_quality_refuses_an_unknown_ranking(capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--ranking", "global,best"])
+    assert "--ranking 'best': expected some of global" in capsys.readouterr().err
+
+
+def test_a_recovery_without_a_short_label_is_named_as_it_is():
+    table = summary.pivot({("l2", 0.2, "reconstruct+distill"): 90.0, ("l2", 0.2, "none"): 99.0})
+    assert table.splitlines()[0] == "| criterion | 20% pruned | 20% + reconstruct+distill |"
