@@ -376,7 +376,7 @@ def main(argv=None) -> int:
 
     def run(spec: dict) -> dict:
         label = f"{spec['tool']} {spec['criterion']} {spec['ratio']} {spec['layers']} " \
-                f"{spec.get('recovery', '')}"
+                f"{spec.get('ranking') or ''} {spec.get('recovery', '')}"
         print(f"[{time.perf_counter() - start:7.0f} s] {label}", file=sys.stderr, flush=True)
         cell = run_worker(__file__, spec, args.timeout)
         if "error" in cell:
