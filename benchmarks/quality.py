@@ -289,7 +289,7 @@ def table(cells: list[dict]) -> str:
     header = ["tool", "criterion", "ratio", "blocks", "kinds", "ranking", "recovery", "removed",
               "ppl", "prune s", "prune GiB", "train s", "train GiB"]
     longer = sorted({k for c in cells for k in c if k.startswith("ppl@")}, key=lambda k: int(k[4:]))
-    header[8:8] = longer
+    header[header.index("ppl") + 1:header.index("ppl") + 1] = longer
     rows = []
     for cell in cells:
         if "error" in cell:

@@ -94,6 +94,16 @@ def test_quality_makes_a_cell_per_ranking_and_names_it_in_the_table():
         "-", "global", "global", "allocate", "allocate"]
 
 
+def test_quality_table_names_each_perplexity_column_over_its_numbers():
+    cells = [{"tool": "depgraph", "criterion": "l2", "ratio": 0.2, "layers": "all",
+              "ranking": "allocate", "recovery": "none", "ratio_removed": 0.2, "ppl": 11.0,
+              "ppl@2048": 22.0}]
+    header, _, row = quality.table(cells).splitlines()
+    named = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")],
+                     strict=True))
+    assert (named["ppl"], named["ppl@2048"], named["ranking"]) == ("11.00", "22.00", "allocate")
+
+
 def test_quality_refuses_an_unknown_ranking(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--ranking", "global,best"])
