@@ -25,7 +25,7 @@ from depgraph import DepGraphError
 from pruning import load_pruned
 from recovery import prune_and_reconstruct
 
-from .cycle import CycleRow, _one_line, tiny_dense_model
+from .cycle import CycleFailure, CycleRow, _logits, _one_line, _same, _tolerance, tiny_dense_model
 
 __all__ = ["reconstruct_row"]
 
@@ -39,11 +39,6 @@ def _refusal(error: BaseException) -> bool:
         return True
     frames = traceback.extract_tb(error.__traceback__)
     return isinstance(error, ValueError) and bool(frames) and frames[-1].filename.startswith(_PACKAGES)
-
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits.double()
 
 
 def reconstruct_row(model_type: str, seed: int = 0, *, ratio: float = 0.1,
@@ -70,11 +65,10 @@ def reconstruct_row(model_type: str, seed: int = 0, *, ratio: float = 0.1,
         with tempfile.TemporaryDirectory() as folder:
             pruned.save_pretrained(folder)
             back = load_pruned(folder).float().eval()
-            got = _logits(back, ids)
-            scale = max(float(want.abs().max()), 1.0)
-            if got.shape != want.shape or float((got - want).abs().max()) > 1e-4 * scale:
-                return CycleRow(model_type, "FAIL", "reloaded logits differ from the pruned model's")
+            _same("save_pretrained + load_pruned", _logits(back, ids), want, _tolerance(pruned))
             back.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False)
+    except CycleFailure as error:
+        return CycleRow(model_type, "FAIL", _one_line(error))
     except Exception as error:  # noqa: BLE001 - after a prune, every error is a failure
         return CycleRow(model_type, "FAIL", f"{type(error).__name__}: {_one_line(error)}")
     stats = result.stats
