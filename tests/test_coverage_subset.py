@@ -17,7 +17,7 @@ import torch
 from depgraph import Kind, PlanError, build_graph
 from evaluation.cycle import cycle_row, tiny_dense_model
 from evaluation.reconstruct_cycle import _refusal, reconstruct_row
-from pruning import apply_plan, load_pruned
+from pruning import PruneSettings, apply_plan, load_pruned
 from pruning.probe import exclude_unprunable
 from pruning.rollback import check_runs
 
@@ -237,8 +237,6 @@ def test_reconstruction_while_pruning_passes(model_type):
 
 
 def test_only_the_tools_own_reasons_count_as_refusals():
-    from pruning import PruneSettings
-
     def foreign():
         raise ValueError("raised outside the project")
 
