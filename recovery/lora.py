@@ -157,12 +157,18 @@ def _callbacks(settings: LoraSettings, history: list[dict], progress):
 def train_lora(model: nn.Module, tokenizer, data, settings: LoraSettings = LoraSettings(), *,
                output_dir: str | None = None, progress=print) -> LoraResult:
     """Train LoRA adapters on ``data`` (a source for :func:`recovery.lora_data.load_examples`,
-    or a ``(train, validation)`` pair of example lists); returns the peft model and history."""
+    or a ``(train, validation)`` pair of example lists); returns the peft model and history.
+    The Trainer's checkpoints go to ``output_dir``, or without one to a temporary folder that
+    is removed when training ends (or fails)."""
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
     from .lora_data import load_examples
 
+    if output_dir is None:  # the Trainer's checkpoints, removed once the best is loaded back
+        with tempfile.TemporaryDirectory(prefix="depgraph-lora-") as workdir:
+            return train_lora(model, tokenizer, data, settings, output_dir=workdir,
+                              progress=progress)
     start = time.perf_counter()
     if isinstance(data, tuple):
         train, val = data
@@ -178,11 +184,10 @@ def train_lora(model: nn.Module, tokenizer, data, settings: LoraSettings = LoraS
                         target_modules=lora_targets(model), bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)  # adapters in fp32 (autocast_adapter_dtype)
     history: list[dict] = []
-    workdir = output_dir or tempfile.mkdtemp(prefix="depgraph-lora-")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     adapters = [p for p in peft_model.parameters() if p.requires_grad]
     args = TrainingArguments(
-        output_dir=workdir, per_device_train_batch_size=settings.batch_size,
+        output_dir=output_dir, per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
         num_train_epochs=settings.epochs, max_steps=settings.max_steps,

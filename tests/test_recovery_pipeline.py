@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -84,7 +85,14 @@ def test_reconstruct_mode_is_checked_before_any_work(tiny):
                               reconstruct="sometimes")
 
 
-def test_lora_lowers_validation_loss_and_merges_exactly(tiny, one_shot):
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The folder ``tempfile`` creates its temporary folders in, for this test alone."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_lora_lowers_validation_loss_and_merges_exactly(tiny, one_shot, private_tmp):
     _, tokenizer = tiny
     pruned = copy.deepcopy(one_shot.model)
     settings = LoraSettings(max_steps=24, eval_steps=8, seq_len=64, max_examples=120,
@@ -100,6 +108,7 @@ def test_lora_lowers_validation_loss_and_merges_exactly(tiny, one_shot):
     # trained in bf16 autocast where the CPU has it; the returned model computes in float32
     assert adapted.dtype == torch.float32 and result.stats["bf16"] == native_bf16(torch.device("cpu"))
     assert torch.allclose(adapted, merged, atol=1e-4, rtol=0)
+    assert not list(private_tmp.iterdir())  # the Trainer's checkpoints are not left behind
 
 
 def test_lora_targets_every_linear_layer_of_the_blocks(tiny):
@@ -109,7 +118,7 @@ def test_lora_targets_every_linear_layer_of_the_blocks(tiny):
     assert not any("lm_head" in name or "embed" in name for name in targets)
 
 
-def test_lora_stops_on_a_nan_loss(tiny, one_shot):
+def test_lora_stops_on_a_nan_loss(tiny, one_shot, private_tmp):
     _, tokenizer = tiny
     broken = copy.deepcopy(one_shot.model)
     with torch.no_grad():
@@ -117,6 +126,7 @@ def test_lora_stops_on_a_nan_loss(tiny, one_shot):
     settings = LoraSettings(max_steps=4, eval_steps=2, seq_len=32, max_examples=20)
     with pytest.raises(LoraDivergedError, match="loss became nan"):
         train_lora(broken, tokenizer, "bundled", settings, progress=None)
+    assert not list(private_tmp.iterdir())
 
 
 def test_alpaca_records_mask_the_prompt(tiny, tmp_path):
