@@ -211,7 +211,11 @@ def _lora(model, tokenizer, args: argparse.Namespace) -> tuple:
         return merge(result.model, dtype), result.stats, None
     result.stats["ppl_after"] = quick_ppl(result.model, tokenizer, args.ppl_tokens)
     adapter = Path(tempfile.mkdtemp(prefix="depgraph-adapter-"))
-    result.model.save_pretrained(adapter)
+    try:
+        result.model.save_pretrained(adapter)
+    except BaseException:
+        shutil.rmtree(adapter, ignore_errors=True)
+        raise
     return result.model.unload().to(dtype), result.stats, adapter
 
 
@@ -236,27 +240,31 @@ def run_recover(args: argparse.Namespace) -> int:
     else:
         model, stats, adapter = (run_distill(model, tokenizer, dense, args)
                                  if args.method == "distill" else _lora(model, tokenizer, args))
-        if not stats["is_main_process"]:
+    try:  # the adapter's temporary folder goes, into OUT or away, whatever happens
+        if not stats.get("is_main_process", True):
             return 0
-    if "ppl_after" not in stats:  # with --no-merge it was measured with the adapter on
-        stats["ppl_after"] = quick_ppl(model, tokenizer, args.ppl_tokens)
-    stats.update(ppl_before=before, ppl_tokens=args.ppl_tokens, source=str(folder.resolve()))
-    extra = {k: v for k, v in info.items() if k not in ("plans", "config_exact")}
-    extra["recovery"] = [*extra.get("recovery", []), stats]
+        if "ppl_after" not in stats:  # with --no-merge it was measured with the adapter on
+            stats["ppl_after"] = quick_ppl(model, tokenizer, args.ppl_tokens)
+        stats.update(ppl_before=before, ppl_tokens=args.ppl_tokens, source=str(folder.resolve()))
+        extra = {k: v for k, v in info.items() if k not in ("plans", "config_exact")}
+        extra["recovery"] = [*extra.get("recovery", []), stats]
 
-    def add_adapter(tmp: Path) -> None:
-        if adapter is not None:
-            shutil.move(str(adapter), tmp / "adapter")
+        def add_adapter(tmp: Path) -> None:
+            if adapter is not None:
+                shutil.move(str(adapter), tmp / "adapter")
 
-    with atomic_files(*[p for p in (args.json,) if p]) as staged:  # written after --out
-        for file in staged:
-            file.write_text(json.dumps(stats, indent=1, default=str))
-        save_pruned(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra,
-                    writer=add_adapter)
-    if args.method == "distill":
-        remove_work_folders(args)
-    _print(stats, args)
-    return 0
+        with atomic_files(*[p for p in (args.json,) if p]) as staged:  # written after --out
+            for file in staged:
+                file.write_text(json.dumps(stats, indent=1, default=str))
+            save_pruned(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, extra=extra,
+                        writer=add_adapter)
+        if args.method == "distill":
+            remove_work_folders(args)
+        _print(stats, args)
+        return 0
+    finally:
+        if adapter is not None:  # moved into OUT when saving succeeded
+            shutil.rmtree(adapter, ignore_errors=True)
 
 
 def _print(stats: dict, args: argparse.Namespace) -> None:

@@ -183,14 +183,17 @@ def test_cli_recover_reconstruct(pruned_dir, tmp_path, capsys, precision):
     assert "layer output error" in capsys.readouterr().out
 
 
-def test_cli_recover_lora_without_merging_keeps_the_adapter(pruned_dir, tmp_path):
+LORA_NO_MERGE = ("--method", "lora", "--max-steps", "4", "--eval-steps", "2", "--seq-len", "32",
+                 "--max-examples", "24", "--ppl-tokens", "0", "--no-merge")
+
+
+def test_cli_recover_lora_without_merging_keeps_the_adapter(pruned_dir, tmp_path, private_tmp):
     from peft import PeftModel
 
     out = tmp_path / "lora"
-    assert main(["recover", str(pruned_dir), "--method", "lora", "--out", str(out),
-                 "--max-steps", "4", "--eval-steps", "2", "--seq-len", "32",
-                 "--max-examples", "24", "--ppl-tokens", "0", "--no-merge"]) == 0
+    assert main(["recover", str(pruned_dir), "--out", str(out), *LORA_NO_MERGE]) == 0
     assert (out / "adapter" / "adapter_config.json").is_file()
+    assert not list(private_tmp.glob("depgraph-*"))  # the adapter was moved, not copied
     base = load_pruned(out)
     reference = load_pruned(pruned_dir)
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -198,6 +201,21 @@ def test_cli_recover_lora_without_merging_keeps_the_adapter(pruned_dir, tmp_path
         assert torch.equal(base(ids).logits, reference(ids).logits)
         adapted = PeftModel.from_pretrained(base, out / "adapter")(ids).logits
     assert not torch.allclose(adapted, reference(ids).logits)
+
+
+def test_cli_recover_lora_leaves_no_adapter_folder_when_saving_fails(pruned_dir, tmp_path,
+                                                                      private_tmp, monkeypatch,
+                                                                      capsys):
+    import pruning.io
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pruning.io, "save_pruned", full_disk)
+    out = tmp_path / "lora"
+    assert main(["recover", str(pruned_dir), "--out", str(out), *LORA_NO_MERGE]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists() and not list(private_tmp.glob("depgraph-*"))
 
 
 def test_cli_recover_refuses_its_own_input_and_missing_dense(pruned_dir, tmp_path, capsys):
